@@ -1,0 +1,582 @@
+"""Crash safety of the chunk store (SPEC §1: "a crash at any moment loses no acknowledged chunk
+and never leaves duplicated or torn bytes; on restart the server repairs each upload to its last
+consistent state, and the client resumes from nextChunkIndex").
+
+Three attacks, all against the real server process on a real directory:
+- deterministic crash points: `M1_TEST_CRASH_AT=<step>[:<n>]` makes the store `os._exit(70)`
+  right after the n-th time it passes <step>. Every step is hit for a first, an in-order, an
+  out-of-order, a draining (stashed chunk appended because an earlier one arrived) and a last
+  chunk; the server then restarts on the same directory without the hook and must show a
+  consistent state from which a resuming client finishes byte-exact;
+- kill -9 at random moments while several clients upload, restart on the same port and
+  directory, repeat; the seed of the random schedule is printed with every failure
+  (rerun one with M1_TEST_SEED=<seed>);
+- damage made by hand while the server is stopped (a torn tail, orphan files) is repaired
+  on start-up.
+
+What "consistent" means here, for an upload with source chunks c0..cN-1:
+- the assembled file is exactly c0 + ... + c(k-1) where k is the status' nextChunkIndex, and the
+  status' fileSize is its length: never a torn or a duplicated chunk;
+- k is at least the contiguous prefix of chunks the client got a 200 for, and no acknowledged
+  chunk is listed in missingChunks: an acknowledged chunk is never lost;
+- uploads/temp/.incoming/ is empty and uploads/temp/<fileId>/ holds only whole early chunks
+  (<n>.chunk, n >= k, equal to the source chunk).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import threading
+import time
+import traceback
+
+import pytest
+import requests
+
+from conftest import get_status, send_chunk, split_chunks, wait_until
+
+CRASH_EXIT_CODE = 70          # the contract: the hook ends the process with os._exit(70)
+CHUNKS = 6                    # sample.webm cut into this many chunks for the crash-point tests
+LAST = CHUNKS - 1
+EXT = ".webm"                 # no mimeType is sent, so the store picks the default extension
+STASH_NAME = re.compile(r"^(\d+)\.chunk$")
+EBML_MAGIC = b"\x1a\x45\xdf\xa3"
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: paths on disk, the consistency check, resuming like a client does.
+
+def data_path(upload_dir, file_id):
+    return os.path.join(upload_dir, file_id + EXT)
+
+
+def stash_dir(upload_dir, file_id):
+    return os.path.join(upload_dir, "temp", file_id)
+
+
+def incoming_dir(upload_dir):
+    return os.path.join(upload_dir, "temp", ".incoming")
+
+
+def listdir(path):
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
+
+
+def read_bytes(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def describe_difference(actual, expected):
+    """A short, readable account of how two byte strings differ (never the bytes themselves)."""
+    if actual is None:
+        return "file missing, expected %d bytes" % len(expected)
+    if actual == expected:
+        return "equal"
+    common = min(len(actual), len(expected))
+    first = next((i for i in range(common) if actual[i] != expected[i]), common)
+    return "got %d bytes, expected %d; first difference at offset %d" % (
+        len(actual), len(expected), first)
+
+
+def contiguous_prefix(indices):
+    """How many chunks 0, 1, 2, ... are in `indices` without a gap."""
+    k = 0
+    while k in indices:
+        k += 1
+    return k
+
+
+def status_data(session, base_url, file_id):
+    response = get_status(session, base_url, file_id)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["success"] is True, body
+    return body["data"]
+
+
+def assert_consistent(srv, file_id, chunks, acked, context):
+    """Check the upload's on-disk and reported state (see the module docstring); return k."""
+    with requests.Session() as session:
+        data = status_data(session, srv.url, file_id)
+    where = "%s\nstatus: %r" % (context, data)
+    k = data.get("nextChunkIndex", 0) if data.get("exists") else 0
+    assert isinstance(k, int) and 0 <= k <= len(chunks), where
+    expected = b"".join(chunks[:k])
+
+    on_disk = read_bytes(data_path(srv.upload_dir, file_id))
+    if k == 0 and on_disk is None:
+        on_disk = b""
+    assert on_disk == expected, (
+        "assembled file is not the source prefix of %d chunks (%s)\n%s"
+        % (k, describe_difference(on_disk, expected), where))
+    if data.get("exists"):
+        assert data.get("fileSize") == len(expected), "fileSize disagrees with the file\n" + where
+
+    acked_prefix = contiguous_prefix(acked)
+    assert k >= acked_prefix, (
+        "acknowledged chunks lost: client holds 200s for 0..%d, nextChunkIndex is %d\n%s"
+        % (acked_prefix - 1, k, where))
+    missing = set(data.get("missingChunks") or [])
+    assert not missing & set(acked), (
+        "acknowledged chunks %s listed as missing\n%s" % (sorted(missing & set(acked)), where))
+
+    assert listdir(incoming_dir(srv.upload_dir)) == [], (
+        "stray part files left in temp/.incoming: %s\n%s"
+        % (listdir(incoming_dir(srv.upload_dir)), where))
+    stashed = set()
+    for name in listdir(stash_dir(srv.upload_dir, file_id)):
+        match = STASH_NAME.match(name)
+        assert match, "stray file temp/%s/%s\n%s" % (file_id, name, where)
+        index = int(match.group(1))
+        assert k <= index < len(chunks), (
+            "temp chunk file %s left for an already appended chunk\n%s" % (name, where))
+        content = read_bytes(os.path.join(stash_dir(srv.upload_dir, file_id), name))
+        assert content == chunks[index], "stashed chunk %s is torn (%s)\n%s" % (
+            name, describe_difference(content, chunks[index]), where)
+        stashed.add(index)
+    lost = sorted(i for i in acked if i >= k and i not in stashed)
+    assert not lost, "acknowledged early chunks %s are neither appended nor stashed\n%s" % (
+        lost, where)
+    if "chunksReceived" in data:
+        assert data["chunksReceived"] == k + len(stashed), (
+            "chunksReceived should count the %d appended and %d stashed chunks\n%s"
+            % (k, len(stashed), where))
+    return k
+
+
+def resume_and_finish(srv, file_id, chunks, acked, context):
+    """Resume as a client does: from nextChunkIndex, one duplicate of the chunk before it."""
+    with requests.Session() as session:
+        data = status_data(session, srv.url, file_id)
+        k = data.get("nextChunkIndex", 0) if data.get("exists") else 0
+        last = len(chunks) - 1
+        resend = ([k - 1] if k > 0 else []) + list(range(k, len(chunks)))
+        reply = None
+        for index in resend:
+            status = "completed" if index == last else "uploading"
+            response = send_chunk(session, srv.url, file_id, index, chunks[index], status=status)
+            assert response.status_code == 200, "%s\nresending chunk %d: %d %s" % (
+                context, index, response.status_code, response.text)
+            reply = response.json()["data"]
+            if index < k or index in acked:
+                assert reply.get("duplicate") is True, (
+                    "%s\nchunk %d was already stored, expected duplicate: true, got %r"
+                    % (context, index, reply))
+        assert reply is not None and reply["status"] == "completed", "%s\nlast reply %r" % (
+            context, reply)
+    assert_completed(srv, file_id, b"".join(chunks), context)
+
+
+def assert_completed(srv, file_id, source, context):
+    """The upload is completed and every view of it is the source, byte-exact."""
+    with requests.Session() as session:
+        data = status_data(session, srv.url, file_id)
+        assert data.get("state") == "completed", "%s\nstatus %r" % (context, data)
+        assert data.get("fileSize") == len(source), "%s\nstatus %r" % (context, data)
+        on_disk = read_bytes(data_path(srv.upload_dir, file_id))
+        assert on_disk == source, "%s\nassembled file: %s" % (
+            context, describe_difference(on_disk, source))
+        served = session.get(srv.url + "/uploads/" + file_id + EXT, timeout=30)
+        assert served.status_code == 200, context
+        assert served.content == source, "%s\nGET /uploads: %s" % (
+            context, describe_difference(served.content, source))
+        assert listdir(stash_dir(srv.upload_dir, file_id)) == [], "%s\nleft in temp: %s" % (
+            context, listdir(stash_dir(srv.upload_dir, file_id)))
+        assert listdir(incoming_dir(srv.upload_dir)) == [], context
+        digest = "sha256" in data and data["sha256"]
+        if not digest:
+            digest = wait_until(lambda: status_data(session, srv.url, file_id).get("sha256"),
+                                timeout=15, message="sha256 of %s (%s)" % (file_id, context))
+        assert digest.split(":")[-1] == hashlib.sha256(source).hexdigest(), (
+            "%s\nsha256 %r is not the hash of the source" % (context, digest))
+
+
+def send_plan(srv, file_id, chunks, order):
+    """Send chunks in `order` until one fails to connect; return (acked, failed position)."""
+    acked = set()
+    with requests.Session() as session:
+        for position, index in enumerate(order):
+            status = "completed" if index == len(chunks) - 1 else "uploading"
+            try:
+                response = send_chunk(session, srv.url, file_id, index, chunks[index],
+                                      status=status)
+            except requests.ConnectionError:
+                return acked, position
+            assert response.status_code == 200, "chunk %d: %d %s\n%s" % (
+                index, response.status_code, response.text, srv.log())
+            acked.add(index)
+    return acked, None
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Deterministic crash points.
+#
+# Each scenario: the order the client sends chunks in, the position in that order of the request
+# the crash must land on, and the `step:n` hook settings that land there. Counting follows the
+# contract: every chunk passes `received`; an early chunk then `stashed`, `stash_recorded`;
+# an appended chunk (arrived in order, or drained from the stash) `appended`,
+# `append_recorded`, `cleaned`.
+SCENARIOS = [
+    # The request that creates the upload.
+    ("first_chunk", [0, 1, 2, 3, 4, 5], 0,
+     ["received:1", "appended:1", "append_recorded:1", "cleaned:1"]),
+    # An in-order chunk after an acknowledged one.
+    ("in_order", [0, 1, 2, 3, 4, 5], 1,
+     ["received:2", "appended:2", "append_recorded:2", "cleaned:2"]),
+    # An early chunk, and an early chunk beside another stashed one.
+    ("out_of_order", [0, 2, 1, 3, 4, 5], 1,
+     ["received:2", "stashed:1", "stash_recorded:1"]),
+    ("out_of_order_second", [0, 3, 2, 1, 4, 5], 2,
+     ["stashed:2", "stash_recorded:2"]),
+    # Chunk 1 makes stashed 2 and 3 contiguous: crash while appending stashed 2, then 3.
+    ("drain_first_stashed", [0, 2, 3, 1, 4, 5], 3,
+     ["appended:3", "append_recorded:3", "cleaned:3"]),
+    ("drain_last_stashed", [0, 2, 3, 1, 4, 5], 3,
+     ["appended:4", "append_recorded:4", "cleaned:4"]),
+    # The last chunk (status=completed) arriving in order.
+    ("last_chunk", [0, 1, 2, 3, 4, 5], 5,
+     ["received:6", "appended:6", "append_recorded:6", "cleaned:6"]),
+    # The last chunk arriving early, then the chunk that drains it and completes the upload.
+    ("last_chunk_early", [0, 1, 2, 3, 5, 4], 4,
+     ["stashed:1", "stash_recorded:1"]),
+    ("completing_drain", [0, 1, 2, 3, 5, 4], 5,
+     ["appended:5", "appended:6", "append_recorded:6", "cleaned:6"]),
+]
+
+CRASH_CASES = [pytest.param(name, order, position, hook, id="%s-%s" % (name, hook))
+               for name, order, position, hooks in SCENARIOS for hook in hooks]
+
+
+@pytest.mark.parametrize("name, order, position, hook", CRASH_CASES)
+def test_crash_at_step_restarts_consistent_and_resumes_byte_exact(
+        server_factory, sample_webm, name, order, position, hook):
+    chunks = split_chunks(sample_webm, CHUNKS)
+    file_id = "crash_" + name + "_" + hook.replace(":", "_")
+    srv = server_factory(start=False)
+    srv.start(extra_env={"M1_TEST_CRASH_AT": hook})
+
+    acked, failed_at = send_plan(srv, file_id, chunks, order)
+    context = "M1_TEST_CRASH_AT=%s, order %s, acknowledged %s" % (hook, order, sorted(acked))
+    assert failed_at is not None, "%s: the hook never fired\n%s" % (context, srv.log())
+    wait_until(lambda: not srv.alive(), timeout=10, message="the crashed server to exit")
+    assert srv.proc.returncode == CRASH_EXIT_CODE, "%s: exit code %r\n%s" % (
+        context, srv.proc.returncode, srv.log())
+    assert failed_at == position, (
+        "%s: the hook fired on request %d (chunk %d), the contract's counting puts it on "
+        "request %d (chunk %d)" % (context, failed_at, order[failed_at], position,
+                                   order[position]))
+
+    srv.restart()                      # same port and directory, hook not set
+    assert_consistent(srv, file_id, chunks, acked, context + " (after restart)")
+    resume_and_finish(srv, file_id, chunks, acked, context)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. kill -9 at random moments under concurrent uploads.
+
+KILL_ROUNDS = 15
+KILL_DELAY_S = (0.05, 0.4)     # from "serving" to SIGKILL
+LOOP_BUDGET_S = 60.0           # the kill loop stops early past this
+CLIENT_DEADLINE_S = 45.0       # after the last restart, every client must be done by then
+SERVER_BACK_S = 30.0           # a client waits this long for a restarted server
+CLIENTS = 6
+CHUNKS_PER_UPLOAD = 40
+MAX_RANDOM_CHUNK = 64 * 1024
+MAX_UPLOADS_PER_CLIENT = 6     # clients start new uploads while kills go on, up to this many
+REQUEST_TIMEOUT = (3.0, 20.0)  # (connect, read) seconds
+
+
+def random_payload(rng):
+    """~40 chunks of 0..64 KiB; chunk 0 starts with the EBML signature and is never empty."""
+    chunks = [EBML_MAGIC + rng.randbytes(rng.randint(0, MAX_RANDOM_CHUNK - len(EBML_MAGIC)))]
+    for _ in range(CHUNKS_PER_UPLOAD - 1):
+        chunks.append(rng.randbytes(rng.randint(0, MAX_RANDOM_CHUNK)))
+    return chunks
+
+
+def shuffled_order(rng, indices):
+    """Mostly in order: some neighbours swapped, some chunks sent again later."""
+    order = list(indices)
+    for i in range(len(order) - 1):
+        if rng.random() < 0.2:
+            order[i], order[i + 1] = order[i + 1], order[i]
+    for i in range(len(order) - 1, 0, -1):
+        if rng.random() < 0.1:
+            order.insert(i + 1, order[rng.randrange(0, i + 1)])
+    return order
+
+
+class ServerDown(Exception):
+    pass
+
+
+class Recorder(threading.Thread):
+    """One client uploading its own random recordings through kills and restarts."""
+
+    def __init__(self, number, srv, seed, kills_done):
+        super().__init__(name="recorder-%d" % number, daemon=True)
+        self.number = number
+        self.srv = srv
+        self.base_url = srv.url
+        self.rng = random.Random("%d/%d" % (seed, number))
+        self.kills_done = kills_done
+        self.deadline = None          # set by the main thread once the kill loop ends
+        self.uploads = {}             # fileId -> list of chunks
+        self.failures = []
+        self.interruptions = 0
+        self.session = requests.Session()
+
+    # The client's view of the server ---------------------------------------------------------
+    def time_left(self):
+        return self.deadline is None or time.monotonic() < self.deadline
+
+    def wait_for_server(self):
+        """Connection errors mean "server down": poll until it answers again."""
+        self.interruptions += 1
+        self.session.close()
+        self.session = requests.Session()
+        give_up = time.monotonic() + SERVER_BACK_S
+        while time.monotonic() < give_up:
+            try:
+                if self.session.get(self.base_url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.02)
+        raise ServerDown("server not back after %.0f s" % SERVER_BACK_S)
+
+    def status(self, file_id):
+        while self.time_left():
+            try:
+                response = get_status(self.session, self.base_url, file_id,
+                                      timeout=REQUEST_TIMEOUT)
+            except requests.RequestException:
+                self.wait_for_server()
+                continue
+            if response.status_code != 200:
+                raise AssertionError("status %s: %d %s" % (file_id, response.status_code,
+                                                           response.text))
+            return response.json()["data"]
+        raise ServerDown("deadline passed while asking for status of " + file_id)
+
+    # Invariants -------------------------------------------------------------------------------
+    @staticmethod
+    def check_not_lost(file_id, data, acked, acked_prefix, where):
+        if data.get("state") == "completed" or data.get("status") == "completed":
+            return
+        next_index = data.get("nextChunkIndex", 0)
+        assert next_index >= acked_prefix, (
+            "%s %s: nextChunkIndex %d went below the acknowledged prefix %d"
+            % (file_id, where, next_index, acked_prefix))
+        missing = set(data.get("missingChunks") or []) & acked
+        assert not missing, "%s %s: acknowledged chunks %s reported missing" % (
+            file_id, where, sorted(missing))
+
+    # One upload -------------------------------------------------------------------------------
+    def upload(self, file_id, chunks):
+        last = len(chunks) - 1
+        sizes = [len(c) for c in chunks]
+        acked = set()
+        acked_prefix = 0      # chunks below this were acknowledged (by a 200 or its nextChunkIndex)
+        queue = shuffled_order(self.rng, range(len(chunks)))
+        while True:
+            if not self.time_left():
+                raise AssertionError("%s not completed before the deadline; acknowledged %s"
+                                     % (file_id, sorted(acked)))
+            if not queue:
+                data = self.status(file_id)
+                self.check_not_lost(file_id, data, acked, acked_prefix, "status")
+                if data.get("state") == "completed":
+                    return
+                queue = [i for i in range(data.get("nextChunkIndex", 0), len(chunks))
+                         if i not in acked]
+                assert queue, (
+                    "%s is stuck at nextChunkIndex %r although every later chunk was "
+                    "acknowledged: %r" % (file_id, data.get("nextChunkIndex"), data))
+                continue
+            index = queue.pop(0)
+            status = "completed" if index == last else "uploading"
+            try:
+                response = send_chunk(self.session, self.base_url, file_id, index, chunks[index],
+                                      status=status, timeout=REQUEST_TIMEOUT)
+            except requests.RequestException:
+                self.wait_for_server()
+                data = self.status(file_id)
+                self.check_not_lost(file_id, data, acked, acked_prefix, "status after restart")
+                if data.get("state") == "completed":
+                    return
+                resume = [i for i in range(data.get("nextChunkIndex", 0), len(chunks))
+                          if i not in acked]
+                queue = shuffled_order(self.rng, resume)
+                continue
+            assert response.status_code == 200, "%s chunk %d: %d %s" % (
+                file_id, index, response.status_code, response.text)
+            data = response.json()["data"]
+            assert data["chunkIndex"] == index and data["fileId"] == file_id, data
+            acked.add(index)
+            acked_prefix = max(acked_prefix, contiguous_prefix(acked))
+            self.check_not_lost(file_id, data, acked, acked_prefix, "reply to chunk %d" % index)
+            next_index = data["nextChunkIndex"]
+            assert data["bytesReceived"] == sum(sizes[:next_index]), (
+                "%s chunk %d: bytesReceived %d is not the size of chunks 0..%d"
+                % (file_id, index, data["bytesReceived"], next_index - 1))
+            acked_prefix = max(acked_prefix, next_index)
+            if data["status"] == "completed":
+                assert next_index == len(chunks) and data["bytesReceived"] == sum(sizes), data
+                return
+
+    def run(self):
+        try:
+            number = 0
+            while number < MAX_UPLOADS_PER_CLIENT and (number == 0 or not self.kills_done.is_set()):
+                file_id = "kill_c%d_u%d" % (self.number, number)
+                chunks = random_payload(self.rng)
+                self.uploads[file_id] = chunks
+                self.upload(file_id, chunks)
+                number += 1
+        except Exception:  # noqa: BLE001 - every failure is reported by the main thread
+            self.failures.append("%s:\n%s" % (self.name, traceback.format_exc()))
+        finally:
+            self.session.close()
+
+
+def test_kill_9_at_random_moments_loses_no_acknowledged_chunk(server_factory):
+    seed = int(os.environ.get("M1_TEST_SEED") or random.SystemRandom().randrange(2 ** 32))
+    rng = random.Random(seed)
+    srv = server_factory()
+    port = srv.port
+    kills_done = threading.Event()
+    recorders = [Recorder(n, srv, seed, kills_done) for n in range(CLIENTS)]
+    for recorder in recorders:
+        recorder.start()
+
+    kills = []
+    loop_end = time.monotonic() + LOOP_BUDGET_S
+    try:
+        for _ in range(KILL_ROUNDS):
+            if time.monotonic() > loop_end or not any(r.is_alive() for r in recorders):
+                break
+            delay = rng.uniform(*KILL_DELAY_S)
+            time.sleep(delay)        # schedules the kill; nothing waits on it
+            srv.kill()
+            kills.append(round(delay, 3))
+            wait_until(lambda: restarted(srv, port), timeout=20, interval=0.05,
+                       message="the server to restart on port %d" % port)
+    finally:
+        kills_done.set()
+        deadline = time.monotonic() + CLIENT_DEADLINE_S
+        for recorder in recorders:
+            recorder.deadline = deadline
+        for recorder in recorders:
+            recorder.join(max(0.0, deadline - time.monotonic()) + SERVER_BACK_S)
+
+    context = "seed %d (rerun with M1_TEST_SEED=%d), kills after %s s" % (seed, seed, kills)
+    hung = [r.name for r in recorders if r.is_alive()]
+    assert not hung, "%s: clients still running: %s\n%s" % (context, hung, srv.log()[-4000:])
+    failures = [f for r in recorders for f in r.failures]
+    assert not failures, "%s\n%s\nserver log tail:\n%s" % (
+        context, "\n".join(failures), srv.log()[-4000:])
+    assert srv.alive(), context
+    for recorder in recorders:
+        for file_id, chunks in recorder.uploads.items():
+            assert_completed(srv, file_id, b"".join(chunks), context)
+    print("kill loop: %s; %d uploads; %d interruptions seen by clients" % (
+        context, sum(len(r.uploads) for r in recorders),
+        sum(r.interruptions for r in recorders)))
+
+
+def restarted(srv, port):
+    """Start the server again on its port; False (retry) if the port is not free yet."""
+    try:
+        srv.start(port=port)
+    except RuntimeError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. and 4. Damage made by hand while the server is stopped.
+
+@pytest.mark.parametrize("junk", ["random_bytes", "torn_next_chunk", "whole_next_chunk"])
+def test_torn_tail_is_truncated_to_the_ledger_on_startup(server_factory, sample_webm, junk):
+    chunks = split_chunks(sample_webm, CHUNKS)
+    file_id = "torn_tail_" + junk
+    srv = server_factory()
+    acked, failed = send_plan(srv, file_id, chunks, [0, 1, 2, 4])
+    assert failed is None and acked == {0, 1, 2, 4}
+    assert srv.stop() is not None
+    tail = {"random_bytes": random.Random(7).randbytes(5000),
+            "torn_next_chunk": chunks[3][: len(chunks[3]) // 2],
+            "whole_next_chunk": chunks[3]}[junk]
+    with open(data_path(srv.upload_dir, file_id), "ab") as f:
+        f.write(tail)
+
+    srv.start(port=srv.port)
+    prefix = b"".join(chunks[:3])
+    on_disk = read_bytes(data_path(srv.upload_dir, file_id))
+    assert on_disk == prefix, "not repaired on start-up: " + describe_difference(on_disk, prefix)
+    k = assert_consistent(srv, file_id, chunks, acked, "torn tail " + junk)
+    assert k == 3
+    resume_and_finish(srv, file_id, chunks, acked, "torn tail " + junk)
+
+
+def test_orphan_temp_chunk_without_ledger_row_is_removed_and_not_counted(
+        server_factory, sample_webm):
+    chunks = split_chunks(sample_webm, 10)
+    file_id = "orphan_stash"
+    srv = server_factory()
+    acked, failed = send_plan(srv, file_id, chunks, [0, 1, 3])
+    assert failed is None
+    with requests.Session() as session:
+        before = status_data(session, srv.url, file_id)
+    srv.stop()
+    orphan = os.path.join(stash_dir(srv.upload_dir, file_id), "7.chunk")
+    with open(orphan, "wb") as f:        # not chunk 7's bytes: counting it would be a 409 later
+        f.write(chunks[3])
+
+    srv.start(port=srv.port)
+    assert not os.path.exists(orphan), "orphan temp chunk survived start-up"
+    with requests.Session() as session:
+        after = status_data(session, srv.url, file_id)
+    for field in ("nextChunkIndex", "chunksReceived", "fileSize", "missingChunks"):
+        assert after.get(field) == before.get(field), (field, before, after)
+    assert_consistent(srv, file_id, chunks, acked, "orphan 7.chunk")
+    with requests.Session() as session:
+        response = send_chunk(session, srv.url, file_id, 7, chunks[7])
+        assert response.status_code == 200, response.text
+        assert not response.json()["data"].get("duplicate"), response.json()
+    resume_and_finish(srv, file_id, chunks, acked | {7}, "orphan 7.chunk")
+
+
+def test_stale_part_files_and_temp_dirs_of_unknown_uploads_are_removed_on_startup(
+        server_factory, sample_webm):
+    chunks = split_chunks(sample_webm, CHUNKS)
+    srv = server_factory()
+    acked, _ = send_plan(srv, "known_upload", chunks, [0, 2])
+    srv.stop()
+    os.makedirs(incoming_dir(srv.upload_dir), exist_ok=True)
+    stale_part = os.path.join(incoming_dir(srv.upload_dir), "stale-part-file")
+    with open(stale_part, "wb") as f:
+        f.write(chunks[1][:1000])
+    unknown = stash_dir(srv.upload_dir, "never_recorded")
+    os.makedirs(unknown)
+    with open(os.path.join(unknown, "0.chunk"), "wb") as f:
+        f.write(chunks[0])
+
+    srv.start(port=srv.port)
+    assert listdir(incoming_dir(srv.upload_dir)) == []
+    assert not os.path.exists(os.path.join(unknown, "0.chunk"))
+    with requests.Session() as session:
+        data = status_data(session, srv.url, "never_recorded")
+    assert data["exists"] is False, data
+    assert_consistent(srv, "known_upload", chunks, acked, "stale files")
+    resume_and_finish(srv, "known_upload", chunks, acked, "stale files")
