@@ -1,0 +1,752 @@
+"""chunkstore.py - the file-append module: numbered chunks in, one byte-exact file per upload out.
+
+What it guarantees (SPEC section 1, "Chunk semantics"):
+  * The assembled file `<root>/<fileId>.<ext>` is always chunk 0 + chunk 1 + ... each exactly
+    once, whatever order the chunks arrive in and however often each is sent.
+  * Contiguous chunks are appended as soon as they arrive, so the file grows while the user
+    records; a chunk that arrives early waits in `<root>/temp/<fileId>/<index>.chunk`.
+  * A chunk is durable (fsync) before `put_chunk` returns, so the caller may answer 200.
+  * A crash between any two steps loses no acknowledged chunk and leaves no torn or duplicated
+    bytes: `repair()` (run at start-up) brings every upload back to its last consistent state.
+  * One lock per fileId serialises the decisions and appends of one upload; different uploads
+    never wait for each other (apart from SQLite's own short write lock).
+
+What it does not do: HTTP, multipart parsing, or limits other than the upload's total size.
+The caller hands it a finished part file (written into `incoming_dir`) and a validated request.
+
+The ledger is SQLite (`<root>/m1.sqlite3`, WAL, synchronous=FULL). It is both the metadata
+store and the crash journal; its invariant is:
+
+    the first `bytes_appended` bytes of the assembled file are chunks 0 .. next_index-1,
+    and every chunk row with idx >= next_index has its bytes in temp/<fileId>/<idx>.chunk.
+
+Every step below keeps that invariant true on disk at every instant, which is the whole
+crash-safety argument:
+
+  In-order chunk (index == next_index)            Early chunk (index > next_index)
+  1. received: part file written (not ledger)     1. received
+  2. appended: bytes written after                2. stashed: part file fsynced, renamed to
+     bytes_appended, file fsynced (a crash here      temp/<id>/<idx>.chunk, dir fsynced
+     leaves a tail that repair truncates)         3. stash_recorded: chunk row committed
+  3. append_recorded: ledger moves next_index        (a crash before it leaves a file with no
+     and bytes_appended in one transaction           row: repair deletes it, the client was
+  4. cleaned: the source file is removed             never told 200)
+     (a leftover source is deleted by repair)
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import queue
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+
+log = logging.getLogger("m1server.store")
+
+# ---------------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------------
+
+SCHEMA_VERSION = 1
+LEDGER_NAME = "m1.sqlite3"
+TEMP_DIR_NAME = "temp"
+INCOMING_DIR_NAME = ".incoming"          # inside temp/: part files being received
+FILE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}\Z")
+MAX_CHUNK_INDEX = 1000000                # 11.5 days of 1 s MediaRecorder slices
+MAX_MISSING_LISTED = 1000                # longest missingChunks list a reply carries
+COPY_BLOCK_BYTES = 1 << 20               # buffer for copies when the kernel cannot copy
+LEDGER_BUSY_TIMEOUT_S = 30.0
+
+# Chunk 0 must start with one of these (SPEC section 1): what MediaRecorder writes.
+MEDIA_SIGNATURES = (
+    (0, b"\x1a\x45\xdf\xa3"),            # EBML: WebM / Matroska
+    (4, b"ftyp"),                        # ISO BMFF: MP4 / MOV (Safari)
+    (0, b"OggS"),                        # Ogg
+)
+SIGNATURE_BYTES = 8
+
+# mimeType (its type/subtype, parameters ignored) -> extension of the assembled file.
+EXTENSIONS = {
+    "video/webm": "webm", "audio/webm": "webm",
+    "video/mp4": "mp4", "audio/mp4": "mp4",
+    "video/x-matroska": "mkv", "audio/x-matroska": "mkv",
+    "video/quicktime": "mov",
+    "video/ogg": "ogg", "audio/ogg": "ogg",
+}
+DEFAULT_EXTENSION = "webm"
+MEDIA_TYPES = {"webm": "video/webm", "mp4": "video/mp4", "mkv": "video/x-matroska",
+               "mov": "video/quicktime", "ogg": "video/ogg"}
+MIME_TYPE_PATTERN = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*\Z")
+MAX_MIME_TYPE_CHARS = 255
+
+
+class StoreError(Exception):
+    """A refusal the HTTP edge turns into a JSON error: status, stable code, message."""
+
+    def __init__(self, status, code, message):
+        Exception.__init__(self, message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# Public helpers used by the HTTP layer
+# ---------------------------------------------------------------------------------------------
+
+def valid_file_id(file_id):
+    return isinstance(file_id, str) and FILE_ID_PATTERN.match(file_id) is not None
+
+
+def extension_for(mime_type):
+    """The file extension a MediaRecorder mimeType asks for; StoreError if we do not know it."""
+    if mime_type is None:
+        return None
+    base = mime_type.split(";", 1)[0].strip().lower()
+    if len(mime_type) > MAX_MIME_TYPE_CHARS or not MIME_TYPE_PATTERN.match(base):
+        raise StoreError(400, "invalid_mime_type", "mimeType is not a media type: %r"
+                         % mime_type[:80])
+    if base not in EXTENSIONS:
+        raise StoreError(415, "unsupported_media_type",
+                         "mimeType %s is not a video type this server stores" % base)
+    return EXTENSIONS[base]
+
+
+def has_media_signature(head):
+    return any(head[at:at + len(magic)] == magic for at, magic in MEDIA_SIGNATURES)
+
+
+class ChunkResult:
+    """What one accepted chunk did to its upload (the fields of the seed's 200 reply)."""
+
+    def __init__(self, file_id, index, duplicate, upload):
+        self.file_id = file_id
+        self.index = index
+        self.duplicate = duplicate
+        self.upload = upload          # UploadState after the chunk
+
+
+class UploadState:
+    """A snapshot of one upload, read from the ledger."""
+
+    def __init__(self, row, stashed):
+        (self.file_id, self.mime_type, self.ext, self.next_index, self.bytes_appended,
+         self.last_index, self.created_at, self.updated_at, self.completed_at,
+         self.sha256) = row
+        self.stashed = stashed        # sorted indices waiting in temp/, all >= next_index
+
+    @property
+    def completed(self):
+        return self.last_index is not None and self.next_index == self.last_index + 1
+
+    @property
+    def chunks_received(self):
+        return self.next_index + len(self.stashed)
+
+    def missing_chunks(self):
+        """Indices not yet received below the last one; [] while the last index is unknown."""
+        if self.last_index is None:
+            return []
+        waiting = set(self.stashed)
+        missing = []
+        for index in range(self.next_index, self.last_index + 1):
+            if index not in waiting:
+                missing.append(index)
+                if len(missing) == MAX_MISSING_LISTED:
+                    break
+        return missing
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------------
+
+class ChunkStore:
+    """Chunks of many uploads into one file each, crash-safe. Thread-safe."""
+
+    def __init__(self, root, allow_any_content=False, max_upload_bytes=None, crash_at=None):
+        self.root = os.path.abspath(root)
+        self.temp_dir = os.path.join(self.root, TEMP_DIR_NAME)
+        self.incoming_dir = os.path.join(self.temp_dir, INCOMING_DIR_NAME)
+        self.allow_any_content = allow_any_content
+        self.max_upload_bytes = max_upload_bytes
+        self._crash = _CrashPoint(crash_at)
+        self._locks = _KeyedLocks()
+        for path in (self.root, self.temp_dir, self.incoming_dir):
+            os.makedirs(path, exist_ok=True)
+        self._ledger = _Ledger(os.path.join(self.root, LEDGER_NAME))
+        self._hasher = _BackgroundHasher(self)
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def new_part_file(self):
+        """A fresh file in incoming_dir for the parser to stream one chunk into."""
+        path = os.path.join(self.incoming_dir, uuid.uuid4().hex + ".part")
+        return path, open(path, "w+b")
+
+    def discard(self, path):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+    def put_chunk(self, file_id, index, part_path, size, is_last, mime_type=None,
+                  checksum=None):
+        """Store chunk `index` of `file_id` from `part_path` (consumed: moved or removed).
+
+        Returns a ChunkResult once the chunk is durable; raises StoreError when refused.
+        """
+        try:
+            self._check_request(file_id, index, part_path, mime_type, checksum)
+            self._crash.passed("received")
+            with self._locks.held(file_id):
+                return self._put_locked(file_id, index, part_path, size, is_last, mime_type)
+        finally:
+            self.discard(part_path)   # no-op when the chunk was moved or already removed
+
+    def _check_request(self, file_id, index, part_path, mime_type, checksum):
+        if not valid_file_id(file_id):
+            raise StoreError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
+        if not 0 <= index <= MAX_CHUNK_INDEX:
+            raise StoreError(400, "invalid_chunk_index",
+                             "chunkIndex must be 0..%d" % MAX_CHUNK_INDEX)
+        extension_for(mime_type)
+        if index == 0 and not self.allow_any_content:
+            with open(part_path, "rb") as f:
+                if not has_media_signature(f.read(SIGNATURE_BYTES)):
+                    raise StoreError(415, "unsupported_media_type",
+                                     "chunk 0 does not start with a WebM, MP4 or Ogg signature")
+        if checksum is not None:
+            algorithm, _, expected = checksum.partition(":")
+            if algorithm != "sha256" or not re.match(r"[0-9a-fA-F]{64}\Z", expected):
+                raise StoreError(400, "invalid_checksum", "checksum must be sha256:<64 hex>")
+            if _sha256_file(part_path) != expected.lower():
+                raise StoreError(400, "checksum_mismatch",
+                                 "the chunk's sha256 differs from the checksum field")
+
+    def _put_locked(self, file_id, index, part_path, size, is_last, mime_type):
+        upload = self._ledger.load(file_id)
+        known_size = self._ledger.chunk_size(file_id, index) if upload else None
+        duplicate = known_size is not None
+        if duplicate and not self._same_bytes(upload, index, known_size, part_path, size):
+            raise StoreError(409, "chunk_conflict",
+                             "chunk %d was already received with other bytes" % index)
+        self._check_completion(upload, index, is_last)
+        ext = self._check_mime_type(upload, mime_type)
+        if not duplicate:
+            self._check_upload_size(upload, size)
+            if upload is None:
+                self._ledger.create(file_id, mime_type, ext)
+            elif upload.mime_type is None and mime_type is not None:
+                self._ledger.set_mime_type(file_id, mime_type, ext)
+            upload = self._ledger.load(file_id)
+            if index == upload.next_index:
+                self._append(upload, index, part_path, size)
+            else:
+                self._stash(file_id, index, part_path, size)
+        if is_last and upload.last_index is None:
+            self._ledger.set_last_index(file_id, index)
+        upload = self._append_stashed_run(file_id)
+        if upload.completed and upload.completed_at is None:
+            upload = self._complete(upload)
+        return ChunkResult(file_id, index, duplicate, upload)
+
+    # -- decisions ------------------------------------------------------------------------
+
+    def _check_completion(self, upload, index, is_last):
+        last = upload.last_index if upload else None
+        if last is not None and index > last:
+            raise StoreError(409, "completion_conflict",
+                             "chunk %d is past the last chunk %d" % (index, last))
+        if is_last and last is not None and index != last:
+            raise StoreError(409, "completion_conflict",
+                             "the last chunk is already %d, not %d" % (last, index))
+        if is_last and upload and upload.stashed and upload.stashed[-1] > index:
+            raise StoreError(409, "completion_conflict",
+                             "chunk %d cannot be the last: chunk %d was received"
+                             % (index, upload.stashed[-1]))
+
+    def _check_mime_type(self, upload, mime_type):
+        wanted = extension_for(mime_type)
+        if upload is None:
+            return wanted or DEFAULT_EXTENSION
+        if wanted is None or wanted == upload.ext:
+            return upload.ext
+        if upload.mime_type is None and upload.next_index == 0:
+            return wanted                # nothing assembled yet: the first type given wins
+        raise StoreError(409, "mime_type_conflict",
+                         "upload is %s, this chunk says %s" % (upload.ext, mime_type))
+
+    def _check_upload_size(self, upload, size):
+        if self.max_upload_bytes is None:
+            return
+        so_far = 0 if upload is None else upload.bytes_appended + self._ledger.stashed_bytes(
+            upload.file_id)
+        if so_far + size > self.max_upload_bytes:
+            raise StoreError(413, "upload_too_large",
+                             "upload would be %d bytes; the limit is %d"
+                             % (so_far + size, self.max_upload_bytes))
+
+    def _same_bytes(self, upload, index, known_size, part_path, size):
+        if known_size != size:
+            return False
+        if index < upload.next_index:
+            offset = self._ledger.chunk_offset(upload.file_id, index)
+            return _same_region(self.media_path(upload), offset, part_path, size)
+        return _same_region(self._stash_path(upload.file_id, index), 0, part_path, size)
+
+    # -- the steps (see the module docstring for why this order is crash-safe) --------------
+
+    def _append(self, upload, index, source_path, size):
+        """Append `source_path` after the upload's consistent prefix, durable, then record it."""
+        offset = upload.bytes_appended
+        fd = os.open(self.media_path(upload), os.O_WRONLY | os.O_CREAT | _O_BINARY, 0o644)
+        try:
+            os.ftruncate(fd, offset)     # drop a torn tail an earlier failed write left
+            os.lseek(fd, offset, os.SEEK_SET)
+            _copy_into(source_path, fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._crash.passed("appended")
+        self._ledger.record_append(upload.file_id, index, size, offset)
+        self._crash.passed("append_recorded")
+        os.remove(source_path)
+        self._crash.passed("cleaned")
+
+    def _stash(self, file_id, index, part_path, size):
+        """Keep an early chunk in temp/<id>/ until the chunks before it arrive."""
+        with open(part_path, "rb+") as f:
+            os.fsync(f.fileno())
+        folder = os.path.join(self.temp_dir, file_id)
+        os.makedirs(folder, exist_ok=True)
+        os.replace(part_path, self._stash_path(file_id, index))
+        _fsync_dir(folder)
+        self._crash.passed("stashed")
+        self._ledger.record_stash(file_id, index, size)
+        self._crash.passed("stash_recorded")
+
+    def _append_stashed_run(self, file_id):
+        """Append every stashed chunk that is now contiguous; return the upload afterwards."""
+        while True:
+            upload = self._ledger.load(file_id)
+            if not upload.stashed or upload.stashed[0] != upload.next_index:
+                return upload
+            index = upload.next_index
+            path = self._stash_path(file_id, index)
+            self._append(upload, index, path, os.path.getsize(path))
+
+    def _complete(self, upload):
+        self._ledger.set_completed(upload.file_id)
+        shutil.rmtree(os.path.join(self.temp_dir, upload.file_id), ignore_errors=True)
+        self._hasher.submit(upload.file_id)
+        log.info("upload %s completed: %d chunks, %d bytes", upload.file_id,
+                 upload.next_index, upload.bytes_appended)
+        return self._ledger.load(upload.file_id)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def status(self, file_id):
+        """The UploadState of `file_id`, or None when the store has never seen it."""
+        return self._ledger.load(file_id)
+
+    def media_path(self, upload):
+        return os.path.join(self.root, upload.file_id + "." + upload.ext)
+
+    def _stash_path(self, file_id, index):
+        return os.path.join(self.temp_dir, file_id, "%d.chunk" % index)
+
+    def record_sha256(self, file_id, digest):
+        self._ledger.set_sha256(file_id, digest)
+
+    # -- start-up repair ------------------------------------------------------------------
+
+    def repair(self):
+        """Bring every upload back to its last consistent state after a crash; returns a count
+        of the uploads it had to mend. Runs before the server accepts connections."""
+        mended = 0
+        for name in os.listdir(self.incoming_dir):
+            self.discard(os.path.join(self.incoming_dir, name))   # never acknowledged
+        known = set()
+        for file_id in self._ledger.all_ids():
+            known.add(file_id)
+            with self._locks.held(file_id):
+                if self._repair_upload(file_id):
+                    mended += 1
+        for name in os.listdir(self.temp_dir):
+            if name != INCOMING_DIR_NAME and name not in known:
+                log.warning("repair: removing temp chunks of unknown upload %r", name)
+                shutil.rmtree(os.path.join(self.temp_dir, name), ignore_errors=True)
+        return mended
+
+    def _repair_upload(self, file_id):
+        upload = self._ledger.load(file_id)
+        mended = False
+        path = self.media_path(upload)
+        actual = os.path.getsize(path) if os.path.exists(path) else 0
+        if actual > upload.bytes_appended:
+            log.warning("repair: %s: cutting %d torn bytes after %d", file_id,
+                        actual - upload.bytes_appended, upload.bytes_appended)
+            with open(path, "r+b") as f:
+                f.truncate(upload.bytes_appended)
+                os.fsync(f.fileno())
+            mended = True
+        elif actual < upload.bytes_appended:
+            log.error("repair: %s: file has %d bytes but the ledger says %d (disk lost "
+                      "fsynced data?)", file_id, actual, upload.bytes_appended)
+        folder = os.path.join(self.temp_dir, file_id)
+        on_disk = os.listdir(folder) if os.path.isdir(folder) else []
+        stashed = set(upload.stashed)
+        for name in on_disk:
+            index = _chunk_file_index(name)
+            if index is None or index not in stashed:
+                # appended already, or renamed in but never recorded (never acknowledged)
+                self.discard(os.path.join(folder, name))
+                mended = True
+        for index in stashed:
+            if not os.path.exists(self._stash_path(file_id, index)):
+                log.error("repair: %s: stashed chunk %d has no file; forgetting it so the "
+                          "client sends it again", file_id, index)
+                self._ledger.forget_chunk(file_id, index)
+                mended = True
+        before = upload.next_index
+        upload = self._append_stashed_run(file_id)
+        mended = mended or upload.next_index != before
+        if upload.completed:
+            if upload.completed_at is None:
+                upload = self._complete(upload)
+            elif upload.sha256 is None:
+                self._hasher.submit(file_id)
+        return mended
+
+    def close(self):
+        self._hasher.stop()
+        self._ledger.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The ledger: SQLite, one connection per thread at a time (a small pool), schema versioned
+# ---------------------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS uploads (
+    file_id        TEXT PRIMARY KEY,
+    mime_type      TEXT,              -- as the first chunk that named one gave it
+    ext            TEXT NOT NULL,     -- extension of the assembled file
+    next_index     INTEGER NOT NULL DEFAULT 0,  -- chunks 0..next_index-1 are in the file
+    bytes_appended INTEGER NOT NULL DEFAULT 0,  -- the file's consistent length
+    last_index     INTEGER,           -- known once a chunk came with status=completed
+    created_at     REAL NOT NULL,
+    updated_at     REAL NOT NULL,
+    completed_at   REAL,
+    sha256         TEXT               -- of the assembled file, computed after completion
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    file_id TEXT NOT NULL,
+    idx     INTEGER NOT NULL,
+    size    INTEGER NOT NULL,
+    offset  INTEGER,                  -- where it starts in the file; NULL while stashed
+    PRIMARY KEY (file_id, idx)
+) WITHOUT ROWID;
+"""
+
+_UPLOAD_COLUMNS = ("file_id, mime_type, ext, next_index, bytes_appended, last_index, "
+                   "created_at, updated_at, completed_at, sha256")
+
+
+class _Ledger:
+    """The uploads and chunks tables. Every write is one committed transaction (fsynced)."""
+
+    def __init__(self, path):
+        self.path = path
+        self._pool = queue.LifoQueue()
+        with self._connection() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError("%s has schema %d; this m1server knows up to %d"
+                                   % (path, version, SCHEMA_VERSION))
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+            db.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
+
+    def _open(self):
+        db = sqlite3.connect(self.path, timeout=LEDGER_BUSY_TIMEOUT_S, isolation_level=None,
+                             check_same_thread=False)
+        db.execute("PRAGMA synchronous=FULL")     # a commit is on disk before it returns
+        return db
+
+    @contextlib.contextmanager
+    def _connection(self):
+        """Borrow a connection: threads never share one at the same time."""
+        try:
+            db = self._pool.get_nowait()
+        except queue.Empty:
+            db = self._open()
+        try:
+            yield db
+        finally:
+            self._pool.put(db)
+
+    @contextlib.contextmanager
+    def _write(self):
+        with self._connection() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def load(self, file_id):
+        with self._connection() as db:
+            row = db.execute("SELECT %s FROM uploads WHERE file_id = ?" % _UPLOAD_COLUMNS,
+                             (file_id,)).fetchone()
+            if row is None:
+                return None
+            stashed = [r[0] for r in db.execute(
+                "SELECT idx FROM chunks WHERE file_id = ? AND idx >= ? ORDER BY idx",
+                (file_id, row[3]))]
+        return UploadState(row, stashed)
+
+    def all_ids(self):
+        with self._connection() as db:
+            return [r[0] for r in db.execute("SELECT file_id FROM uploads")]
+
+    def chunk_size(self, file_id, index):
+        with self._connection() as db:
+            row = db.execute("SELECT size FROM chunks WHERE file_id = ? AND idx = ?",
+                             (file_id, index)).fetchone()
+        return None if row is None else row[0]
+
+    def chunk_offset(self, file_id, index):
+        with self._connection() as db:
+            return db.execute("SELECT offset FROM chunks WHERE file_id = ? AND idx = ?",
+                              (file_id, index)).fetchone()[0]
+
+    def stashed_bytes(self, file_id):
+        with self._connection() as db:
+            return db.execute(
+                "SELECT COALESCE(SUM(c.size), 0) FROM chunks c JOIN uploads u USING (file_id) "
+                "WHERE c.file_id = ? AND c.idx >= u.next_index", (file_id,)).fetchone()[0]
+
+    def create(self, file_id, mime_type, ext):
+        now = time.time()
+        with self._write() as db:
+            db.execute("INSERT INTO uploads (file_id, mime_type, ext, created_at, updated_at) "
+                       "VALUES (?, ?, ?, ?, ?)", (file_id, mime_type, ext, now, now))
+
+    def set_mime_type(self, file_id, mime_type, ext):
+        with self._write() as db:
+            db.execute("UPDATE uploads SET mime_type = ?, ext = ? WHERE file_id = ?",
+                       (mime_type, ext, file_id))
+
+    def record_stash(self, file_id, index, size):
+        with self._write() as db:
+            db.execute("INSERT INTO chunks (file_id, idx, size) VALUES (?, ?, ?)",
+                       (file_id, index, size))
+            db.execute("UPDATE uploads SET updated_at = ? WHERE file_id = ?",
+                       (time.time(), file_id))
+
+    def record_append(self, file_id, index, size, offset):
+        """One transaction: the chunk's offset and the upload's new consistent length."""
+        with self._write() as db:
+            # (no UPSERT: SQLite before 3.24 still ships on embedded systems)
+            moved = db.execute("UPDATE chunks SET offset = ? WHERE file_id = ? AND idx = ?",
+                               (offset, file_id, index)).rowcount
+            if not moved:
+                db.execute("INSERT INTO chunks (file_id, idx, size, offset) VALUES (?, ?, ?, ?)",
+                           (file_id, index, size, offset))
+            db.execute("UPDATE uploads SET next_index = ?, bytes_appended = ?, updated_at = ? "
+                       "WHERE file_id = ?", (index + 1, offset + size, time.time(), file_id))
+
+    def forget_chunk(self, file_id, index):
+        with self._write() as db:
+            db.execute("DELETE FROM chunks WHERE file_id = ? AND idx = ?", (file_id, index))
+
+    def set_last_index(self, file_id, index):
+        with self._write() as db:
+            db.execute("UPDATE uploads SET last_index = ?, updated_at = ? WHERE file_id = ?",
+                       (index, time.time(), file_id))
+
+    def set_completed(self, file_id):
+        with self._write() as db:
+            db.execute("UPDATE uploads SET completed_at = ? WHERE file_id = ?",
+                       (time.time(), file_id))
+
+    def set_sha256(self, file_id, digest):
+        with self._write() as db:
+            db.execute("UPDATE uploads SET sha256 = ? WHERE file_id = ?", (digest, file_id))
+
+    def close(self):
+        while True:
+            try:
+                self._pool.get_nowait().close()
+            except queue.Empty:
+                return
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: locks, hashing, copying, crash points
+# ---------------------------------------------------------------------------------------------
+
+class _KeyedLocks:
+    """One lock per key, created on first use and dropped when nobody holds or waits for it."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._locks = {}      # key -> [lock, number of holders and waiters]
+
+    @contextlib.contextmanager
+    def held(self, key):
+        with self._guard:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._locks[key]
+
+
+class _BackgroundHasher:
+    """Computes the sha256 of completed uploads off the request path, one at a time.
+
+    Completing an upload must take constant time whatever its length (SPEC section 1), so the
+    whole-file digest is computed here afterwards; status shows it once it is known.
+    """
+
+    def __init__(self, store):
+        self._store = store
+        self._queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="m1-hasher", daemon=True)
+        self._thread.start()
+
+    def submit(self, file_id):
+        self._queue.put(file_id)
+
+    def _run(self):
+        while True:
+            file_id = self._queue.get()
+            if file_id is None:
+                return
+            try:
+                upload = self._store.status(file_id)
+                if upload is not None and upload.sha256 is None:
+                    digest = _sha256_file(self._store.media_path(upload),
+                                          upload.bytes_appended)
+                    self._store.record_sha256(file_id, digest)
+            except Exception:          # logged once; status simply shows no sha256
+                log.exception("hashing %s failed", file_id)
+
+    def stop(self):
+        self._queue.put(None)
+        self._thread.join(5)
+
+
+class _CrashPoint:
+    """Test-only: `M1_TEST_CRASH_AT=step[:n]` exits the process at the n-th pass of a step,
+    so tests can crash the store deterministically between any two steps."""
+
+    def __init__(self, spec):
+        self.step, self.count = None, 0
+        if spec:
+            step, _, nth = spec.partition(":")
+            self.step, self.count = step, int(nth or 1)
+        self._guard = threading.Lock()
+
+    def passed(self, step):
+        if step != self.step:
+            return
+        with self._guard:
+            self.count -= 1
+            if self.count == 0:
+                os._exit(70)
+
+
+_O_BINARY = getattr(os, "O_BINARY", 0)     # Windows: no newline translation
+
+
+def _sha256_file(path, length=None):
+    digest = hashlib.sha256()
+    buffer = bytearray(COPY_BLOCK_BYTES)
+    view = memoryview(buffer)
+    remaining = length
+    with open(path, "rb") as f:
+        while remaining is None or remaining > 0:
+            n = f.readinto(view if remaining is None else view[:min(remaining, len(buffer))])
+            if not n:
+                break
+            digest.update(view[:n])
+            if remaining is not None:
+                remaining -= n
+    return digest.hexdigest()
+
+
+def _copy_into(source_path, fd, size):
+    """Copy `size` bytes of `source_path` to the current position of `fd`."""
+    with open(source_path, "rb") as src:
+        copied = 0
+        kernel_copy = getattr(os, "copy_file_range", None)
+        while kernel_copy is not None and copied < size:
+            try:
+                n = kernel_copy(src.fileno(), fd, size - copied)
+            except OSError:           # other filesystem, old kernel: copy in user space
+                break
+            if n == 0:
+                break
+            copied += n
+        src.seek(copied)
+        buffer = bytearray(min(COPY_BLOCK_BYTES, max(size - copied, 1)))
+        while copied < size:
+            n = src.readinto(buffer)
+            if not n:
+                break
+            _write_all(fd, memoryview(buffer)[:n])
+            copied += n
+    if copied != size:
+        raise IOError("chunk file %s is shorter than %d bytes" % (source_path, size))
+
+
+def _write_all(fd, view):
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _same_region(path, offset, part_path, size):
+    """True when `size` bytes of `path` at `offset` equal the whole of `part_path`."""
+    with open(path, "rb") as stored, open(part_path, "rb") as incoming:
+        stored.seek(offset)
+        remaining = size
+        while remaining > 0:
+            step = min(remaining, COPY_BLOCK_BYTES)
+            if stored.read(step) != incoming.read(step):
+                return False
+            remaining -= step
+    return True
+
+
+def _fsync_dir(path):
+    """Make a rename durable (POSIX). Windows cannot open directories; NTFS journals renames."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _chunk_file_index(name):
+    stem, dot, suffix = name.partition(".")
+    if dot and suffix == "chunk" and stem.isdigit():
+        return int(stem)
+    return None

@@ -1,0 +1,200 @@
+"""Shared fixtures: a real m1server process on a free port, an HTTP session, the shared media.
+
+Every black-box test talks HTTP to a server started exactly as a user starts it
+(`python3 m1server.py --port 0 --dir DIR`); the server prints the URL it serves once it
+accepts connections, and the fixture reads that line instead of guessing a free port.
+
+Environment knobs (used by `make test-pythons` and later by the zipapp suite):
+  M1_TEST_PYTHON  interpreter that runs the server (default: the one running pytest)
+  M1_TEST_SERVER  program to run (default: m1server.py at the repository root)
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("M1_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")
+SERVER_PYTHON = os.environ.get("M1_TEST_PYTHON") or sys.executable
+SERVER_PROGRAM = os.environ.get("M1_TEST_SERVER") or os.path.join(ROOT, "m1server.py")
+IN_CI = os.environ.get("CI") == "true"
+START_DEADLINE_S = 20.0
+URL_LINE = re.compile(r"serving (http://\S+?)/?(\s|$)")
+
+
+def need(condition, reason):
+    """Skip when an outside thing is missing, but fail under CI=true (the brief's rule)."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail("required under CI: " + reason)
+    pytest.skip(reason)
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02, message="condition"):
+    """Poll `predicate` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + message)
+        time.sleep(interval)
+
+
+class ServerProcess:
+    """One m1server process; `start()` returns once it accepts connections."""
+
+    def __init__(self, upload_dir, args=(), env=None, python=None, program=None):
+        self.upload_dir = str(upload_dir)
+        self.args = list(args)
+        self.env = dict(os.environ)
+        self.env.pop("M1_TEST_CRASH_AT", None)
+        self.env.update(env or {})
+        self.python = python or SERVER_PYTHON
+        self.program = program or SERVER_PROGRAM
+        self.proc = None
+        self.url = None
+        self.output = []          # every line the server printed (stdout and stderr)
+        self._lock = threading.Lock()
+
+    def command(self, port=0):
+        return [self.python, self.program, "--host", "127.0.0.1", "--port", str(port),
+                "--dir", self.upload_dir] + self.args
+
+    def start(self, port=0, extra_env=None):
+        env = dict(self.env)
+        env.update(extra_env or {})
+        self.url = None
+        self.proc = subprocess.Popen(self.command(port), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        found = threading.Event()
+        proc = self.proc
+
+        def pump():
+            for raw in proc.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                with self._lock:
+                    self.output.append(line)
+                match = URL_LINE.search(line)
+                if match and not found.is_set():
+                    self.url = match.group(1)
+                    found.set()
+            found.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        found.wait(START_DEADLINE_S)
+        if self.url is None:
+            self.kill()
+            raise RuntimeError("server did not start:\n" + self.log())
+        return self
+
+    @property
+    def port(self):
+        return int(self.url.rsplit(":", 1)[1])
+
+    def log(self):
+        with self._lock:
+            return "\n".join(self.output)
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self):
+        """kill -9: the crash the store must survive."""
+        if self.alive():
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    def stop(self, timeout=15):
+        """SIGTERM, as an init system stops it; returns the exit code."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode if self.proc else None
+
+    def restart(self, **kw):
+        """Restart on the same port and directory (clients keep their URL)."""
+        port = self.port
+        self.kill()
+        return self.start(port=port, **kw)
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    started = []
+
+    def make(args=(), env=None, upload_dir=None, start=True, **kw):
+        directory = upload_dir or (tmp_path / ("uploads%d" % len(started)))
+        srv = ServerProcess(directory, args=args, env=env, **kw)
+        started.append(srv)
+        return srv.start() if start else srv
+
+    yield make
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture
+def server(server_factory):
+    return server_factory()
+
+
+@pytest.fixture
+def session():
+    with requests.Session() as s:
+        yield s
+
+
+def _shared_file(name):
+    path = os.path.join(SHARED, "data", name)
+    need(os.path.exists(path), "shared media %s not found (set M1_SHARED)" % path)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="session")
+def sample_webm():
+    return _shared_file("sample.webm")
+
+
+@pytest.fixture(scope="session")
+def sample_mp4():
+    return _shared_file("sample.mp4")
+
+
+def split_chunks(data, count):
+    """Cut `data` into `count` nearly equal chunks (the last may be shorter)."""
+    size = -(-len(data) // count)
+    return [data[i * size:(i + 1) * size] for i in range(count)]
+
+
+def send_chunk(session, base_url, file_id, index, data, status="uploading", mime_type=None,
+               checksum=None, timeout=30):
+    """POST one chunk exactly as the seed's browser client does (multipart/form-data)."""
+    fields = {"fileId": file_id, "chunkIndex": str(index), "status": status}
+    if mime_type is not None:
+        fields["mimeType"] = mime_type
+    if checksum is not None:
+        fields["checksum"] = checksum
+    files = {"file": ("blob", data, "application/octet-stream")}
+    return session.post(base_url + "/api/video/upload", data=fields, files=files,
+                        timeout=timeout)
+
+
+def get_status(session, base_url, file_id, timeout=30):
+    return session.get(base_url + "/api/video/status/" + file_id, timeout=timeout)
