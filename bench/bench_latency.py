@@ -1,0 +1,147 @@
+"""latency: N simulated recorders, each sending a 250 KiB chunk every second (SPEC §9).
+
+Each recorder is a thread with its own keep-alive connection and its own fileId, as a browser
+tab recording with MediaRecorder's one-second timeslice would be. Recorder i starts i/N of a
+second after the first, so the load is spread as independent users' would be, and then sends
+chunk k at start + k seconds (or at once, if the previous answer came late). Chunk 0 starts
+with the EBML signature; the last says `completed`. The clock runs from the first byte of a
+request to the last byte of its response; every request is prebuilt and connections are open
+before the first send, so the figure is the server's acknowledgement time plus loopback.
+
+Reported per run: p50, p99, max (ms), errors (non-200, resets, timeouts, a last chunk not
+answered `completed`), and reconnects. The same load goes to the bare sink for comparison.
+Target (200 recorders): p99 under 20 ms, no errors.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import common as c
+
+NAME = "latency"
+CHUNK_BYTES = 250 * c.KIB
+INTERVAL_S = 1.0
+FULL_CHUNKS = 10
+QUICK_CHUNKS = 3
+TARGET_P99_MS = 20.0
+LATE_DEADLINE_S = 30.0          # a run stops sending this long after its last scheduled chunk
+JOIN_DEADLINE_S = 90.0
+
+
+def run(ctx):
+    chunks = QUICK_CHUNKS if ctx.quick else FULL_CHUNKS
+    pool = c.random_pool(8 * c.MIB)
+    figures = {}
+    rows = []
+    targets = []
+    notes = []
+    for recorders in ctx.recorders:
+        key = "%d_recorders" % recorders
+        figures[key] = {}
+        for kind in ("bare", "m1server"):
+            with c.Workspace("%s-%d" % (NAME, recorders)) as ws:
+                with c.ServerProcess(kind, ws.sub(kind), ctx.python).start() as server:
+                    result = load(server, recorders, chunks, pool)
+            figures[key][kind] = result
+            ctx.log("latency %3d recorders %-8s p50 %.1f ms p99 %.1f ms max %.1f ms errors %d"
+                    % (recorders, kind, result["p50_ms"] or -1, result["p99_ms"] or -1,
+                       result["max_ms"] or -1, result["errors"]))
+            rows.append(["%d recorders, %s" % (recorders, "bare sink" if kind == "bare"
+                                                else "m1server"),
+                         "p50 %s  p99 %s  max %s" % (ms(result["p50_ms"]), ms(result["p99_ms"]),
+                                                     ms(result["max_ms"])),
+                         "errors %d, requests %d, connects %d"
+                         % (result["errors"], result["requests"], result["connects"])])
+            notes.extend("%d recorders, %s: %s" % (recorders, kind, e)
+                         for e in result["error_samples"])
+        m1 = figures[key]["m1server"]
+        targets.append(c.target("latency p99, %d recorders" % recorders, m1["p99_ms"],
+                                TARGET_P99_MS, "lower", "ms"))
+        targets.append(c.target("latency errors, %d recorders" % recorders, m1["errors"], 0,
+                                "lower", ""))
+    return {
+        "title": "latency: recorders x %d chunks of 250 KiB, one per second each" % chunks,
+        "figures": figures,
+        "rows": rows,
+        "targets": targets,
+        "notes": notes,
+    }
+
+
+def load(server, recorders, chunks, pool):
+    recorder_requests = []
+    for i in range(recorders):
+        file_id = "bench_rec_%d_%d" % (recorders, i)
+        recorder_requests.append(c.recording_requests(server.host, server.port, file_id, pool,
+                                                      chunks, CHUNK_BYTES,
+                                                      offset=i * 7919 * 13))
+    connections = [c.Connection(server.host, server.port) for _ in range(recorders)]
+    latencies = []                    # list.append is atomic under the GIL
+    errors = []
+    check_completed = server.kind == "m1server"
+    for conn in connections:          # every connection is open before the clock starts
+        try:
+            conn.connect()
+        except OSError as exc:
+            errors.append("connect: %r" % exc)
+    start = time.perf_counter() + 0.2
+    stop_sending = start + INTERVAL_S + chunks * INTERVAL_S + LATE_DEADLINE_S
+
+    def recorder(i):
+        conn = connections[i]
+        requests = recorder_requests[i]
+        first = start + INTERVAL_S * i / recorders
+        for k, request in enumerate(requests):
+            now = time.perf_counter()
+            if now > stop_sending:
+                errors.append("chunk %d not sent: run deadline passed" % k)
+                continue
+            due = first + k * INTERVAL_S
+            if due > now:
+                time.sleep(due - now)
+            t0 = time.perf_counter()
+            try:
+                response = conn.request(request)
+            except Exception as exc:                       # reset, timeout, closed
+                errors.append("chunk %d: %r" % (k, exc))
+                continue
+            elapsed = time.perf_counter() - t0
+            if response.status != 200:
+                errors.append("chunk %d: HTTP %d %r" % (k, response.status,
+                                                        response.body[:200]))
+            elif check_completed and k == len(requests) - 1 \
+                    and b'"completed"' not in response.body:
+                errors.append("last chunk not completed: %r" % response.body[:200])
+            else:
+                latencies.append(elapsed)
+
+    threads = [threading.Thread(target=recorder, args=(i,), daemon=True)
+               for i in range(recorders)]
+    for t in threads:
+        t.start()
+    join_deadline = time.monotonic() + JOIN_DEADLINE_S + chunks * INTERVAL_S
+    for t in threads:
+        t.join(max(0.0, join_deadline - time.monotonic()))
+    stuck = sum(1 for t in threads if t.is_alive())
+    if stuck:
+        errors.append("%d recorder threads still blocked at the deadline" % stuck)
+    wall = time.perf_counter() - start
+    for conn in connections:
+        conn.close()
+    result = {"recorders": recorders, "chunks_each": chunks, "chunk_bytes": CHUNK_BYTES,
+              "requests": recorders * chunks, "ok": len(latencies), "errors": len(errors),
+              "connects": sum(conn.connects for conn in connections),
+              "wall_s": wall, "error_samples": sorted(set(errors))[:5]}
+    if latencies:
+        ms_values = [x * 1000.0 for x in latencies]
+        result.update(p50_ms=c.percentile(ms_values, 0.50), p90_ms=c.percentile(ms_values, 0.90),
+                      p99_ms=c.percentile(ms_values, 0.99), max_ms=max(ms_values),
+                      mean_ms=sum(ms_values) / len(ms_values))
+    else:
+        result.update(p50_ms=None, p90_ms=None, p99_ms=None, max_ms=None, mean_ms=None)
+    return result
+
+
+def ms(value):
+    return "%.1f ms" % value if value is not None else "n/a"

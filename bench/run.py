@@ -1,0 +1,165 @@
+"""Run m1server's benchmark suite (`make bench`): the SPEC §9 targets, measured as ratios.
+
+    python bench/run.py                  every benchmark, full sizes (< 10 min on 2 cores)
+    python bench/run.py --quick          small sizes (< 1 min)
+    python bench/run.py --only ingest    one benchmark (comma-separate several)
+    python bench/run.py --only latency --recorders 200
+
+Prints a table on stdout (progress goes to stderr) and writes every figure, the machine and
+the date to bench/out/results.json. A missed target is reported as MISS and does not change
+the exit status: benchmarks report, tests assert. The exit status is 1 only when a benchmark
+could not run (server missing or crashed, a request refused, a deadline passed).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+import common as c
+import bench_finish
+import bench_footprint
+import bench_ingest
+import bench_latency
+import bench_memory
+import bench_parser
+import bench_small_chunks
+
+BENCHMARKS = [bench_ingest, bench_parser, bench_memory, bench_latency, bench_small_chunks,
+              bench_finish, bench_footprint]
+BY_NAME = dict((m.NAME, m) for m in BENCHMARKS)
+DEFAULT_OUT = os.path.join(c.BENCH_DIR, "out", "results.json")
+FULL_RECORDERS = [50, 200]
+QUICK_RECORDERS = [50]
+
+
+class Context:
+    """What every benchmark is given: sizes, the interpreter, and a progress logger."""
+
+    def __init__(self, quick, python, rounds, recorders):
+        self.quick = quick
+        self.python = python
+        self.rounds = rounds
+        self.recorders = recorders
+
+    def log(self, message):
+        sys.stderr.write("  .. %s\n" % message)
+        sys.stderr.flush()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="m1server benchmarks (SPEC §9)")
+    parser.add_argument("--only", action="append", default=[],
+                        help="benchmark(s) to run: " + ", ".join(BY_NAME))
+    parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    parser.add_argument("--recorders", type=int, action="append", default=[],
+                        help="latency: recorder count (repeatable; default 50 and 200, "
+                             "50 with --quick)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="ingest: interleaved rounds, median reported (default 3)")
+    parser.add_argument("--python", default=None,
+                        help="interpreter for the servers and baselines (default: the real "
+                             "interpreter behind this one, outside any venv)")
+    parser.add_argument("--server", default=None,
+                        help="server program to run (default: m1server.py at the repo root)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="results JSON (default %(default)s)")
+    args = parser.parse_args(argv)
+
+    names = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        parser.error("unknown benchmark %s; choose from %s" % (", ".join(unknown),
+                                                               ", ".join(BY_NAME)))
+    selected = [m for m in BENCHMARKS if not names or m.NAME in names]
+    if args.server:
+        c.SERVER_PROGRAM = os.path.abspath(args.server)
+    recorders = args.recorders or (QUICK_RECORDERS if args.quick else FULL_RECORDERS)
+    ctx = Context(args.quick, args.python or c.base_python(), max(1, args.rounds), recorders)
+
+    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+               "mode": "quick" if args.quick else "full",
+               "machine": machine(ctx.python),
+               "server_program": c.SERVER_PROGRAM,
+               "benchmarks": {}, "targets": []}
+    failed = []
+    started = time.perf_counter()
+    for module in selected:
+        sys.stderr.write("== %s\n" % module.NAME)
+        sys.stderr.flush()
+        t0 = time.perf_counter()
+        try:
+            outcome = module.run(ctx)
+        except Exception as exc:
+            detail = str(exc) if isinstance(exc, c.BenchError) else traceback.format_exc()
+            sys.stderr.write("!! %s could not run: %s\n" % (module.NAME, detail))
+            outcome = {"title": module.NAME, "error": detail, "rows": [], "targets": [],
+                       "notes": [], "figures": {}}
+            failed.append(module.NAME)
+        outcome["seconds"] = time.perf_counter() - t0
+        results["benchmarks"][module.NAME] = outcome
+        results["targets"].extend(dict(t, benchmark=module.NAME) for t in outcome["targets"])
+    results["seconds"] = time.perf_counter() - started
+    results["could_not_run"] = failed
+
+    print_table(results)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+        f.write("\n")
+    print("\nresults: %s" % os.path.relpath(args.out))
+    return 1 if failed else 0
+
+
+def machine(python):
+    try:
+        version = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
+                                 stdout=subprocess.PIPE, timeout=30).stdout.decode().strip()
+    except (OSError, subprocess.SubprocessError):
+        version = None
+    return {"nproc": os.cpu_count(), "python": python, "python_version": version,
+            "runner_python_version": platform.python_version(),
+            "platform": platform.platform(), "machine": platform.machine(),
+            "hostname": platform.node()}
+
+
+def print_table(results):
+    m = results["machine"]
+    print("m1server benchmarks (%s run), %s, %s cores, CPython %s, %.0f s"
+          % (results["mode"], results["date"][:19] + "Z", m["nproc"], m["python_version"],
+             results["seconds"]))
+    for name, outcome in results["benchmarks"].items():
+        print("\n%s  [%.0f s]" % (outcome["title"], outcome["seconds"]))
+        if "error" in outcome:
+            print("  COULD NOT RUN: %s" % outcome["error"].strip().splitlines()[-1])
+            continue
+        width = max([len(r[0]) for r in outcome["rows"]] + [10])
+        vwidth = max([len(r[1]) for r in outcome["rows"]] + [10])
+        for row in outcome["rows"]:
+            print("  %-*s  %-*s  %s" % (width, row[0], vwidth, row[1], row[2]))
+        for note in outcome["notes"]:
+            print("  note: %s" % note)
+    print("\ntargets (SPEC §9)")
+    for t in results["targets"]:
+        relation = ">=" if t["better"] == "higher" else "<="
+        value = "n/a" if t["value"] is None else fmt(t["value"])
+        print("  %-4s  %-56s %10s %s %s %s" % (t["verdict"], t["name"], value, relation,
+                                              fmt(t["limit"]), t["unit"]))
+    for name in results["could_not_run"]:
+        print("  FAIL  %s could not run" % name)
+
+
+def fmt(value):
+    if isinstance(value, float):
+        return "%.2f" % value if abs(value) < 100 else "%.0f" % value
+    return str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
