@@ -8,7 +8,9 @@ most 4 MiB above the baseline.
 Start-up: from just before the exec (Popen) to the first TCP connection the server accepts,
 found by trying to connect every millisecond to the port it was told to use; against the
 same interpreter running `-c pass` and `-c "import http.server"` to exit, and the bare sink
-to its first connection. Median of 5 each. Target: at most 150 ms.
+to its first connection. Median of 5 each. Target: at most 150 ms. `python -S -c pass` (no
+site module) is shown too: the gap to `-c pass` is what the interpreter's site-packages
+start-up hooks (.pth files) cost every process on this machine, the server included.
 """
 from __future__ import annotations
 
@@ -29,11 +31,12 @@ BASELINE_CODE = ("import http.server, sys; sys.stdout.write('ready\\n'); sys.std
 
 
 def run(ctx):
-    starts = {"python -c pass": [], "python -c 'import http.server'": [], "bare sink": [],
-              "m1server": []}
+    starts = {"python -S -c pass": [], "python -c pass": [],
+              "python -c 'import http.server'": [], "bare sink": [], "m1server": []}
     rss = {"baseline": [], "m1server": []}
     with c.Workspace(NAME) as ws:
         for i in range(RUNS):
+            starts["python -S -c pass"].append(time_exit(ctx.python, "pass", ["-S"]))
             starts["python -c pass"].append(time_exit(ctx.python, "pass"))
             starts["python -c 'import http.server'"].append(time_exit(ctx.python,
                                                                       "import http.server"))
@@ -75,9 +78,9 @@ def run(ctx):
     }
 
 
-def time_exit(python, code):
+def time_exit(python, code, flags=()):
     start = time.perf_counter()
-    subprocess.run([python, "-c", code], check=True, stdin=subprocess.DEVNULL,
+    subprocess.run([python] + list(flags) + ["-c", code], check=True, stdin=subprocess.DEVNULL,
                    timeout=CONNECT_DEADLINE_S)
     return (time.perf_counter() - start) * 1000.0
 

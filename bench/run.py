@@ -37,6 +37,7 @@ BY_NAME = dict((m.NAME, m) for m in BENCHMARKS)
 DEFAULT_OUT = os.path.join(c.BENCH_DIR, "out", "results.json")
 FULL_RECORDERS = [50, 200]
 QUICK_RECORDERS = [50]
+BUSY_CORES = 0.2                 # other processes using this much CPU mark a benchmark noisy
 
 
 class Context:
@@ -92,6 +93,7 @@ def main(argv=None):
     for module in selected:
         sys.stderr.write("== %s\n" % module.NAME)
         sys.stderr.flush()
+        cpu_before = cpu_snapshot()
         t0 = time.perf_counter()
         try:
             outcome = module.run(ctx)
@@ -102,6 +104,7 @@ def main(argv=None):
                        "notes": [], "figures": {}}
             failed.append(module.NAME)
         outcome["seconds"] = time.perf_counter() - t0
+        outcome["foreign_cpu"] = foreign_cpu(cpu_before, cpu_snapshot(), outcome["seconds"])
         results["benchmarks"][module.NAME] = outcome
         results["targets"].extend(dict(t, benchmark=module.NAME) for t in outcome["targets"])
     results["seconds"] = time.perf_counter() - started
@@ -115,6 +118,33 @@ def main(argv=None):
         f.write("\n")
     print("\nresults: %s" % os.path.relpath(args.out))
     return 1 if failed else 0
+
+
+def cpu_snapshot():
+    """(CPU seconds the whole machine was busy, CPU seconds this run and its reaped children
+    used). The difference over a benchmark is other people's work, which on a 2-core machine
+    skews every figure; it is reported beside each benchmark. Linux only (None elsewhere)."""
+    try:
+        import resource
+        with open("/proc/stat", "r", encoding="ascii") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+        hz = os.sysconf("SC_CLK_TCK")
+    except (ImportError, OSError, ValueError):
+        return None
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / float(hz)       # minus idle and iowait
+    own = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        own += usage.ru_utime + usage.ru_stime
+    return busy, own
+
+
+def foreign_cpu(before, after, seconds):
+    """Average cores used by processes outside this run (kernel flush threads included)."""
+    if before is None or after is None or seconds <= 0:
+        return None
+    foreign = (after[0] - before[0]) - (after[1] - before[1])
+    return round(max(0.0, foreign) / seconds, 2)
 
 
 def machine(python):
@@ -135,7 +165,10 @@ def print_table(results):
           % (results["mode"], results["date"][:19] + "Z", m["nproc"], m["python_version"],
              results["seconds"]))
     for name, outcome in results["benchmarks"].items():
-        print("\n%s  [%.0f s]" % (outcome["title"], outcome["seconds"]))
+        busy = outcome.get("foreign_cpu")
+        print("\n%s  [%.0f s%s]" % (outcome["title"], outcome["seconds"],
+                                   "; NOISY: other processes used %.2f cores meanwhile" % busy
+                                   if busy is not None and busy >= BUSY_CORES else ""))
         if "error" in outcome:
             print("  COULD NOT RUN: %s" % outcome["error"].strip().splitlines()[-1])
             continue
