@@ -406,7 +406,7 @@ def test_malformed_request_line_is_400(bad_server, raw):
 
 
 def test_http09_style_get_gets_no_traceback(bad_server):
-    response = _http.exchange(bad_server.url, b"GET /nope\r\n")
+    response = _http.exchange(bad_server.url, b"GET /nope\r\n\r\n")
     assert b"Traceback" not in response.raw and b'File "' not in response.raw
     if response.status is not None:
         assert_json_error(response, (400, 404, 505), ("bad_request", "not_found",
