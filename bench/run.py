@@ -87,6 +87,7 @@ def main(argv=None):
                "mode": "quick" if args.quick else "full",
                "machine": machine(ctx.python),
                "server_program": c.SERVER_PROGRAM,
+               "server_source": source_identity(),
                "benchmarks": {}, "targets": []}
     failed = []
     started = time.perf_counter()
@@ -116,8 +117,32 @@ def main(argv=None):
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2, sort_keys=True)
         f.write("\n")
-    print("\nresults: %s" % os.path.relpath(args.out))
+    print("\nresults: %s" % os.path.abspath(args.out))
     return 1 if failed else 0
+
+
+def source_identity():
+    """Which code was measured: git HEAD, whether the tree was dirty, and a hash of each
+    top-level .py file beside the server program (it may be uncommitted work)."""
+    import hashlib
+    identity = {"git_head": None, "dirty": None, "files": {}}
+    try:
+        identity["git_head"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=c.ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, timeout=10).stdout.decode().strip() or None
+        identity["dirty"] = bool(subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=c.ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    folder = os.path.dirname(c.SERVER_PROGRAM)
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if name.endswith((".py", ".pyz")) and os.path.isfile(path):
+                with open(path, "rb") as f:
+                    identity["files"][name] = hashlib.sha256(f.read()).hexdigest()[:16]
+    return identity
 
 
 def cpu_snapshot():
@@ -190,7 +215,7 @@ def print_table(results):
 
 def fmt(value):
     if isinstance(value, float):
-        return "%.2f" % value if abs(value) < 100 else "%.0f" % value
+        return "%.3f" % value if abs(value) < 10 else "%.1f" % value
     return str(value)
 
 
