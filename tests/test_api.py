@@ -634,3 +634,115 @@ def test_version_prints_a_version():
     assert result.returncode == 0, text
     assert re.search(r"\d+\.\d+", text), text
     assert "Traceback" not in text
+
+
+# --- conflicts about the end of an upload and its type --------------------------------------
+
+def test_chunk_beyond_the_last_index_is_a_completion_conflict(server, session, sample_webm):
+    file_id = new_id("beyond")
+    chunks = split_chunks(sample_webm, 3)
+    upload_all(session, server, file_id, chunks)
+    assert_error(send_chunk(session, server.url, file_id, 3, b"more"), 409,
+                 "completion_conflict")
+    # a retry of a chunk it already has is still a plain duplicate
+    data = ok_data(send_chunk(session, server.url, file_id, 2, chunks[2], status="completed"))
+    assert data.get("duplicate") is True and data["status"] == "completed"
+    assert_assembled(session, server, file_id, sample_webm)
+
+
+def test_a_second_different_last_index_is_a_completion_conflict(server, session, sample_webm):
+    file_id = new_id("twolast")
+    chunks = split_chunks(sample_webm, 6)
+    ok_data(send_chunk(session, server.url, file_id, 0, chunks[0]))
+    ok_data(send_chunk(session, server.url, file_id, 3, chunks[3], status="completed"))
+    assert_error(send_chunk(session, server.url, file_id, 4, chunks[4], status="completed"),
+                 409, "completion_conflict")
+    assert_error(send_chunk(session, server.url, file_id, 4, chunks[4]), 409,
+                 "completion_conflict")
+    assert status_data(session, server, file_id)["missingChunks"] == [1, 2]
+
+
+def test_completed_below_a_chunk_already_received_is_a_completion_conflict(server, session,
+                                                                           sample_webm):
+    file_id = new_id("below")
+    chunks = split_chunks(sample_webm, 6)
+    ok_data(send_chunk(session, server.url, file_id, 0, chunks[0]))
+    ok_data(send_chunk(session, server.url, file_id, 5, chunks[5]))
+    assert_error(send_chunk(session, server.url, file_id, 3, chunks[3], status="completed"),
+                 409, "completion_conflict")
+    status = status_data(session, server, file_id)
+    assert status["state"] == "uploading" and status["fileSize"] == len(chunks[0])
+
+
+def test_a_different_mime_type_later_is_a_mime_type_conflict(server, session, sample_mp4):
+    file_id = new_id("mimes")
+    chunks = split_chunks(sample_mp4, 3)
+    ok_data(send_chunk(session, server.url, file_id, 0, chunks[0], mime_type="video/mp4"))
+    assert_error(send_chunk(session, server.url, file_id, 1, chunks[1], mime_type="video/webm"),
+                 409, "mime_type_conflict")
+    ok_data(send_chunk(session, server.url, file_id, 1, chunks[1], mime_type="video/mp4"))
+    ok_data(send_chunk(session, server.url, file_id, 2, chunks[2], status="completed"))
+    assert_assembled(session, server, file_id, sample_mp4, ext="mp4")
+
+
+# --- playback -------------------------------------------------------------------------------
+
+def test_assembled_file_is_served_with_ranges_and_its_status_url(server, session, sample_webm):
+    file_id = new_id("range")
+    upload_all(session, server, file_id, split_chunks(sample_webm, 3))
+    url = "%s/uploads/%s.webm" % (server.url, file_id)
+    full = session.get(url, timeout=10)
+    assert full.status_code == 200 and full.content == sample_webm
+    assert full.headers["Content-Type"].startswith("video/webm")
+    part = session.get(url, headers={"Range": "bytes=100-199"}, timeout=10)
+    assert part.status_code == 206 and part.content == sample_webm[100:200]
+    assert part.headers["Content-Range"] == "bytes 100-199/%d" % len(sample_webm)
+    tail = session.get(url, headers={"Range": "bytes=-50"}, timeout=10)
+    assert tail.status_code == 206 and tail.content == sample_webm[-50:]
+    past = session.get(url, headers={"Range": "bytes=%d-" % (len(sample_webm) + 10)},
+                       timeout=10)
+    assert past.status_code == 416
+    play = status_data(session, server, file_id)["url"]
+    played = session.get(requests.compat.urljoin(server.url + "/", play), timeout=10)
+    assert played.status_code == 200 and played.content == sample_webm
+
+
+# --- valid multipart bodies in the less common spellings (RFC 7578 / RFC 2046) --------------
+
+VIDEO_HEAD = b"\x1a\x45\xdf\xa3" + bytes(range(256))
+BOUNDARY = _http.BOUNDARY
+LOOKS_LIKE_A_BOUNDARY = (VIDEO_HEAD + b"\r\n--" + BOUNDARY.encode()[:-1] + b"X--" +
+                         BOUNDARY.encode() + b"\r\n--" + BOUNDARY.encode() + b"-\r\n-\r")
+
+
+def seed_parts(file_id, data=VIDEO_HEAD, file_part=None):
+    first = file_part or ("file", data, "blob", "application/octet-stream")
+    return [first, ("fileId", file_id), ("chunkIndex", "0"), ("status", "completed")]
+
+
+@pytest.mark.parametrize("content_type,wrap,file_part,data", [
+    ('multipart/form-data; boundary="%s"' % BOUNDARY, None, None, VIDEO_HEAD),
+    ("multipart/form-data; boundary=%s; charset=utf-8" % BOUNDARY, None, None, VIDEO_HEAD),
+    ("multipart/form-data; charset=utf-8; boundary=%s" % BOUNDARY, None, None, VIDEO_HEAD),
+    ("Multipart/Form-Data; BOUNDARY=%s" % BOUNDARY, None, None, VIDEO_HEAD),
+    (None, lambda body: b"a preamble\r\n" + body + b"an epilogue\r\n", None, VIDEO_HEAD),
+    (None, None, _http.part("file", VIDEO_HEAD, headers=[
+        'content-disposition: form-data; name="file"; filename="b"',
+        "content-type: video/webm"]), VIDEO_HEAD),
+    (None, None, ("file", VIDEO_HEAD), VIDEO_HEAD),
+    (None, None, None, LOOKS_LIKE_A_BOUNDARY),
+], ids=["quoted-boundary", "boundary-then-param", "param-then-boundary", "mixed-case",
+        "preamble-epilogue", "lowercase-part-headers", "file-without-filename",
+        "bytes-that-look-like-a-boundary"])
+def test_valid_multipart_spellings_are_accepted(server, session, content_type, wrap,
+                                                file_part, data):
+    file_id = new_id("form")
+    body = _http.multipart_body(seed_parts(file_id, data, file_part))
+    if wrap is not None:
+        body = wrap(body)
+    headers = [("Content-Type", content_type or "multipart/form-data; boundary=" + BOUNDARY)]
+    response = _http.exchange(server.url, _http.build_request(
+        "POST", "/api/video/upload", headers, body))
+    assert response.status == 200, response
+    assert response.json()["data"]["status"] == "completed"
+    assert read_file(media_path(server, file_id)) == data
