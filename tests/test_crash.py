@@ -276,7 +276,39 @@ def test_crash_at_step_restarts_consistent_and_resumes_byte_exact(
                                    order[position]))
 
     srv.restart()                      # same port and directory, hook not set
-    assert_consistent(srv, file_id, chunks, acked, context + " (after restart)")
+    k = assert_consistent(srv, file_id, chunks, acked, context + " (after restart)")
+    srv.restart()                      # repair is idempotent: a second start changes nothing
+    again = assert_consistent(srv, file_id, chunks, acked, context + " (second restart)")
+    assert again == k, "%s: nextChunkIndex %d after one restart, %d after two" % (
+        context, k, again)
+    resume_and_finish(srv, file_id, chunks, acked, context)
+
+
+@pytest.mark.parametrize("hook", ["appended:1", "append_recorded:1", "cleaned:1", "appended:2"])
+def test_crash_during_startup_repair_is_repaired_by_the_next_start(
+        server_factory, sample_webm, hook):
+    """Repair appends stashed chunks that became contiguous; a crash in the middle of that
+    (the server dies again before it ever serves) must be repairable in turn."""
+    chunks = split_chunks(sample_webm, CHUNKS)
+    file_id = "crash_in_repair_" + hook.replace(":", "_")
+    srv = server_factory(start=False)
+    # Chunk 1 is appended and recorded, then the process dies before draining 2, 3, 4.
+    srv.start(extra_env={"M1_TEST_CRASH_AT": "cleaned:2"})
+    port = srv.port
+    acked, failed_at = send_plan(srv, file_id, chunks, [0, 2, 3, 4, 1])
+    assert failed_at == 4 and acked == {0, 2, 3, 4}, (failed_at, acked)
+    wait_until(lambda: not srv.alive(), timeout=10, message="the crashed server to exit")
+
+    with pytest.raises(RuntimeError):          # never prints "serving": it died repairing
+        srv.start(port=port, extra_env={"M1_TEST_CRASH_AT": hook})
+    assert srv.proc.returncode == CRASH_EXIT_CODE, "%s: exit code %r\n%s" % (
+        hook, srv.proc.returncode, srv.log())
+
+    srv.start(port=port)
+    context = "crash at %s during start-up repair" % hook
+    k = assert_consistent(srv, file_id, chunks, acked, context)
+    assert k == 5, "%s: stashed 2, 3, 4 follow the appended prefix, nextChunkIndex %d" % (
+        context, k)
     resume_and_finish(srv, file_id, chunks, acked, context)
 
 
@@ -527,6 +559,27 @@ def test_torn_tail_is_truncated_to_the_ledger_on_startup(server_factory, sample_
     k = assert_consistent(srv, file_id, chunks, acked, "torn tail " + junk)
     assert k == 3
     resume_and_finish(srv, file_id, chunks, acked, "torn tail " + junk)
+
+
+def test_file_shorter_than_the_ledger_rolls_back_to_whole_chunks_never_zero_filled(
+        server_factory, sample_webm):
+    """Bytes the ledger counts are gone (a disk or file system that lost fsynced data, a
+    restore from an older backup): the upload must go back to the whole chunks still on disk
+    so the client resends the rest, never grow a hole of zeros where the lost bytes were."""
+    chunks = split_chunks(sample_webm, CHUNKS)
+    file_id = "lost_tail"
+    srv = server_factory()
+    acked, failed = send_plan(srv, file_id, chunks, [0, 1, 2, 4])
+    assert failed is None
+    srv.stop()
+    with open(data_path(srv.upload_dir, file_id), "r+b") as f:
+        f.truncate(len(chunks[0]) + len(chunks[1]) + len(chunks[2]) // 2)
+
+    srv.start(port=srv.port)
+    # Chunk 2 is lost beyond the server's control, so only 4 (stashed, intact) must survive.
+    k = assert_consistent(srv, file_id, chunks, {4}, "file cut inside chunk 2")
+    assert k <= 2
+    resume_and_finish(srv, file_id, chunks, {4}, "file cut inside chunk 2")
 
 
 def test_orphan_temp_chunk_without_ledger_row_is_removed_and_not_counted(
