@@ -47,6 +47,8 @@ import threading
 import time
 import uuid
 
+from apierror import ApiError
+
 log = logging.getLogger("m1server.store")
 
 # ---------------------------------------------------------------------------------------------
@@ -86,14 +88,8 @@ MIME_TYPE_PATTERN = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^
 MAX_MIME_TYPE_CHARS = 255
 
 
-class StoreError(Exception):
-    """A refusal the HTTP edge turns into a JSON error: status, stable code, message."""
-
-    def __init__(self, status, code, message):
-        Exception.__init__(self, message)
-        self.status = status
-        self.code = code
-        self.message = message
+class StoreError(ApiError):
+    """A refusal of the store (the HTTP edge turns it into the JSON error envelope)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +177,27 @@ class ChunkStore:
         for path in (self.root, self.temp_dir, self.incoming_dir):
             os.makedirs(path, exist_ok=True)
         self._ledger = _Ledger(os.path.join(self.root, LEDGER_NAME))
+        self._listeners = []
         self._hasher = _BackgroundHasher(self)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def add_listener(self, listener):
+        """Call `listener(event)` after each change, with event a dict such as
+        {"type": "chunk", "fileId": ..., "index": 3, "size": ..., "bytesReceived": ...} or
+        {"type": "completed", "fileId": ..., "size": ..., "sha256": ..., "ext": ...}.
+        "chunk" events of one upload come in the order the chunks were stored (they are sent
+        under the upload's lock); "completed" follows once the file's sha256 is known.
+        Listeners must return at once (queue the work); an exception is logged and ignored."""
+        self._listeners.append(listener)
+
+    def _emit(self, event_type, file_id, **data):
+        event = dict(data, type=event_type, fileId=file_id)
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("event listener failed on %s", event_type)
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -253,6 +269,9 @@ class ChunkStore:
         upload = self._append_stashed_run(file_id)
         if upload.completed and upload.completed_at is None:
             upload = self._complete(upload)
+        if not duplicate:
+            self._emit("chunk", file_id, index=index, size=size,
+                       bytesReceived=upload.bytes_appended, nextChunkIndex=upload.next_index)
         return ChunkResult(file_id, index, duplicate, upload)
 
     # -- decisions ------------------------------------------------------------------------
@@ -362,6 +381,9 @@ class ChunkStore:
 
     def record_sha256(self, file_id, digest):
         self._ledger.set_sha256(file_id, digest)
+        upload = self._ledger.load(file_id)
+        self._emit("completed", file_id, size=upload.bytes_appended, sha256=digest,
+                   ext=upload.ext, mimeType=upload.mime_type)
 
     # -- start-up repair ------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import email.utils
+import functools
 import json
 import logging
 import os
@@ -36,7 +37,8 @@ from urllib.parse import unquote, urlsplit
 
 import chunkstore
 import multipart
-from chunkstore import ChunkStore, StoreError
+from apierror import ApiError
+from chunkstore import ChunkStore
 
 VERSION = "0.1.0"
 
@@ -188,13 +190,7 @@ class Config:
 # Errors: one type, turned into the JSON envelope in one place (Handler.send_error_json)
 # ---------------------------------------------------------------------------------------------
 
-class HttpError(Exception):
-    def __init__(self, status, code, message, headers=None):
-        Exception.__init__(self, message)
-        self.status = int(status)
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
+HttpError = ApiError          # what handlers raise; lower layers raise ApiError subclasses
 
 
 class IncompleteBody(Exception):
@@ -221,6 +217,7 @@ class M1Server(ThreadingHTTPServer):
     def __init__(self, config, store):
         self.config = config
         self.store = store
+        self.routes = compile_routes(CORE_ROUTES)
         self.stopping = False
         self._connections = set()
         self._in_flight = 0
@@ -278,15 +275,6 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"          # keep-alive: a recorder sends a chunk a second
     disable_nagle_algorithm = True         # headers + body must not wait for a delayed ACK
 
-    # The routing table: path pattern -> {method: handler method name}.
-    ROUTES = (
-        (re.compile(r"/api/video/upload\Z"), {"POST": "post_chunk"}),
-        (re.compile(r"/api/video/status/([^/]+)\Z"), {"GET": "get_status",
-                                                        "HEAD": "get_status"}),
-        (re.compile(r"/uploads/([^/]+)\Z"), {"GET": "get_media", "HEAD": "get_media"}),
-        (re.compile(r"/healthz\Z"), {"GET": "get_health", "HEAD": "get_health"}),
-    )
-
     def setup(self):
         self.timeout = self.server.config.timeout      # per read, see StreamRequestHandler
         BaseHTTPRequestHandler.setup(self)
@@ -319,7 +307,7 @@ class Handler(BaseHTTPRequestHandler):
                                 {"Retry-After": "2"})
             handler, args = self.route()
             handler(*args)
-        except HttpError as error:
+        except ApiError as error:
             self.send_error_json(error)
         except socket.timeout:
             self.send_error_json(HttpError(408, "request_timeout",
@@ -335,20 +323,22 @@ class Handler(BaseHTTPRequestHandler):
             self.server.request_finished()
 
     def route(self):
+        """Find the function for this path and method in the server's routing table; returns
+        (bound function, decoded path groups)."""
         path = urlsplit(self.path).path
-        for pattern, methods in self.ROUTES:
+        for pattern, methods in self.server.routes:
             match = pattern.match(path)
             if not match:
                 continue
             if self.command == "OPTIONS":
                 return self.options_preflight, (sorted(methods) + ["OPTIONS"],)
-            name = methods.get(self.command)
-            if name is None:
+            function = methods.get(self.command)
+            if function is None:
                 allowed = ", ".join(sorted(methods) + ["OPTIONS"])
                 raise HttpError(405, "method_not_allowed",
                                 "%s is not allowed here; use %s" % (self.command, allowed),
                                 {"Allow": allowed})
-            return getattr(self, name), tuple(unquote(g) for g in match.groups())
+            return functools.partial(function, self), tuple(unquote(g) for g in match.groups())
         raise HttpError(404, "not_found", "no such route: %s" % _printable(path)[:200])
 
     # -- POST /api/video/upload : validate headers -> parse -> store -> reply ---------------
@@ -370,8 +360,6 @@ class Handler(BaseHTTPRequestHandler):
                 fields["fileId"], fields["chunkIndex"], chunk.file.name, chunk.size,
                 is_last=fields["status"] == "completed", mime_type=fields.get("mimeType"),
                 checksum=fields.get("checksum"))
-        except StoreError as error:
-            raise HttpError(error.status, error.code, error.message)
         finally:
             for path in part_paths:
                 store.discard(path)
@@ -586,6 +574,20 @@ class Handler(BaseHTTPRequestHandler):
                                          _printable(fmt % args)))
 
 
+# The routing table: path pattern -> {method: function(handler, *decoded path groups)}.
+# Feature modules add their own rows (see M1Server.__init__); OPTIONS is answered for all.
+CORE_ROUTES = (
+    (r"/api/video/upload", {"POST": Handler.post_chunk}),
+    (r"/api/video/status/([^/]+)", {"GET": Handler.get_status, "HEAD": Handler.get_status}),
+    (r"/uploads/([^/]+)", {"GET": Handler.get_media, "HEAD": Handler.get_media}),
+    (r"/healthz", {"GET": Handler.get_health, "HEAD": Handler.get_health}),
+)
+
+
+def compile_routes(rows):
+    return [(re.compile(pattern + r"\Z"), dict(methods)) for pattern, methods in rows]
+
+
 # ---------------------------------------------------------------------------------------------
 # Replies (the SPEC's JSON shapes)
 # ---------------------------------------------------------------------------------------------
@@ -646,6 +648,17 @@ def parse_range(value, size):
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
+def read_resource(name):
+    """Bytes of a file shipped beside this module (e.g. "static/index.html"), also when the
+    program runs from a zipapp, where there is no real file to open."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    loader = globals().get("__loader__")
+    if loader is not None and hasattr(loader, "get_data"):
+        return loader.get_data(path)
+    with open(path, "rb") as f:
+        return f.read()
+
 
 class _Body:
     """Reads exactly Content-Length bytes of a request body into the parser's buffer.

@@ -311,3 +311,24 @@ def test_newer_schema_is_refused(tmp_path):
     db.close()
     with pytest.raises(RuntimeError):
         ChunkStore(str(root))
+
+
+def test_listeners_see_chunks_in_order_then_completed_with_sha256(store):
+    import hashlib
+    import time
+    events = []
+    store.add_listener(events.append)
+    store.add_listener(lambda event: 1 / 0)          # a broken listener harms nothing
+    parts = chunks_of(3)
+    put(store, "ev", 1, parts[1])
+    put(store, "ev", 0, parts[0])
+    put(store, "ev", 0, parts[0])                    # duplicate: no event
+    put(store, "ev", 2, parts[2], last=True)
+    deadline = time.monotonic() + 10
+    while not any(e["type"] == "completed" for e in events) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [(e["type"], e.get("index")) for e in events] == [
+        ("chunk", 1), ("chunk", 0), ("chunk", 2), ("completed", None)]
+    assert events[1]["bytesReceived"] == len(parts[0]) + len(parts[1])
+    assert events[-1]["sha256"] == hashlib.sha256(b"".join(parts)).hexdigest()
+    assert events[-1]["size"] == sum(map(len, parts))
