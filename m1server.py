@@ -218,6 +218,7 @@ class M1Server(ThreadingHTTPServer):
         self.config = config
         self.store = store
         self.routes = compile_routes(CORE_ROUTES)
+        self.status_extras = []      # functions(upload) -> dict of extra status fields
         self.stopping = False
         self._connections = set()
         self._in_flight = 0
@@ -455,7 +456,11 @@ class Handler(BaseHTTPRequestHandler):
         if not chunkstore.valid_file_id(file_id):
             raise HttpError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
         upload = self.server.store.status(file_id)
-        self.send_json(200, {"success": True, "data": status_reply(file_id, upload)})
+        data = status_reply(file_id, upload)
+        if upload is not None:
+            for extra in self.server.status_extras:      # e.g. processing, video
+                data.update(extra(upload))
+        self.send_json(200, {"success": True, "data": data})
 
     # -- GET /uploads/<fileId>.<ext> : the assembled video, with Range ---------------------
 
