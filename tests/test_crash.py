@@ -413,6 +413,16 @@ class Recorder(threading.Thread):
         assert not missing, "%s %s: acknowledged chunks %s reported missing" % (
             file_id, where, sorted(missing))
 
+    @staticmethod
+    def resume_queue(data, acked, last):
+        """Every chunk from nextChunkIndex on that got no 200, and the last chunk if it got
+        none: it carries status=completed, which a crash may have kept from being recorded
+        even though its bytes were appended (then nextChunkIndex is already past it)."""
+        queue = [i for i in range(data.get("nextChunkIndex", 0), last + 1) if i not in acked]
+        if last not in acked and last not in queue:
+            queue.append(last)
+        return queue
+
     # One upload -------------------------------------------------------------------------------
     def upload(self, file_id, chunks):
         last = len(chunks) - 1
@@ -429,8 +439,7 @@ class Recorder(threading.Thread):
                 self.check_not_lost(file_id, data, acked, acked_prefix, "status")
                 if data.get("state") == "completed":
                     return
-                queue = [i for i in range(data.get("nextChunkIndex", 0), len(chunks))
-                         if i not in acked]
+                queue = self.resume_queue(data, acked, last)
                 assert queue, (
                     "%s is stuck at nextChunkIndex %r although every later chunk was "
                     "acknowledged: %r" % (file_id, data.get("nextChunkIndex"), data))
@@ -446,9 +455,7 @@ class Recorder(threading.Thread):
                 self.check_not_lost(file_id, data, acked, acked_prefix, "status after restart")
                 if data.get("state") == "completed":
                     return
-                resume = [i for i in range(data.get("nextChunkIndex", 0), len(chunks))
-                          if i not in acked]
-                queue = shuffled_order(self.rng, resume)
+                queue = shuffled_order(self.rng, self.resume_queue(data, acked, last))
                 continue
             assert response.status_code == 200, "%s chunk %d: %d %s" % (
                 file_id, index, response.status_code, response.text)
