@@ -395,7 +395,8 @@ def tricky_pieces(boundary):
     """Byte strings that look like (parts of) a delimiter for this boundary."""
     dash_boundary = b"--" + boundary
     pieces = [b"\r\n", b"\r", b"\n", b"-", b"--", b"\r\n--", dash_boundary,
-              dash_boundary + b"--", b"\r\n" + dash_boundary + b"x", b"\r\n" + dash_boundary + b"-x"]
+              dash_boundary + b"--", b"\r\n" + dash_boundary + b"x",
+              b"\r\n" + dash_boundary + b"-x"]
     pieces += [b"\r\n--" + boundary[:k] for k in range(len(boundary))]
     return pieces
 
