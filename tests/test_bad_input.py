@@ -370,7 +370,7 @@ def test_stashed_chunk_files_are_not_served(bad_server, stashed_chunk):
 
 # --- routes and methods ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["/nope", "/api/nope", "/api/video/uploads", "/favicon.ico.x",
+@pytest.mark.parametrize("path", ["/nope", "/api/nope", "/api/videos", "/api/video/status/a/b", "/favicon.ico.x",
                                   "/uploads/never_uploaded.webm"])
 def test_unknown_route_or_file_is_404(bad_server, path):
     assert_json_error(_http.request(bad_server.url, "GET", path), 404, "not_found")
