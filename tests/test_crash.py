@@ -9,8 +9,8 @@ Three attacks, all against the real server process on a real directory:
   chunk; the server then restarts on the same directory without the hook and must show a
   consistent state from which a resuming client finishes byte-exact;
 - kill -9 at random moments while several clients upload, restart on the same port and
-  directory, repeat; the seed of the random schedule is printed with every failure
-  (rerun one with M1_TEST_SEED=<seed>);
+  directory, repeat; the seed is printed with every failure (M1_TEST_SEED=<seed> repeats the
+  payloads, send orders and kill delays; where a kill lands still depends on timing);
 - damage made by hand while the server is stopped (a torn tail, orphan files) is repaired
   on start-up.
 
