@@ -26,12 +26,18 @@ crash-safety argument:
   In-order chunk (index == next_index)            Early chunk (index > next_index)
   1. received: part file written (not ledger)     1. received
   2. appended: bytes written after                2. stashed: part file fsynced, renamed to
-     bytes_appended, file fsynced (a crash here      temp/<id>/<idx>.chunk, dir fsynced
+     bytes_appended, file fsynced (a crash here      temp/<id>/<idx>.chunk, dirs fsynced
      leaves a tail that repair truncates)         3. stash_recorded: chunk row committed
   3. append_recorded: ledger moves next_index        (a crash before it leaves a file with no
      and bytes_appended in one transaction           row: repair deletes it, the client was
   4. cleaned: the source file is removed             never told 200)
      (a leftover source is deleted by repair)
+
+A chunk sent with status=completed records the last index in the same transaction as the
+chunk (step 3 / stash_recorded). A new file or temp folder has its parent directory fsynced,
+so its name survives a power cut as well as its bytes. If the disk still loses fsynced bytes
+(or an old backup is restored), repair rolls the ledger back to the whole chunks the file
+holds, and the client is asked for the rest; it never pads a hole with zeros.
 """
 from __future__ import annotations
 
@@ -264,11 +270,14 @@ class ChunkStore:
             elif upload.mime_type is None and mime_type is not None:
                 self._ledger.set_mime_type(file_id, mime_type, ext)
             upload = self._ledger.load(file_id)
+            # The last index is recorded in the same transaction as the chunk itself, so no
+            # crash can leave a stored last chunk that the ledger does not know is the last.
+            last = index if is_last else None
             if index == upload.next_index:
-                self._append(upload, index, part_path, size)
+                self._append(upload, index, part_path, size, last)
             else:
-                self._stash(file_id, index, part_path, size)
-        if is_last and upload.last_index is None:
+                self._stash(file_id, index, part_path, size, last)
+        elif is_last and upload.last_index is None:
             self._ledger.set_last_index(file_id, index)
         upload = self._append_stashed_run(file_id)
         if upload.completed and upload.completed_at is None:
@@ -324,10 +333,12 @@ class ChunkStore:
 
     # -- the steps (see the module docstring for why this order is crash-safe) --------------
 
-    def _append(self, upload, index, source_path, size):
+    def _append(self, upload, index, source_path, size, last_index=None):
         """Append `source_path` after the upload's consistent prefix, durable, then record it."""
         offset = upload.bytes_appended
-        fd = os.open(self.media_path(upload), os.O_WRONLY | os.O_CREAT | _O_BINARY, 0o644)
+        path = self.media_path(upload)
+        created = not os.path.exists(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | _O_BINARY, 0o644)
         try:
             os.ftruncate(fd, offset)     # drop a torn tail an earlier failed write left
             os.lseek(fd, offset, os.SEEK_SET)
@@ -335,22 +346,26 @@ class ChunkStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if created:
+            _fsync_dir(self.root)        # the file's name must survive a power cut too
         self._crash.passed("appended")
-        self._ledger.record_append(upload.file_id, index, size, offset)
+        self._ledger.record_append(upload.file_id, index, size, offset, last_index)
         self._crash.passed("append_recorded")
         os.remove(source_path)
         self._crash.passed("cleaned")
 
-    def _stash(self, file_id, index, part_path, size):
+    def _stash(self, file_id, index, part_path, size, last_index=None):
         """Keep an early chunk in temp/<id>/ until the chunks before it arrive."""
         with open(part_path, "rb+") as f:
             os.fsync(f.fileno())
         folder = os.path.join(self.temp_dir, file_id)
-        os.makedirs(folder, exist_ok=True)
+        if not os.path.isdir(folder):
+            os.makedirs(folder, exist_ok=True)
+            _fsync_dir(self.temp_dir)    # the folder's name must survive a power cut too
         os.replace(part_path, self._stash_path(file_id, index))
         _fsync_dir(folder)
         self._crash.passed("stashed")
-        self._ledger.record_stash(file_id, index, size)
+        self._ledger.record_stash(file_id, index, size, last_index)
         self._crash.passed("stash_recorded")
 
     def _append_stashed_run(self, file_id):
@@ -680,15 +695,16 @@ class _Ledger:
             db.execute("UPDATE uploads SET mime_type = ?, ext = ? WHERE file_id = ?",
                        (mime_type, ext, file_id))
 
-    def record_stash(self, file_id, index, size):
+    def record_stash(self, file_id, index, size, last_index=None):
         with self._write() as db:
             db.execute("INSERT INTO chunks (file_id, idx, size) VALUES (?, ?, ?)",
                        (file_id, index, size))
-            db.execute("UPDATE uploads SET updated_at = ? WHERE file_id = ?",
-                       (time.time(), file_id))
+            db.execute("UPDATE uploads SET updated_at = ?, last_index = COALESCE(?, last_index) "
+                       "WHERE file_id = ?", (time.time(), last_index, file_id))
 
-    def record_append(self, file_id, index, size, offset):
-        """One transaction: the chunk's offset and the upload's new consistent length."""
+    def record_append(self, file_id, index, size, offset, last_index=None):
+        """One transaction: the chunk's offset and the upload's new consistent length (and,
+        for the last chunk, that it is the last)."""
         with self._write() as db:
             # (no UPSERT: SQLite before 3.24 still ships on embedded systems)
             moved = db.execute("UPDATE chunks SET offset = ? WHERE file_id = ? AND idx = ?",
@@ -696,8 +712,9 @@ class _Ledger:
             if not moved:
                 db.execute("INSERT INTO chunks (file_id, idx, size, offset) VALUES (?, ?, ?, ?)",
                            (file_id, index, size, offset))
-            db.execute("UPDATE uploads SET next_index = ?, bytes_appended = ?, updated_at = ? "
-                       "WHERE file_id = ?", (index + 1, offset + size, time.time(), file_id))
+            db.execute("UPDATE uploads SET next_index = ?, bytes_appended = ?, updated_at = ?, "
+                       "last_index = COALESCE(?, last_index) WHERE file_id = ?",
+                       (index + 1, offset + size, time.time(), last_index, file_id))
 
     def rollback_to_length(self, file_id, length):
         """Forget the appended chunks that do not lie wholly within `length` bytes; returns
