@@ -336,6 +336,7 @@ class Handler(BaseHTTPRequestHandler):
         # A request counts as in flight from its request line on (before any 100 Continue),
         # so a SIGTERM arriving now waits for it instead of cutting it off.
         self.started = time.monotonic()
+        self.route_label = "none"                      # until route() matches one
         self.server.request_started()
         self.registered = True
         if not BaseHTTPRequestHandler.parse_request(self):
