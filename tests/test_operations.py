@@ -125,7 +125,7 @@ def files_of(upload_dir, file_id):
     deleting = os.path.join(root, "temp", ".deleting")
     if os.path.isdir(deleting):
         found += [os.path.join(deleting, n) for n in os.listdir(deleting)
-                  if n.rpartition("-")[0] == file_id]
+                  if n.rsplit("-", 2)[0] == file_id]
     return found
 
 
@@ -223,9 +223,6 @@ def test_listing_limit_accepts_1_to_500_and_refuses_the_rest(server, session, sa
     no_server_errors(server)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: get_uploads checks limit with str.isdigit(), "
-                   "which is True for '²' while int('²') raises ValueError: the request "
-                   "answers 500 internal_error (traceback logged) instead of 400 invalid_limit")
 def test_listing_limit_in_non_ascii_digits_is_refused_as_invalid_limit(server, session):
     assert_error(listing(session, server, limit="\u00b2"), 400, "invalid_limit")
 
@@ -319,9 +316,6 @@ def test_delete_of_an_unknown_id_is_404_and_an_invalid_id_is_400(server, session
     no_server_errors(server)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: fileId 'upload' is valid, but DELETE "
-                   "/api/video/upload matches the POST-only route /api/video/upload first "
-                   "and answers 405 method_not_allowed: that upload can never be deleted")
 def test_delete_works_for_an_upload_whose_file_id_is_upload(server, session, sample_webm):
     make_incomplete(session, server, "upload", sample_webm, stashed=False)
     assert status_of(session, server, "upload")["exists"] is True
@@ -413,7 +407,7 @@ def test_a_deletion_cut_short_is_finished_by_startup_repair(server, session, sam
     assert server.stop() == 0
     # Step (1) of a deletion, cut short: the file is in the trash, temp/<id>/ not yet moved.
     trash = os.path.join(server.upload_dir, "temp", ".deleting",
-                         "%s-%s" % (file_id, uuid.uuid4().hex))
+                         trash_name(server.upload_dir, file_id))
     os.makedirs(trash)
     os.replace(os.path.join(server.upload_dir, file_id + ".webm"), os.path.join(trash, "media"))
     assert ledger_rows(server.upload_dir, file_id) == (1, 2)
@@ -425,19 +419,42 @@ def test_a_deletion_cut_short_is_finished_by_startup_repair(server, session, sam
     assert session.get(server.url + "/uploads/%s.webm" % keep).content == sample_webm
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a crash right after ChunkStore.delete() made "
-                   "temp/.deleting/<id>-<hex>/ but before it moved <id>.webm there: repair "
-                   "deletes the ledger rows but leaves uploads/<id>.webm on disk forever "
-                   "(no row points at it; it is never served nor removed)")
 def test_a_deletion_cut_before_the_file_moved_still_removes_the_file(
         server, session, sample_webm):
     file_id = new_id("cut0")
     make_complete(session, server, file_id, sample_webm)
     assert server.stop() == 0
     os.makedirs(os.path.join(server.upload_dir, "temp", ".deleting",
-                             "%s-%s" % (file_id, uuid.uuid4().hex)))
+                             trash_name(server.upload_dir, file_id)))
     server.restart()
     assert_no_trace(server, session, file_id)
+
+
+def trash_name(upload_dir, file_id):
+    """The folder ChunkStore.delete() makes first: <fileId>-<created_at>-<random>."""
+    db = sqlite3.connect(os.path.join(upload_dir, "m1.sqlite3"))
+    try:
+        (created_at,) = db.execute("SELECT created_at FROM uploads WHERE file_id = ?",
+                                   (file_id,)).fetchone()
+    finally:
+        db.close()
+    return "%s-%r-%s" % (file_id, created_at, uuid.uuid4().hex)
+
+
+def test_a_stale_deletion_folder_never_touches_a_newer_upload_with_that_id(
+        server, session, sample_webm):
+    """A deletion whose last step (removing its folder) failed leaves the folder behind; the
+    upload made later under the same id must survive the next start-up."""
+    file_id = new_id("again")
+    make_complete(session, server, file_id, sample_webm)
+    stale = trash_name(server.upload_dir, file_id)
+    ok_data(session.delete(server.url + "/api/video/" + file_id))
+    make_complete(session, server, file_id, sample_webm)
+    assert server.stop() == 0
+    os.makedirs(os.path.join(server.upload_dir, "temp", ".deleting", stale))
+    server.restart()
+    assert session.get(server.url + "/uploads/%s.webm" % file_id).content == sample_webm
+    assert os.listdir(os.path.join(server.upload_dir, "temp", ".deleting")) == []
 
 
 # --- retention: `m1server.py gc`, the background sweep, the directory lock --------------------
@@ -613,9 +630,6 @@ def test_readyz_answers_503_when_free_disk_is_below_the_minimum(server_factory, 
     assert ok_data(session.get(srv.url + "/healthz"))["status"] == "ok"   # alive, not ready
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (contract: the error envelope on EVERY "
-                   "failure): /readyz's 503 is {success: false, data: {...}} with no "
-                   "error {code, message}; a client reading error.code on any non-2xx fails")
 def test_readyz_503_carries_the_error_envelope(server_factory, session):
     srv = server_factory(args=["--min-free-disk", "100000G"])
     body = session.get(srv.url + "/readyz").json()
@@ -981,9 +995,6 @@ def put(store, file_id, index, data, last=False):
     return store.put_chunk(file_id, index, path, len(data), is_last=last)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ChunkStore.list_uploads reads the page of ids, "
-                   "then loads each one without a lock; an upload deleted in between comes "
-                   "back as None and Handler.get_uploads raises AttributeError -> 500")
 def test_listing_never_returns_an_upload_deleted_while_the_page_is_read(store):
     for name in ("a", "b", "c"):
         put(store, name, 0, EBML + b"x" * 10)
@@ -1000,9 +1011,6 @@ def test_listing_never_returns_an_upload_deleted_while_the_page_is_read(store):
     assert [u.file_id for u in uploads] == ["b", "a"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ChunkStore.sweep lists the expired ids, then "
-                   "deletes each without checking again under the upload's lock; a chunk "
-                   "acknowledged (200) in between is deleted with its upload")
 def test_retention_never_deletes_an_upload_that_a_chunk_just_revived(store):
     put(store, "resumed", 0, EBML + b"x" * 10)
     db = sqlite3.connect(os.path.join(store.root, "m1.sqlite3"))
@@ -1023,11 +1031,6 @@ def test_retention_never_deletes_an_upload_that_a_chunk_just_revived(store):
     assert upload is not None and upload.next_index == 2
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _BackgroundHasher does not check that the "
-                   "upload is complete: an id queued at completion, deleted, and started "
-                   "again before the hasher reaches it gets the sha256 of the new, partial "
-                   "file (and a 'completed' event); at the real completion sha256 is already "
-                   "set, so status keeps the wrong digest")
 def test_sha256_after_delete_and_reupload_is_that_of_the_new_file(store):
     store._hasher.stop()                       # hold the hasher: it is busy elsewhere
     put(store, "same", 0, EBML + b"old" * 10, last=True)   # completed: hash queued

@@ -363,11 +363,6 @@ def test_a_chunk_size_over_the_servers_limit_is_refused_with_413(server_factory,
     assert status_of(srv, file_id)["exists"] is False
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (uploader): a chunk far over --max-chunk-size "
-                   "is refused with 413 body_too_large before the body is read; the server "
-                   "drains 1 MiB and closes, urllib's send fails with EPIPE/ECONNRESET, and "
-                   "the uploader retries it as a network error and ends with 'Broken pipe' "
-                   "instead of the 413 (it never reads the response)")
 def test_a_chunk_far_over_the_servers_limit_reports_the_413(server_factory, tmp_path):
     srv = server_factory(args=["--max-chunk-size", "64K"])
     path = write(tmp_path / "long.webm", EBML + bytes(24 << 20))
@@ -390,9 +385,6 @@ def test_a_file_that_grew_after_its_upload_completed_is_reported_as_changed(
                       sample_webm)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (uploader): a completed upload is compared by "
-                   "size only; a file changed in place (same size, other bytes) is reported "
-                   "as alreadyComplete with exit 0, though status has the sha256 to compare")
 def test_a_file_changed_in_place_after_its_upload_is_reported_as_changed(
         server, tmp_path, sample_webm):
     path = write(tmp_path / "sample.webm", sample_webm)
@@ -406,11 +398,6 @@ def test_a_file_changed_in_place_after_its_upload_is_reported_as_changed(
     assert_failed_clearly(done, "changed")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (uploader): resuming computes the file offset as "
-                   "nextChunkIndex * --chunk-size; rerun with another --chunk-size it skips "
-                   "(or repeats) bytes, the server completes a corrupt file, and the "
-                   "uploader then blames 'the file changed'. It should resume at "
-                   "bytesReceived/fileSize (the server does not care about chunk sizes)")
 def test_resuming_with_another_chunk_size_never_completes_a_corrupt_upload(
         server_factory, tmp_path, sample_webm):
     path = write(tmp_path / "sample.webm", sample_webm)
@@ -477,10 +464,6 @@ class FakeServer:
         self.sock.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (uploader): _request catches URLError, OSError "
-                   "and ValueError only; http.client.HTTPException (BadStatusLine, "
-                   "IncompleteRead: e.g. the server dies between the headers and the body of "
-                   "its reply) escapes as a traceback instead of a retry and a clear message")
 @pytest.mark.parametrize("reply", [
     b"NONSENSE\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"su",
