@@ -51,7 +51,6 @@ import shutil
 import sqlite3
 import threading
 import time
-import uuid
 
 from apierror import ApiError
 
@@ -213,7 +212,7 @@ class ChunkStore:
 
     def new_part_file(self):
         """A fresh file in incoming_dir for the parser to stream one chunk into."""
-        path = os.path.join(self.incoming_dir, uuid.uuid4().hex + ".part")
+        path = os.path.join(self.incoming_dir, os.urandom(16).hex() + ".part")
         return path, open(path, "w+b")
 
     def discard(self, path):
@@ -434,7 +433,7 @@ class ChunkStore:
             if upload is None or (unless is not None and unless(upload)):
                 return False
             trash = os.path.join(self.deleting_dir, "%s-%r-%s" % (
-                file_id, upload.created_at, uuid.uuid4().hex))
+                file_id, upload.created_at, os.urandom(8).hex()))
             os.makedirs(trash)
             _fsync_dir(self.deleting_dir)
             for name, path in self._traces(upload):
@@ -613,6 +612,7 @@ class _Ledger:
     def __init__(self, path):
         self.path = path
         self._pool = queue.LifoQueue()
+        self._write_lock = threading.Lock()
         with self._connection() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -642,7 +642,10 @@ class _Ledger:
 
     @contextlib.contextmanager
     def _write(self):
-        with self._connection() as db:
+        # Writers queue on a Python lock rather than on SQLite's busy handler, which sleeps
+        # in steps of up to 100 ms instead of waking when the lock is free (measured: with
+        # 200 recorders, p99 chunk latency went to seconds).
+        with self._write_lock, self._connection() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db

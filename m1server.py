@@ -636,16 +636,16 @@ class Handler(BaseHTTPRequestHandler):
                         "Content-Length": str(len(body)), "Cache-Control": "no-store"})
         if self.body_pending:              # unread body: the connection cannot be reused
             self.close_connection = True
-        self.send_headers(headers)
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        self.send_headers(headers, b"" if self.command == "HEAD" else body)
 
     def send_plain(self, status, headers):
         self.send_response(status)
         headers.setdefault("Content-Length", "0")
         self.send_headers(headers)
 
-    def send_headers(self, headers):
+    def send_headers(self, headers, body=b""):
+        """End the header block; a small `body` goes out in the same write (a second small
+        write would wait for the client's delayed ACK)."""
         if "Origin" in self.headers:
             self.send_header("Access-Control-Allow-Origin", "*")
             self.send_header("Access-Control-Expose-Headers",
@@ -654,7 +654,13 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
+        if body:
+            # BaseHTTPRequestHandler buffers header lines in _headers_buffer (3.3 and later)
+            # and end_headers() writes them in one go; the body rides along.
+            self._headers_buffer.append(b"\r\n" + bytes(body))
+            self.flush_headers()
+        else:
+            self.end_headers()
 
     def send_error_json(self, error):
         """The single way out for every failure: the SPEC's JSON envelope."""
