@@ -36,7 +36,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 import chunkstore
+import cors
 import multipart
+import webclient
 from apierror import ApiError
 from chunkstore import ChunkStore
 
@@ -130,6 +132,9 @@ OPTIONS = (
      "free disk space kept in reserve (507 when a chunk would eat into it)"),
     ("--allow-any-content", parse_flag, False,
      "accept a chunk 0 that is not WebM, MP4 or Ogg"),
+    ("--cors-origin", cors.parse_origins, cors.DEFAULT_ORIGINS,
+     "origins whose pages may upload and read from a browser: '*' or a comma-separated list "
+     "such as http://localhost:3000 (see cors.py)"),
 )
 
 
@@ -183,6 +188,7 @@ class Config:
         self.max_connections = args.max_connections
         self.min_free_disk_bytes = args.min_free_disk
         self.allow_any_content = args.allow_any_content
+        self.cors_origins = args.cors_origin
         self.crash_at = os.environ.get("M1_TEST_CRASH_AT")    # tests only, see chunkstore
 
 
@@ -217,7 +223,7 @@ class M1Server(ThreadingHTTPServer):
     def __init__(self, config, store):
         self.config = config
         self.store = store
-        self.routes = compile_routes(CORE_ROUTES)
+        self.routes = compile_routes(CORE_ROUTES + webclient.routes(read_resource))
         self.status_extras = []      # functions(upload) -> dict of extra status fields
         self.stopping = False
         self._connections = set()
@@ -306,6 +312,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise HttpError(503, "shutting_down", "server is shutting down; retry shortly",
                                 {"Retry-After": "2"})
+            cors.check_origin(self.server.config.cors_origins, self.command, self.headers)
             handler, args = self.route()
             handler(*args)
         except ApiError as error:
@@ -506,12 +513,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(200, {"success": True, "data": {"status": "ok", "version": VERSION}})
 
     def options_preflight(self, methods):
-        self.send_plain(204, {
-            "Allow": ", ".join(methods),
-            "Access-Control-Allow-Methods": ", ".join(methods),
-            "Access-Control-Allow-Headers": "Content-Type, Range",
-            "Access-Control-Max-Age": "600",
-            "Content-Length": "0"})
+        headers = {"Allow": ", ".join(methods), "Content-Length": "0"}
+        headers.update(cors.preflight_headers(self.server.config.cors_origins, self.headers,
+                                              methods))
+        self.send_plain(204, headers)
 
     # -- responses ------------------------------------------------------------------------
 
@@ -533,10 +538,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_headers(headers)
 
     def send_headers(self, headers):
-        if "Origin" in self.headers:
-            self.send_header("Access-Control-Allow-Origin", "*")
-            self.send_header("Access-Control-Expose-Headers",
-                             "Content-Length, Content-Range, ETag")
+        for name, value in cors.response_headers(self.server.config.cors_origins,
+                                                 self.headers).items():
+            self.send_header(name, value)
         for name, value in headers.items():
             self.send_header(name, value)
         if self.close_connection:
