@@ -36,7 +36,8 @@ EXPOSED_HEADERS = ("Content-Length", "Content-Range", "Accept-Ranges", "ETag", "
 ALLOWED_HEADERS = ("Authorization", "Content-Type", "Range", "If-Range", "If-None-Match")
 
 ORIGIN_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+\Z")    # scheme://host[:port]
-HEADER_LIST_PATTERN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*\Z")
+_TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"                              # RFC 9110 5.6.2
+HEADER_LIST_PATTERN = re.compile(_TOKEN + r"(\s*,\s*" + _TOKEN + r")*\Z")
 
 
 def parse_origins(text):
@@ -48,7 +49,7 @@ def parse_origins(text):
     for origin in origins:
         if origin in ("*", "null"):
             continue
-        if not ORIGIN_PATTERN.match(origin):
+        if not ORIGIN_PATTERN.match(origin.lower()):
             raise argparse.ArgumentTypeError(
                 "not an origin: %r (write scheme://host[:port], e.g. http://localhost:3000, "
                 "with no path or trailing slash)" % origin)

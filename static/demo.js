@@ -63,9 +63,9 @@ function watch(source) {
   source.addEventListener("progress", (event) => showProgress(event.detail));
   source.addEventListener("retry", (event) => {
     const { attempt, delayMs, error } = event.detail;
-    showMessage(`Server unreachable (${error.message}). Retry ${attempt} in ` +
-                `${(delayMs / 1000).toFixed(1)} s; the recording is kept in this browser.`,
-                "info");
+    showMessage(`Cannot reach the server: ${error.message}. Retrying in ` +
+                `${(delayMs / 1000).toFixed(1)} s (attempt ${attempt}); nothing is lost, the ` +
+                "recording is kept in this browser.", "info");
   });
   source.addEventListener("chunk", () => {
     if (ui.message.classList.contains("info")) showMessage("Connection back. Uploading.");
@@ -77,6 +77,7 @@ function watch(source) {
     remember({ ...video, createdAt: new Date().toISOString() });
     renderRecordings();
   });
+  source.addEventListener("warning", (event) => showMessage(event.detail.message, "info"));
   source.addEventListener("error", (event) => {
     const error = event.detail.error;
     showMessage(`Upload failed: ${error.message || error}`, "error");

@@ -38,6 +38,7 @@
  *   state      the upload's state changed: { state }  (uploading, retrying, completed, ...)
  *   completed  the server has the whole video: { fileId, url, size, mimeType, chunks }
  *   error      the upload gave up: { error }  (an M1UploadError; the chunks stay stashed)
+ *   warning    IndexedDB refused a chunk; uploading goes on from memory: { error, message }
  *   start, stop  (M1Recorder only) recording started / MediaRecorder stopped
  */
 
@@ -114,7 +115,7 @@ export class M1Recorder extends EventTarget {
    * seed did), constraints (for getUserMedia), stream (record this instead of the camera),
    * fileId, retry ({ baseDelayMs, maxDelayMs, maxAttempts }), requestTimeoutMs, headers (e.g.
    * { Authorization: "Bearer ..." }), videoBitsPerSecond, audioBitsPerSecond, and callbacks
-   * onProgress, onChunk, onRetry, onState, onCompleted, onError, onStart, onStop.
+   * onProgress, onChunk, onRetry, onState, onCompleted, onError, onWarning, onStart, onStop.
    */
   constructor(options = {}) {
     super();
@@ -172,7 +173,8 @@ export class M1Recorder extends EventTarget {
             checksum } = this.options;
     const upload = new M1Upload({ serverUrl, fileId, mimeType, uploadWhileRecording, retry,
                                   requestTimeoutMs, headers, checksum });
-    for (const type of ["progress", "chunk", "retry", "state", "completed", "error"]) {
+    for (const type of ["progress", "chunk", "retry", "state", "completed", "error",
+                        "warning"]) {
       upload.addEventListener(type, (event) => this.emit(type, event.detail));
     }
     await upload.open();
@@ -275,9 +277,8 @@ export class M1Upload extends EventTarget {
     if (this._lastIndex !== null) throw new Error("the recording has already ended");
     const chunk = { index: this._nextIndex++, blob, size: blob.size };
     this._bytesRecorded += blob.size;
-    chunk.stored = this._stash.putChunk(this._record(), chunk.index, blob);
-    chunk.stored.catch((error) => this._fail(new M1UploadError(
-      "could not keep the chunk in IndexedDB: " + error, { code: "stash_failed" })));
+    chunk.stored = this._stash.putChunk(this._record(), chunk.index, blob)
+      .catch((error) => this._stashFailed(error));
     this._queue.push(chunk);
     this._progress();
     this._wake();
@@ -317,7 +318,8 @@ export class M1Upload extends EventTarget {
     const last = this._queue[this._queue.length - 1];
     // Persist "recording ended" before the last chunk may leave, so a reload never takes the
     // last chunk for an ordinary one and sends a second "last" chunk after it.
-    last.stored = last.stored.then(() => this._stash.saveUpload(this._record()));
+    last.stored = last.stored.then(() => this._stash.saveUpload(this._record()))
+      .catch((error) => this._stashFailed(error));
     this._wake();
     return this.done;
   }
@@ -485,6 +487,13 @@ export class M1Upload extends EventTarget {
     this._wake();
   }
 
+  /** IndexedDB refused a write (quota, private mode): keep uploading from memory, but say
+   * that a reload would now lose chunks. */
+  _stashFailed(error) {
+    this.emit("warning", { error, message: "could not keep a chunk in IndexedDB; a reload " +
+                                           "before the upload finishes would lose it" });
+  }
+
   _fail(error) {
     if (this._isOver()) return;
     this._setState("failed");      // the chunks stay stashed: findPendingUploads() offers them
@@ -625,7 +634,7 @@ function postChunk(url, fields, blob, { headers, timeoutMs, started, onProgress 
       else reject(errorFromReply(xhr.status, body, xhr.getResponseHeader("Retry-After")));
     });
     xhr.addEventListener("error", () => reject(new M1UploadError(
-      "no answer from the server (network error or server down)")));
+      "no answer (network error, or the server is down)")));
     xhr.addEventListener("timeout", () => reject(new M1UploadError(
       `no answer from the server within ${timeoutMs} ms`, { code: "timeout" })));
     xhr.addEventListener("abort", () => reject(new M1UploadError(
@@ -647,7 +656,7 @@ export async function getStatus(serverUrl, fileId, headers = {},
     response = await fetch(url, { headers, cache: "no-store",
                                   signal: controller ? controller.signal : undefined });
   } catch (error) {
-    throw new M1UploadError("no answer from the server (network error or server down)");
+    throw new M1UploadError("no answer (network error, or the server is down)");
   } finally {
     clearTimeout(timer);
   }

@@ -163,6 +163,22 @@ def test_upload_after_stop_option_sends_nothing_until_stop(server_factory, page)
 
 # --- failures while recording ---------------------------------------------------------------
 
+def test_refused_chunk_shows_a_clear_error_and_keeps_the_chunks_in_the_browser(
+        server_factory, page):
+    srv = server_factory(args=["--max-chunk-size", "1K"])   # every real chunk is refused (413)
+    open_demo(page, srv)
+    file_id = start_recording(page)
+    page.wait_for_selector('#upload[data-state="failed"]')
+    shown = message(page)
+    assert "error" in shown["kind"] and "Upload failed" in shown["text"], shown
+    assert "larger than 1024 bytes" in shown["text"], shown  # the server's own reason
+    assert status(srv, file_id)["exists"] is False
+    assert stash_contents(page)[file_id]["chunks"][:1] == [0]   # kept for a later visit
+    page.click("#stop")
+    page.wait_for_selector("#record:enabled")
+    assert not page.problems, page.problems
+
+
 def test_server_killed_and_restarted_while_recording_page_recovers_on_its_own(
         server_factory, page):
     srv = server_factory()
