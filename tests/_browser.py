@@ -62,8 +62,10 @@ def need_browser_tools():
         need(False, "playwright for Python not installed (requirements-test.txt)")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def playwright_driver():
+    # One driver per test module: each module imports this fixture into its own namespace,
+    # so a session-scoped one would start twice, and Playwright allows one per thread.
     need_browser_tools()
     from playwright.sync_api import sync_playwright
     with sync_playwright() as driver:

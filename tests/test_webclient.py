@@ -6,7 +6,8 @@ import os
 import re
 import shutil
 import subprocess
-import zipapp
+import sys
+import zipfile
 
 import pytest
 import requests
@@ -72,19 +73,16 @@ def test_other_methods_are_405(server):
     assert response.status_code == 405 and "GET" in response.headers["Allow"]
 
 
-def test_static_files_are_served_from_a_zipapp(tmp_path):
-    """The files ship inside the program: a zipapp has no static/ folder to open."""
-    source = tmp_path / "app"
-    source.mkdir()
-    for name in os.listdir(ROOT):
-        if name.endswith(".py"):
-            shutil.copy(os.path.join(ROOT, name), str(source / name))
-    shutil.copytree(os.path.join(ROOT, "static"), str(source / "static"))
-    (source / "__main__.py").write_text("import sys\nimport m1server\nsys.exit(m1server.main())\n",
-                                        encoding="utf-8")
-    pyz = tmp_path / "m1server.pyz"
-    zipapp.create_archive(str(source), str(pyz))
-    srv = ServerProcess(tmp_path / "uploads", program=str(pyz)).start()
+def test_static_files_are_served_from_the_zipapp_build(tmp_path):
+    """The files ship inside the program: `make dist`'s zipapp has no static/ folder to open."""
+    pyz = str(tmp_path / "m1server.pyz")
+    built = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "build_pyz.py"),
+                            "--output", pyz], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           timeout=120)
+    assert built.returncode == 0, built.stdout.decode("utf-8", "replace")
+    with zipfile.ZipFile(pyz) as archive:
+        assert {name for _, (name, _) in STATIC.items()} <= set(archive.namelist())
+    srv = ServerProcess(tmp_path / "uploads", program=pyz).start()
     try:
         for path, (name, _) in STATIC.items():
             response = requests.get(srv.url + path, timeout=10)
