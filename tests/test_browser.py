@@ -19,7 +19,7 @@ import requests
 from _browser import (browser, page, playwright_driver,  # noqa: F401  (pytest fixtures)
                       ffprobe_streams, png_pixels, recorded_blob_sizes, recorded_bytes,
                       save_screenshot, stash_contents, upload_panel, video_and_audio)
-from conftest import wait_until
+from conftest import send_chunk, wait_until
 
 DEADLINE_S = 90.0             # for anything the page or server must reach (shared machine)
 API_ROUTES = "**/api/video/**"
@@ -144,6 +144,22 @@ def test_demo_page_streams_chunks_while_recording_then_shows_success_and_plays(
         assert abs(red - 0x1f) <= 24 and abs(green - 0x8a) <= 24 and abs(blue - 0x4c) <= 24, (
             "progress bar pixel %d of %d is %r, not the completed green" % (x, width,
                                                                              middle[x]))
+    assert not page.problems, page.problems
+
+
+def test_demo_lists_uploads_made_elsewhere_from_the_server_listing(server_factory, page,
+                                                                   sample_webm):
+    srv = server_factory()
+    with requests.Session() as session:                   # e.g. the command-line uploader
+        reply = send_chunk(session, srv.url, "made_elsewhere", 0, sample_webm,
+                           status="completed", mime_type="video/webm")
+        assert reply.status_code == 200, reply.text
+    open_demo(page, srv)
+    item = '#recordings li[data-file-id="made_elsewhere"] video'
+    page.wait_for_function("(sel) => { const v = document.querySelector(sel);"
+                           " return v && v.readyState >= 1; }", arg=item)
+    assert page.get_attribute(item, "src") == "/uploads/made_elsewhere.webm"
+    assert page.is_hidden("#no-recordings")
     assert not page.problems, page.problems
 
 
