@@ -712,6 +712,7 @@ def compile_routes(rows):
             start = label.index("(")
             label = label[:start] + (":id" if count == 1 else ":id%d" % count) + \
                 label[label.index(")", start) + 1:]
+        label = label.replace("\\", "")         # an escaped "." reads as "." (/m1client.js)
         compiled.append((re.compile(pattern + r"\Z"), dict(methods), label))
     return compiled
 
