@@ -104,3 +104,9 @@ def test_m1client_is_one_module_with_no_imports_and_the_documented_exports():
     assert {"M1Recorder", "M1Upload", "M1UploadError", "pickMimeType", "findPendingUploads",
             "resumePendingUpload", "discardPendingUpload", "getStatus", "newFileId",
             "backoffDelay"} <= exports, exports
+
+
+def test_metrics_name_the_static_routes_as_written(server):
+    requests.get(server.url + "/m1client.js", timeout=10)
+    metrics = requests.get(server.url + "/metrics", timeout=10).text
+    assert 'route="/m1client.js"' in metrics and "m1client\\\\." not in metrics, metrics
