@@ -38,7 +38,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import chunkstore
+import cors
 import multipart
+import webclient
 from apierror import ApiError
 from metrics import Metrics
 from chunkstore import ChunkStore
@@ -156,6 +158,9 @@ OPTIONS = (
      "remove completed uploads this long after they completed (0 keeps them)"),
     ("--sweep-interval", parse_seconds, DEFAULT_SWEEP_INTERVAL_S,
      "seconds between background retention sweeps"),
+    ("--cors-origin", cors.parse_origins, cors.DEFAULT_ORIGINS,
+     "origins whose pages may upload and read from a browser: '*' or a comma-separated list "
+     "such as http://localhost:3000 (see cors.py)"),
 )
 
 
@@ -214,6 +219,7 @@ class Config:
         self.incomplete_ttl = args.incomplete_ttl or None      # None: keep
         self.retention = args.retention or None
         self.sweep_interval = args.sweep_interval
+        self.cors_origins = args.cors_origin
         self.crash_at = os.environ.get("M1_TEST_CRASH_AT")    # tests only, see chunkstore
 
 
@@ -248,7 +254,7 @@ class M1Server(ThreadingHTTPServer):
     def __init__(self, config, store):
         self.config = config
         self.store = store
-        self.routes = compile_routes(CORE_ROUTES)
+        self.routes = compile_routes(CORE_ROUTES + webclient.routes(read_resource))
         self.metrics = Metrics()
         store.add_listener(self.metrics.on_store_event)
         self.status_extras = []      # functions(upload) -> dict of extra status fields
@@ -353,6 +359,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if self.server.stopping:
                 self.close_connection = True     # finish this request, then let go
+            cors.check_origin(self.server.config.cors_origins, self.command, self.headers)
             handler, args = self.route()
             handler(*args)
         except ApiError as error:
@@ -619,12 +626,10 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def options_preflight(self, methods):
-        self.send_plain(204, {
-            "Allow": ", ".join(methods),
-            "Access-Control-Allow-Methods": ", ".join(methods),
-            "Access-Control-Allow-Headers": "Content-Type, Range",
-            "Access-Control-Max-Age": "600",
-            "Content-Length": "0"})
+        headers = {"Allow": ", ".join(methods), "Content-Length": "0"}
+        headers.update(cors.preflight_headers(self.server.config.cors_origins, self.headers,
+                                              methods))
+        self.send_plain(204, headers)
 
     # -- responses ------------------------------------------------------------------------
 
@@ -646,10 +651,9 @@ class Handler(BaseHTTPRequestHandler):
     def send_headers(self, headers, body=b""):
         """End the header block; a small `body` goes out in the same write (a second small
         write would wait for the client's delayed ACK)."""
-        if "Origin" in self.headers:
-            self.send_header("Access-Control-Allow-Origin", "*")
-            self.send_header("Access-Control-Expose-Headers",
-                             "Content-Length, Content-Range, ETag")
+        for name, value in cors.response_headers(self.server.config.cors_origins,
+                                                 self.headers).items():
+            self.send_header(name, value)
         for name, value in headers.items():
             self.send_header(name, value)
         if self.close_connection:
@@ -725,6 +729,7 @@ def compile_routes(rows):
             start = label.index("(")
             label = label[:start] + (":id" if count == 1 else ":id%d" % count) + \
                 label[label.index(")", start) + 1:]
+        label = label.replace("\\", "")         # an escaped "." reads as "." (/m1client.js)
         compiled.append((re.compile(pattern + r"\Z"), dict(methods), label))
     return compiled
 

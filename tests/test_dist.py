@@ -40,7 +40,8 @@ def pyenv_pythons():
 
 
 def test_pyz_holds_every_runtime_module_and_static_file_and_nothing_else(pyz):
-    names = set(zipfile.ZipFile(pyz).namelist())
+    names = {n for n in zipfile.ZipFile(pyz).namelist()
+             if not n.endswith("/")}            # zipapp also lists folders, e.g. static/
     expected = {n for n in os.listdir(ROOT) if n.endswith(".py")} | {"__main__.py"}
     for folder, _, files in os.walk(os.path.join(ROOT, "static")):
         expected |= {os.path.relpath(os.path.join(folder, f), ROOT).replace(os.sep, "/")

@@ -560,7 +560,9 @@ def test_background_sweep_with_retention_removes_old_completed_and_ttl_off_keeps
     ids = aged_uploads
     srv = server_factory(args=["--incomplete-ttl", "off", "--retention", "1h",
                                "--sweep-interval", "0.2"], upload_dir=server.upload_dir)
-    wait_until(lambda: not status_of(session, srv, ids["old_completed"])["exists"],
+    # (its rows go before its trash folder: wait for both)
+    wait_until(lambda: not status_of(session, srv, ids["old_completed"])["exists"]
+               and files_of(srv.upload_dir, ids["old_completed"]) == [],
                message="the sweep to remove the old completed upload")
     # that sweep ran, and with --incomplete-ttl off it kept every incomplete upload
     for name in ("old_incomplete", "old_stashed", "new_incomplete", "new_completed"):
@@ -576,7 +578,8 @@ def test_background_sweep_runs_again_every_interval(server_factory, session, sam
     make_complete(session, srv, done, sample_webm)
     idle = new_id("idle")
     make_incomplete(session, srv, idle, sample_webm, stashed=False)
-    wait_until(lambda: not status_of(session, srv, idle)["exists"], timeout=15,
+    wait_until(lambda: not status_of(session, srv, idle)["exists"]
+               and files_of(srv.upload_dir, idle) == [], timeout=15,
                message="a later sweep to remove the idle upload")
     assert files_of(srv.upload_dir, idle) == []
     assert_present(srv, session, done)

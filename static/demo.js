@@ -1,0 +1,235 @@
+// The demo page at GET /: everything it does goes through m1client.js.
+import { M1Recorder, findPendingUploads, resumePendingUpload, discardPendingUpload }
+  from "/m1client.js";
+
+const SERVER_URL = "";                       // this page's own server
+const RECORDINGS_KEY = "m1demo.recordings";  // recordings made in this browser (localStorage)
+const MAX_REMEMBERED = 50;
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  preview: $("preview"), previewEmpty: $("preview-empty"), badge: $("rec-badge"),
+  recTime: $("rec-time"), record: $("record"), stop: $("stop"), afterStop: $("after-stop"),
+  upload: $("upload"), progress: $("progress"), fill: $("bar-fill"), text: $("upload-text"),
+  message: $("message"), pending: $("pending"), pendingList: $("pending-list"),
+  recordings: $("recordings"), noRecordings: $("no-recordings"),
+};
+
+let recorder = null;
+let clock = null;
+
+// --- recording ------------------------------------------------------------------------------
+
+ui.record.addEventListener("click", async () => {
+  ui.record.disabled = true;
+  showMessage("");
+  recorder = new M1Recorder({ serverUrl: SERVER_URL,
+                              uploadWhileRecording: !ui.afterStop.checked });
+  watch(recorder);
+  try {
+    ui.preview.srcObject = await recorder.openCamera();
+    ui.previewEmpty.hidden = true;
+    await recorder.start();
+  } catch (error) {
+    recorder.closeCamera();
+    ui.record.disabled = false;
+    showMessage(`Could not start recording: ${error.message || error}`, "error");
+    return;
+  }
+  ui.stop.disabled = false;
+  ui.afterStop.disabled = true;
+  startClock();
+});
+
+ui.stop.addEventListener("click", async () => {
+  ui.stop.disabled = true;
+  stopClock();
+  try {
+    await recorder.stop();               // resolves once the server has the whole video
+  } catch (error) {
+    // shown by the "error" listener; the chunks stay in this browser for a later visit
+  } finally {
+    recorder.closeCamera();
+    ui.preview.srcObject = null;
+    ui.previewEmpty.hidden = false;
+    ui.record.disabled = false;
+    ui.afterStop.disabled = false;
+  }
+});
+
+/** Show an upload's events on the page (a recording, or a resumed pending upload). */
+function watch(source) {
+  source.addEventListener("state", (event) => { ui.upload.dataset.state = event.detail.state; });
+  source.addEventListener("progress", (event) => showProgress(event.detail));
+  source.addEventListener("retry", (event) => {
+    const { attempt, delayMs, error } = event.detail;
+    showMessage(`Cannot reach the server: ${error.message}. Retrying in ` +
+                `${(delayMs / 1000).toFixed(1)} s (attempt ${attempt}); nothing is lost, the ` +
+                "recording is kept in this browser.", "info");
+  });
+  source.addEventListener("chunk", () => {
+    if (ui.message.classList.contains("info")) showMessage("Connection back. Uploading.");
+  });
+  source.addEventListener("completed", (event) => {
+    const video = event.detail;
+    showMessage(`Saved: ${formatBytes(video.size)} in ${video.chunks} chunks, ready to play.`,
+                "success");
+    remember({ ...video, createdAt: new Date().toISOString() });
+    renderRecordings();
+  });
+  source.addEventListener("warning", (event) => showMessage(event.detail.message, "info"));
+  source.addEventListener("error", (event) => {
+    const error = event.detail.error;
+    showMessage(`Upload failed: ${error.message || error}`, "error");
+    ui.upload.dataset.state = "failed";
+  });
+}
+
+function showProgress(p) {
+  const sending = p.current ? p.current.loaded : 0;
+  const fraction = p.state === "completed" ? 1
+    : p.bytesRecorded > 0 ? Math.min(1, (p.bytesAcknowledged + sending) / p.bytesRecorded) : 0;
+  const percent = Math.round(fraction * 100);
+  ui.fill.style.width = percent + "%";
+  ui.progress.setAttribute("aria-valuenow", String(percent));
+  Object.assign(ui.upload.dataset, {
+    fileId: p.fileId, chunksRecorded: p.chunksRecorded, chunksAcknowledged: p.chunksAcknowledged,
+  });
+  const recorded = `${formatBytes(p.bytesRecorded)} recorded (${p.chunksRecorded} chunks)`;
+  const onServer = `${formatBytes(p.bytesAcknowledged)} on the server ` +
+                   `(${p.chunksAcknowledged} chunks)`;
+  ui.text.textContent = p.state === "completed"
+    ? `Upload complete: ${onServer}.` : `${recorded} · ${onServer} · ${percent}%`;
+}
+
+function showMessage(text, kind = "") {
+  ui.message.textContent = text;
+  ui.message.className = "message " + kind;
+  ui.message.hidden = !text;
+}
+
+function startClock() {
+  const started = Date.now();
+  ui.badge.hidden = false;
+  ui.recTime.textContent = "0:00";
+  clock = setInterval(() => {
+    const seconds = Math.floor((Date.now() - started) / 1000);
+    ui.recTime.textContent = `${Math.floor(seconds / 60)}:${String(seconds % 60).padStart(2, "0")}`;
+  }, 250);
+}
+
+function stopClock() {
+  clearInterval(clock);
+  ui.badge.hidden = true;
+}
+
+// --- uploads left unfinished by an earlier visit ----------------------------------------------
+
+async function offerPending() {
+  const pending = await findPendingUploads({ serverUrl: SERVER_URL });
+  ui.pendingList.replaceChildren(...pending.map((item) => {
+    const li = document.createElement("li");
+    li.dataset.fileId = item.fileId;
+    const text = document.createElement("span");
+    text.textContent = `Recording of ${new Date(item.createdAt).toLocaleString()}: ` +
+      `${formatBytes(item.bytesRecorded)}, ${item.chunksPending} of ` +
+      `${item.chunksRecorded} chunks not yet uploaded` +
+      (item.ended ? "." : " (cut short when the page closed).");
+    const finish = button("Finish upload", "finish-pending", async () => {
+      finish.disabled = discard.disabled = true;
+      showMessage("Finishing the earlier upload…");
+      const upload = await resumePendingUpload(item.fileId);
+      watch(upload);
+      upload.done.then(() => li.remove(), () => { finish.disabled = discard.disabled = false; })
+        .finally(() => { ui.pending.hidden = ui.pendingList.children.length === 0; });
+    });
+    const discard = button("Discard", "discard-pending", async () => {
+      await discardPendingUpload(item.fileId);
+      li.remove();
+      ui.pending.hidden = ui.pendingList.children.length === 0;
+    });
+    li.append(text, finish, discard);
+    return li;
+  }));
+  ui.pending.hidden = pending.length === 0;
+}
+
+function button(label, className, onClick) {
+  const element = document.createElement("button");
+  element.type = "button";
+  element.className = "button small " + className;
+  element.textContent = label;
+  element.addEventListener("click", onClick);
+  return element;
+}
+
+// --- the list of recordings -------------------------------------------------------------------
+// Recordings made in this browser are remembered in localStorage. If the server lists its
+// uploads (GET /api/video), those are shown too.
+
+function remembered() {
+  try { return JSON.parse(localStorage.getItem(RECORDINGS_KEY)) || []; } catch { return []; }
+}
+
+function remember(video) {
+  const list = [video, ...remembered().filter((v) => v.fileId !== video.fileId)];
+  localStorage.setItem(RECORDINGS_KEY, JSON.stringify(list.slice(0, MAX_REMEMBERED)));
+}
+
+async function serverRecordings() {
+  try {
+    const response = await fetch(`${SERVER_URL}/api/video?limit=${MAX_REMEMBERED}`);
+    if (response.status !== 200) return [];
+    const body = await response.json();
+    const data = body && body.data;
+    const items = Array.isArray(data) ? data : (data && (data.uploads || data.items)) || [];
+    return items.filter((v) => v && v.fileId && v.url && v.state !== "uploading" &&
+                               v.exists !== false)
+      .map((v) => ({ fileId: v.fileId, url: v.url, size: v.fileSize ?? v.size,
+                     createdAt: v.createdAt || v.lastModified, mimeType: v.mimeType }));
+  } catch {
+    return [];                                  // no listing on this server: ours only
+  }
+}
+
+async function renderRecordings() {
+  const byId = new Map();
+  for (const video of [...remembered(), ...await serverRecordings()]) {
+    if (!byId.has(video.fileId)) byId.set(video.fileId, video);
+  }
+  const videos = [...byId.values()]
+    .sort((a, b) => String(b.createdAt || "").localeCompare(String(a.createdAt || "")));
+  ui.recordings.replaceChildren(...videos.map((video) => {
+    const li = document.createElement("li");
+    li.dataset.fileId = video.fileId;
+    const player = document.createElement("video");
+    player.controls = true;
+    player.preload = "metadata";
+    player.src = video.url;                      // GET /uploads/<id>.<ext>, seekable (Range)
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    const when = document.createElement("span");
+    when.textContent = [video.createdAt && new Date(video.createdAt).toLocaleString(),
+                        video.size !== undefined && formatBytes(video.size)]
+      .filter(Boolean).join(" · ");
+    const link = document.createElement("a");
+    link.href = video.url;
+    link.download = video.url.split("/").pop();
+    link.textContent = "Download";
+    meta.append(when, link);
+    li.append(player, meta);
+    return li;
+  }));
+  ui.noRecordings.hidden = videos.length > 0;
+}
+
+function formatBytes(bytes) {
+  if (!(bytes >= 0)) return "?";
+  if (bytes < 1024) return `${bytes} B`;
+  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KB`;
+  return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
+}
+
+ui.record.disabled = false;                 // the page works from here on
+renderRecordings();
+offerPending().catch((error) => console.warn("could not look for pending uploads", error));
