@@ -544,7 +544,8 @@ def test_background_sweep_removes_old_incomplete_uploads_and_logs_it(
     srv = server_factory(args=["--incomplete-ttl", "1h", "--sweep-interval", "0.2"],
                          upload_dir=server.upload_dir)
     gone = (ids["old_incomplete"], ids["old_stashed"])
-    wait_until(lambda: all(not status_of(session, srv, i)["exists"] for i in gone),
+    wait_until(lambda: all(not status_of(session, srv, i)["exists"]
+                           and files_of(srv.upload_dir, i) == [] for i in gone),
                message="the sweep to remove the expired incomplete uploads")
     for file_id in gone:
         assert files_of(srv.upload_dir, file_id) == []
