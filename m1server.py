@@ -36,7 +36,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 import chunkstore
+import events
 import multipart
+import websocket
 from apierror import ApiError
 from chunkstore import ChunkStore
 
@@ -130,6 +132,19 @@ OPTIONS = (
      "free disk space kept in reserve (507 when a chunk would eat into it)"),
     ("--allow-any-content", parse_flag, False,
      "accept a chunk 0 that is not WebM, MP4 or Ogg"),
+    ("--max-subscribers", events.parse_max_subscribers, events.AUTO,
+     "event streams (WebSocket or SSE) open at once, 503 beyond; auto is half of "
+     "--max-connections, and it must stay below it"),
+    ("--event-heartbeat", parse_seconds, events.DEFAULT_HEARTBEAT_S,
+     "seconds between keep-alives on an event stream (SSE comment, WebSocket ping); a "
+     "WebSocket that has not answered one ping when the next is due is closed"),
+    ("--event-queue", parse_count, events.DEFAULT_QUEUE_EVENTS,
+     "events held for a subscriber that reads slowly; beyond it the oldest are dropped "
+     "and counted"),
+    ("--event-history", parse_count, events.DEFAULT_HISTORY_EVENTS,
+     "recent events kept per watched upload, so that a reconnect (Last-Event-ID) resumes"),
+    ("--ws-max-message", parse_size, websocket.DEFAULT_MAX_MESSAGE_BYTES,
+     "largest WebSocket frame or message a client may send (closed with 1009 beyond)"),
 )
 
 
@@ -183,6 +198,12 @@ class Config:
         self.max_connections = args.max_connections
         self.min_free_disk_bytes = args.min_free_disk
         self.allow_any_content = args.allow_any_content
+        self.max_subscribers = events.resolve_max_subscribers(args.max_subscribers,
+                                                              args.max_connections)
+        self.event_heartbeat = args.event_heartbeat
+        self.event_queue = args.event_queue
+        self.event_history = args.event_history
+        self.ws_max_message = args.ws_max_message
         self.crash_at = os.environ.get("M1_TEST_CRASH_AT")    # tests only, see chunkstore
 
 
@@ -217,13 +238,34 @@ class M1Server(ThreadingHTTPServer):
     def __init__(self, config, store):
         self.config = config
         self.store = store
-        self.routes = compile_routes(CORE_ROUTES)
+        self.events = events.EventBus.from_config(config)
+        store.add_listener(self.events.on_store_event)
+        self.routes = compile_routes(CORE_ROUTES + events.routes())
         self.status_extras = []      # functions(upload) -> dict of extra status fields
+        self.stop_hooks = [self.events.close]    # run on SIGTERM before in-flight requests
         self.stopping = False
         self._connections = set()
         self._in_flight = 0
         self._counts = threading.Condition()
         ThreadingHTTPServer.__init__(self, (config.host, config.port), Handler)
+
+    def stop(self):
+        """SIGTERM/SIGINT: run the stop hooks (they end requests that would otherwise wait,
+        such as event streams), then stop accepting connections."""
+        for hook in self.stop_hooks:
+            try:
+                hook()
+            except Exception:
+                logging.getLogger("m1server").exception("stop hook %r failed", hook)
+        self.shutdown()
+
+    def status_data(self, file_id, upload):
+        """The status reply's `data` for an UploadState (None: never seen), extras included."""
+        data = status_reply(file_id, upload)
+        if upload is not None:
+            for extra in self.status_extras:      # e.g. processing, video
+                data.update(extra(upload))
+        return data
 
     def process_request(self, request, client_address):
         """Refuse connections past --max-connections with a 503 instead of queueing them."""
@@ -456,11 +498,7 @@ class Handler(BaseHTTPRequestHandler):
         if not chunkstore.valid_file_id(file_id):
             raise HttpError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
         upload = self.server.store.status(file_id)
-        data = status_reply(file_id, upload)
-        if upload is not None:
-            for extra in self.server.status_extras:      # e.g. processing, video
-                data.update(extra(upload))
-        self.send_json(200, {"success": True, "data": data})
+        self.send_json(200, {"success": True, "data": self.server.status_data(file_id, upload)})
 
     # -- GET /uploads/<fileId>.<ext> : the assembled video, with Range ---------------------
 
@@ -796,8 +834,12 @@ def _is_loopback(host):
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args = build_parser(os.environ).parse_args(argv)
-    config = Config(args)
+    parser = build_parser(os.environ)
+    args = parser.parse_args(argv)
+    try:
+        config = Config(args)
+    except ValueError as error:
+        parser.error(str(error))
     _configure_logging()
     store = ChunkStore(config.dir, allow_any_content=config.allow_any_content,
                        max_upload_bytes=config.max_upload_bytes, crash_at=config.crash_at)
@@ -818,7 +860,7 @@ def main(argv=None):
     def stop(signum, frame):
         if not server.stopping:
             server.stopping = True
-            threading.Thread(target=server.shutdown, daemon=True).start()
+            threading.Thread(target=server.stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
