@@ -380,10 +380,13 @@ class ChunkStore:
         return os.path.join(self.temp_dir, file_id, "%d.chunk" % index)
 
     def record_sha256(self, file_id, digest):
-        self._ledger.set_sha256(file_id, digest)
-        upload = self._ledger.load(file_id)
-        self._emit("completed", file_id, size=upload.bytes_appended, sha256=digest,
-                   ext=upload.ext, mimeType=upload.mime_type)
+        # Under the upload's lock, like the chunk events: the hasher is handed the upload
+        # before the last chunk's event is sent, and "completed" must not overtake it.
+        with self._locks.held(file_id):
+            self._ledger.set_sha256(file_id, digest)
+            upload = self._ledger.load(file_id)
+            self._emit("completed", file_id, size=upload.bytes_appended, sha256=digest,
+                       ext=upload.ext, mimeType=upload.mime_type)
 
     # -- start-up repair ------------------------------------------------------------------
 

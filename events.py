@@ -63,7 +63,7 @@ DEFAULT_QUEUE_EVENTS = 256           # per subscriber; a 1 s recorder fills it i
 DEFAULT_HISTORY_EVENTS = 128         # per watched upload, for Last-Event-ID resumption
 HISTORY_TTL_S = 300.0                # an upload nobody watches keeps its history this long
 MAX_IDLE_TOPICS = 256                # and at most this many such uploads keep one
-SEND_BUFFER_BYTES = 64 << 10         # kernel send buffer of an event connection
+SEND_BUFFER_BYTES = 16 << 10         # kernel send buffer of an event connection
 SSE_RETRY_MS = 2000                  # how long EventSource waits before reconnecting
 
 EVENT_ID_PATTERN = re.compile(r"([0-9a-f]{1,16})-([0-9]{1,18})\Z")
