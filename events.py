@@ -379,6 +379,8 @@ class Subscription:
         elif event.type == "completed" and self._reflected_completed:
             self._reflected_completed = False
             return True
+        elif event.type == "deleted":            # a new upload of that id starts from zero
+            self._reflected_chunks, self._reflected_completed = None, False
         return False
 
     def close(self):
@@ -413,7 +415,7 @@ def get_events(handler, file_id):
     subscription, replay = server.events.subscribe(file_id, _last_event_id(handler))
     try:
         if replay is None:
-            first = [(None, state_text(server, file_id, subscription))]
+            first = [(None, state_text(handler, file_id, subscription))]
         else:
             first = [(e.id, e.text) for e in replay]
         if upgrade:
@@ -421,18 +423,18 @@ def get_events(handler, file_id):
         else:
             stream = _SseStream(handler)
         stream.open()
-        _Session(server, file_id, subscription, stream).run(first)
+        _Session(handler, file_id, subscription, stream).run(first)
     finally:
         subscription.close()
 
 
-def state_text(server, file_id, subscription=None):
+def state_text(handler, file_id, subscription=None):
     """The `state` event: what GET /api/video/status/<fileId> would answer as `data`."""
-    upload = server.store.status(file_id)
+    upload = handler.server.store.status(file_id)
     if subscription is not None:
         subscription.note_state(upload)
     return json.dumps({"type": "state", "fileId": file_id,
-                       "status": server.status_data(file_id, upload)}, separators=(",", ":"))
+                       "status": handler.describe(file_id, upload)}, separators=(",", ":"))
 
 
 def _last_event_id(handler):
@@ -447,12 +449,12 @@ def _last_event_id(handler):
 class _Session:
     """One event stream's loop: wait for events, the client, or the next heartbeat."""
 
-    def __init__(self, server, file_id, subscription, stream):
-        self.server = server
+    def __init__(self, handler, file_id, subscription, stream):
+        self.handler = handler
         self.file_id = file_id
         self.subscription = subscription
         self.stream = stream
-        self.heartbeat_s = server.config.event_heartbeat
+        self.heartbeat_s = handler.server.config.event_heartbeat
 
     def run(self, first):
         bus = self.subscription.bus
@@ -501,7 +503,7 @@ class _Session:
             except ValueError:
                 request = None
             if isinstance(request, dict) and request.get("type") == "state":
-                self.stream.send([(None, state_text(self.server, self.file_id))])
+                self.stream.send([(None, state_text(self.handler, self.file_id))])
             else:
                 error = {"type": "error", "fileId": self.file_id, "code": "unknown_request",
                          "message": 'the only request is {"type": "state"}'}
