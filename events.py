@@ -41,6 +41,7 @@ import binascii
 import collections
 import itertools
 import json
+import logging
 import os
 import re
 import selectors
@@ -52,6 +53,8 @@ from urllib.parse import parse_qs, urlsplit
 import chunkstore
 import websocket
 from apierror import ApiError
+
+log = logging.getLogger("m1server.events")
 
 # ---------------------------------------------------------------------------------------------
 # Limits (each a flag in m1server.py, except the last four)
@@ -479,6 +482,9 @@ class _Session:
             self.stream.close(websocket.CLOSE_GOING_AWAY, "server shutting down")
         except (OSError, websocket.ConnectionClosed):
             return                       # the client left, died or stopped reading
+        except Exception:
+            # The 101/200 is out: an error envelope would corrupt the stream. Log, end it.
+            log.exception("event stream for %s failed", self.file_id)
         finally:
             selector.close()
 

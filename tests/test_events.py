@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 
@@ -333,10 +332,10 @@ def test_client_that_never_reads_does_not_hold_back_uploads_or_grow_memory(serve
     assert got == sorted(got) and len(set(got)) == len(got)
     assert len(got) + missed == count
     assert got[-1] == count - 1                              # the newest survive
-    # KiB. Measured here: flat within ~2 MiB (a first upload adds ~22 MiB of allocator and
-    # SQLite caches, hence the warm-up). The missed counter above is the exact proof of the
-    # bound; this only checks that nothing else grows with a stuck reader.
-    assert after - before < 8 * 1024, (before, after)
+    # KiB, and only a loose sanity bound: the exact proof of the bound is the accounting
+    # above. Measured here, the same 600 chunks move a warmed-up server's RSS by 0.2-8.4 MiB
+    # with no subscriber at all (allocator arenas), and by 1.4-4.4 MiB with this stuck one.
+    assert after - before < 32 * 1024, (before, after)
     stuck.close()
 
 
@@ -493,6 +492,14 @@ def test_store_sends_completed_only_after_the_last_chunk_event(tmp_path):
 
 # --- the browser's own clients ---------------------------------------------------------------
 
+def documented_snippet():
+    """The watchUpload() function of docs/events.md, as a reader would paste it."""
+    with open(os.path.join(ROOT, "docs", "events.md"), encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("```js\n// Watch an upload") + len("```js\n")
+    return text[start:text.index("\n```", start)] + "\nwindow.watchUpload = watchUpload;"
+
+
 BROWSER_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -523,19 +530,25 @@ def test_browser_websocket_and_eventsource_receive_every_event(server, session, 
                     Object.assign({lastEventId: e.lastEventId}, JSON.parse(e.data)));
                 window.closeAll = () => { ws.close(1000); es.close(); };
             }""", "rec_browser")
-            page.wait_for_function("window.wsEvents.length > 0 && window.sseEvents.length > 0",
-                                   timeout=15000)
+            page.evaluate(documented_snippet() + """
+                window.docEvents = [];
+                window.stopDoc = watchUpload(location.origin, 'rec_browser',
+                                             (e) => window.docEvents.push(e));
+                null;  // (a string that ends in a function would have it called)""")
+            page.wait_for_function("window.wsEvents.length > 0 && window.sseEvents.length > 0"
+                                   " && window.docEvents.length > 0", timeout=15000)
             upload(session, server.url, "rec_browser", chunks)
             page.wait_for_function(
-                "[window.wsEvents, window.sseEvents].every("
+                "[window.wsEvents, window.sseEvents, window.docEvents].every("
                 "(list) => list.some((e) => e.type === 'completed'))", timeout=30000)
             ws_events = page.evaluate("window.wsEvents")
             sse_events = page.evaluate("window.sseEvents")
-            page.evaluate("window.closeAll()")
+            doc_events = page.evaluate("window.docEvents")
+            page.evaluate("window.closeAll(); window.stopDoc()")
         finally:
             browser.close()
     sha = hashlib.sha256(b"".join(chunks)).hexdigest()
-    for seen in (ws_events, sse_events):
+    for seen in (ws_events, sse_events, doc_events):
         assert seen[0]["type"] == "state"
         assert [e["type"] for e in seen[1:]] == ["chunk"] * 5 + ["completed"]
         assert [e["index"] for e in seen[1:-1]] == list(range(5))

@@ -7,7 +7,6 @@ and a client that never answers pings.
 from __future__ import annotations
 
 import json
-import socket
 import struct
 
 import pytest
@@ -17,7 +16,8 @@ from websockets.sync.client import connect as ws_connect
 
 import _http
 from _events_clients import (OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
-                             RawWebSocket, accept_for, events_path)
+                             RawWebSocket, accept_for, encode_client_frame,
+                             events_path)
 from conftest import ServerProcess, wait_until
 
 MAX_MESSAGE = 1024                     # --ws-max-message for these servers
@@ -318,7 +318,6 @@ def test_frames_sent_with_the_handshake_are_not_lost(ws_server):
     """A client should wait for the 101 before sending, but one that does not is served."""
     sock = _http.connect(ws_server.url)
     request = _http.build_request("GET", events_path("eager"), headers=GOOD, close=False)
-    from _events_clients import encode_client_frame
     sock.sendall(request + encode_client_frame(OP_PING, b"early"))
     sock.settimeout(10)
     data = b""
