@@ -398,14 +398,15 @@ class ChunkStore:
     def _stash_path(self, file_id, index):
         return os.path.join(self.temp_dir, file_id, "%d.chunk" % index)
 
-    def record_sha256(self, file_id, digest):
+    def record_sha256(self, file_id, completed_at, digest):
+        """Store the digest of the upload that completed at `completed_at` (not of a newer
+        upload that took its id after a deletion)."""
         # Under the upload's lock, like the chunk events: the hasher is handed the upload
         # before the last chunk's event is sent, and "completed" must not overtake it.
         with self._locks.held(file_id):
-            self._ledger.set_sha256(file_id, digest)
+            if not self._ledger.set_sha256(file_id, completed_at, digest):
+                return
             upload = self._ledger.load(file_id)
-            if upload is None:
-                return                   # deleted while it was being hashed
             self._emit("completed", file_id, size=upload.bytes_appended, sha256=digest,
                        ext=upload.ext, mimeType=upload.mime_type)
 
@@ -414,29 +415,32 @@ class ChunkStore:
     def list_uploads(self, limit, after=None):
         """Up to `limit` uploads, newest first, after the (created_at, file_id) cursor `after`.
         Keyset pagination: uploads created meanwhile never shift the pages that follow."""
-        return [self._ledger.load(file_id) for file_id in self._ledger.page(limit, after)]
+        uploads = (self._ledger.load(file_id) for file_id in self._ledger.page(limit, after))
+        return [upload for upload in uploads if upload is not None]   # deleted meanwhile
 
     def counts(self):
         """(uploads in progress, uploads completed)."""
         return self._ledger.counts()
 
-    def delete(self, file_id):
-        """Remove an upload and every trace of it; False when it is unknown.
+    def delete(self, file_id, unless=None):
+        """Remove an upload and every trace of it; False when it is unknown (or when
+        `unless(upload)`, checked under the upload's lock, says to keep it).
 
         Crash-safe in three steps: (1) its file, temp chunks and derivatives are moved into
-        temp/.deleting/<fileId>-<random>/ (which records the intent), (2) its ledger rows are
-        deleted, (3) that folder is removed. repair() finishes a deletion cut short after (1).
-        A chunk of it still being received arrives after the deletion and starts afresh.
+        temp/.deleting/<fileId>-<created_at>-<random>/ (which records the intent, and which
+        upload it was), (2) its ledger rows are deleted, (3) that folder is removed.
+        repair() finishes a deletion cut short anywhere after (1). A chunk of it still being
+        received arrives after the deletion and starts afresh.
         """
         with self._locks.held(file_id):
             upload = self._ledger.load(file_id)
-            if upload is None:
+            if upload is None or (unless is not None and unless(upload)):
                 return False
-            trash = os.path.join(self.deleting_dir, "%s-%s" % (file_id, uuid.uuid4().hex))
+            trash = os.path.join(self.deleting_dir, "%s-%r-%s" % (
+                file_id, upload.created_at, uuid.uuid4().hex))
             os.makedirs(trash)
-            for name, path in (("media", self.media_path(upload)),
-                               ("temp", os.path.join(self.temp_dir, file_id)),
-                               ("derived", os.path.join(self.derived_dir, file_id))):
+            _fsync_dir(self.deleting_dir)
+            for name, path in self._traces(upload):
                 if os.path.lexists(path):
                     os.replace(path, os.path.join(trash, name))
             _fsync_dir(trash)
@@ -446,19 +450,49 @@ class ChunkStore:
         self._emit("deleted", file_id)
         return True
 
+    def _traces(self, upload):
+        """(name, path) of everything on disk that belongs to `upload`."""
+        return (("media", self.media_path(upload)),
+                ("temp", os.path.join(self.temp_dir, upload.file_id)),
+                ("derived", os.path.join(self.derived_dir, upload.file_id)))
+
+    def _finish_deletion(self, name):
+        """repair(): a deletion cut short. The folder name says which upload (id and creation
+        time), so a newer upload with the same id is never touched."""
+        file_id, created_at = name.split("-")[0:-2], name.split("-")[-2]
+        file_id = "-".join(file_id)
+        upload = self._ledger.load(file_id)
+        if upload is not None and repr(upload.created_at) == created_at:
+            log.warning("repair: finishing the deletion of %r", file_id)
+            for _, path in self._traces(upload):      # what step (1) had not moved yet
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                elif os.path.lexists(path):
+                    os.remove(path)
+            self._ledger.delete(file_id)
+        shutil.rmtree(os.path.join(self.deleting_dir, name), ignore_errors=True)
+
     def expired(self, now, incomplete_ttl=None, retention=None):
         """Ids of uploads idle and incomplete for longer than `incomplete_ttl` seconds, and of
         completed uploads older than `retention` seconds (None: keep them)."""
-        return self._ledger.expired(
-            None if incomplete_ttl is None else now - incomplete_ttl,
-            None if retention is None else now - retention)
+        return self._ledger.expired(*self._cutoffs(now, incomplete_ttl, retention))
+
+    @staticmethod
+    def _cutoffs(now, incomplete_ttl, retention):
+        return (None if incomplete_ttl is None else now - incomplete_ttl,
+                None if retention is None else now - retention)
 
     def sweep(self, incomplete_ttl=None, retention=None, now=None):
         """Delete what `expired` names; returns the deleted ids (each one logged)."""
         deleted = []
-        for file_id in self.expired(time.time() if now is None else now, incomplete_ttl,
-                                    retention):
-            if self.delete(file_id):
+        now = time.time() if now is None else now
+
+        def revived(upload):       # a chunk arrived since the list was read: keep it
+            return upload.file_id not in self._ledger.expired_among(
+                [upload.file_id], *self._cutoffs(now, incomplete_ttl, retention))
+
+        for file_id in self.expired(now, incomplete_ttl, retention):
+            if self.delete(file_id, unless=revived):
                 log.info("retention: removed %s", file_id)
                 deleted.append(file_id)
         return deleted
@@ -472,10 +506,7 @@ class ChunkStore:
         for name in os.listdir(self.incoming_dir):
             self.discard(os.path.join(self.incoming_dir, name))   # never acknowledged
         for name in os.listdir(self.deleting_dir):                # a deletion cut short
-            file_id = name.rpartition("-")[0]
-            log.warning("repair: finishing the deletion of %r", file_id)
-            self._ledger.delete(file_id)
-            shutil.rmtree(os.path.join(self.deleting_dir, name), ignore_errors=True)
+            self._finish_deletion(name)
             mended += 1
         known = set()
         for file_id in self._ledger.all_ids():
@@ -673,15 +704,22 @@ class _Ledger:
                               ).fetchone()
 
     def expired(self, idle_before, completed_before):
+        return self.expired_among(None, idle_before, completed_before)
+
+    def expired_among(self, file_ids, idle_before, completed_before):
+        """Expired uploads, among `file_ids` (None: all)."""
+        only = "" if file_ids is None else " AND file_id IN (%s)" % ",".join("?" * len(file_ids))
+        params = list(file_ids or [])
         with self._connection() as db:
             ids = []
             if idle_before is not None:
                 ids += [r[0] for r in db.execute(
-                    "SELECT file_id FROM uploads WHERE completed_at IS NULL AND updated_at < ?",
-                    (idle_before,))]
+                    "SELECT file_id FROM uploads WHERE completed_at IS NULL AND updated_at < ?"
+                    + only, [idle_before] + params)]
             if completed_before is not None:
                 ids += [r[0] for r in db.execute(
-                    "SELECT file_id FROM uploads WHERE completed_at < ?", (completed_before,))]
+                    "SELECT file_id FROM uploads WHERE completed_at < ?" + only,
+                    [completed_before] + params)]
             return ids
 
     def delete(self, file_id):
@@ -755,9 +793,12 @@ class _Ledger:
             db.execute("UPDATE uploads SET completed_at = ? WHERE file_id = ?",
                        (time.time(), file_id))
 
-    def set_sha256(self, file_id, digest):
+    def set_sha256(self, file_id, completed_at, digest):
+        """True when the upload that completed at `completed_at` took the digest."""
         with self._write() as db:
-            db.execute("UPDATE uploads SET sha256 = ? WHERE file_id = ?", (digest, file_id))
+            return db.execute("UPDATE uploads SET sha256 = ? WHERE file_id = ? AND "
+                              "completed_at = ? AND sha256 IS NULL",
+                              (digest, file_id, completed_at)).rowcount == 1
 
     def close(self):
         while True:
@@ -816,10 +857,11 @@ class _BackgroundHasher:
                 return
             try:
                 upload = self._store.status(file_id)
-                if upload is not None and upload.sha256 is None:
+                if upload is not None and upload.completed_at is not None and \
+                        upload.sha256 is None:
                     digest = _sha256_file(self._store.media_path(upload),
                                           upload.bytes_appended)
-                    self._store.record_sha256(file_id, digest)
+                    self._store.record_sha256(file_id, upload.completed_at, digest)
             except Exception:          # logged once; status simply shows no sha256
                 log.exception("hashing %s failed", file_id)
 

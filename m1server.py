@@ -406,21 +406,24 @@ class Handler(BaseHTTPRequestHandler):
         """Find the function for this path and method in the server's routing table; returns
         (bound function, decoded path groups)."""
         path = urlsplit(self.path).path
+        allowed = set()          # methods of every route this path matches (for 405, OPTIONS)
         for pattern, methods, label in self.server.routes:
             match = pattern.match(path)
             if not match:
                 continue
             self.route_label = label
-            if self.command == "OPTIONS":
-                return self.options_preflight, (sorted(methods) + ["OPTIONS"],)
             function = methods.get(self.command)
-            if function is None:
-                allowed = ", ".join(sorted(methods) + ["OPTIONS"])
-                raise HttpError(405, "method_not_allowed",
-                                "%s is not allowed here; use %s" % (self.command, allowed),
-                                {"Allow": allowed})
-            return functools.partial(function, self), tuple(unquote(g) for g in match.groups())
-        raise HttpError(404, "not_found", "no such route: %s" % _printable(path)[:200])
+            if function is not None:
+                return functools.partial(function, self), tuple(
+                    unquote(g) for g in match.groups())
+            allowed.update(methods)
+        if not allowed:
+            raise HttpError(404, "not_found", "no such route: %s" % _printable(path)[:200])
+        allowed = sorted(allowed) + ["OPTIONS"]
+        if self.command == "OPTIONS":
+            return self.options_preflight, (allowed,)
+        raise HttpError(405, "method_not_allowed", "%s is not allowed here; use %s"
+                        % (self.command, ", ".join(allowed)), {"Allow": ", ".join(allowed)})
 
     # -- POST /api/video/upload : validate headers -> parse -> store -> reply ---------------
 
@@ -553,7 +556,7 @@ class Handler(BaseHTTPRequestHandler):
     def get_uploads(self):
         query = parse_qs(urlsplit(self.path).query)
         limit = query.get("limit", [str(DEFAULT_LIST_LIMIT)])[-1]
-        if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_LIMIT:
+        if not re.match(r"[0-9]{1,6}\Z", limit) or not 1 <= int(limit) <= MAX_LIST_LIMIT:
             raise HttpError(400, "invalid_limit", "limit must be 1..%d" % MAX_LIST_LIMIT)
         after = None
         if "cursor" in query:
@@ -614,15 +617,23 @@ class Handler(BaseHTTPRequestHandler):
 
     def get_health(self):
         """Liveness: the process answers."""
-        self.send_json(200, {"success": True, "data": {"status": "ok", "version": VERSION}})
+        config = self.server.config
+        self.send_json(200, {"success": True, "data": {
+            "status": "ok", "version": VERSION,
+            "limits": {"maxChunkBytes": config.max_chunk_bytes,
+                       "maxUploadBytes": config.max_upload_bytes}}})
 
     def get_ready(self):
         """Readiness: the upload folder is writable, free disk is above the reserve, and the
         metadata store answers. 503 with the failed checks otherwise."""
         checks = readiness_checks(self.server.config, self.server.store)
-        ready = all(check["ok"] for check in checks.values())
-        self.send_json(200 if ready else 503, {"success": ready, "data": {
-            "status": "ready" if ready else "not_ready", "checks": checks}})
+        failed = sorted(name for name, check in checks.items() if not check["ok"])
+        data = {"status": "not_ready" if failed else "ready", "checks": checks}
+        if not failed:
+            return self.send_json(200, {"success": True, "data": data})
+        self.send_json(503, {"success": False, "error": {
+            "code": "not_ready", "message": "failed checks: " + ", ".join(failed)},
+            "data": data})
 
     def get_metrics(self):
         store, config = self.server.store, self.server.config

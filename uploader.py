@@ -3,8 +3,10 @@
 It sends FILE to an m1server as the browser does, with the seed API: numbered chunks, each a
 `multipart/form-data` POST to /api/video/upload with a sha256 checksum, the last one with
 status=completed. Before sending it asks GET /api/video/status/<fileId> and starts at
-`nextChunkIndex`, so running it again after an interruption (network, server restart, Ctrl-C)
-never resends a chunk the server acknowledged. Transient failures (connection errors, 408,
+`nextChunkIndex` at byte `fileSize` (the server's assembled length), so running it again after
+an interruption (network, server restart, Ctrl-C), even with another --chunk-size, never
+resends a chunk the server acknowledged. A finished upload is checked against the file by
+size and sha256. Transient failures (connection errors, 408,
 429, 5xx) are retried with exponential backoff and jitter; anything else stops it with a clear
 message and exit status 1.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
 import random
@@ -119,12 +122,15 @@ class Upload:
         status = self.status()
         if status.get("state") == "completed":
             return self._finished(status, already=True)
-        index = status.get("nextChunkIndex", 0)
-        self.progress.start(self.file_id, index * self.chunk_bytes, self._size())
+        self._check_server_limits()
+        # Resume where the server's file ends: chunk numbers continue from nextChunkIndex,
+        # bytes from fileSize, whatever chunk size the earlier run used.
+        index, offset = status.get("nextChunkIndex", 0), status.get("fileSize", 0)
+        self.progress.start(self.file_id, offset, self._size())
         with open(self.path, "rb") as f:
             while True:
-                f.seek(index * self.chunk_bytes)
-                data, last = self._next_chunk(f, index, follow, follow_idle)
+                f.seek(offset)
+                data, last = self._next_chunk(f, offset, follow, follow_idle)
                 reply = self._send(index, data, last)
                 self.sent_chunks += 1
                 self.progress.update(reply.get("bytesReceived", 0), self._size(), index)
@@ -133,15 +139,24 @@ class Upload:
                 if last:
                     raise UploadFailed("the server still misses chunks %s after the last one"
                                        % reply.get("missingChunks"))
-                index = reply.get("nextChunkIndex", index + 1)
+                index, offset = reply["nextChunkIndex"], reply["bytesReceived"]
         return self._finished(self.status(), already=False)
+
+    def _check_server_limits(self):
+        """Refuse a --chunk-size the server would refuse (it says its limits in /healthz)."""
+        limits = self._request("GET", "/healthz").get("limits") or {}
+        largest = limits.get("maxChunkBytes")
+        if largest is not None and self.chunk_bytes > largest:
+            raise UploadFailed("--chunk-size %d is over the server's limit of %d bytes "
+                               "(HTTP 413 chunk_too_large); use --chunk-size %d or less"
+                               % (self.chunk_bytes, largest, largest))
 
     def _size(self):
         return os.path.getsize(self.path)
 
-    def _next_chunk(self, f, index, follow, follow_idle):
-        """(bytes of chunk `index`, whether it is the last). With follow, waits for the writer."""
-        start = index * self.chunk_bytes
+    def _next_chunk(self, f, start, follow, follow_idle):
+        """(bytes of the chunk at `start`, whether it is the last). With follow, it waits for
+        the writer to add a whole chunk, or to stop."""
         if not follow:
             data = f.read(self.chunk_bytes)
             return data, start + len(data) >= self._size()
@@ -157,9 +172,12 @@ class Upload:
             time.sleep(FOLLOW_POLL_S)
 
     def _finished(self, status, already):
-        if status.get("fileSize") != self._size():
-            raise UploadFailed("the server's copy has %s bytes but %s has %d; the file changed "
-                               "since it was uploaded (use another --file-id)"
+        changed = status.get("fileSize") != self._size()
+        if not changed and status.get("sha256"):
+            changed = status["sha256"] != _sha256_of(self.path)
+        if changed:
+            raise UploadFailed("the server's copy (%s bytes) differs from %s (%d bytes): the "
+                               "file changed since it was uploaded (use another --file-id)"
                                % (status.get("fileSize"), self.path, self._size()))
         self.progress.done(already)
         return {"fileId": self.file_id, "fileSize": status.get("fileSize"),
@@ -192,7 +210,8 @@ class Upload:
                 reason = _error_text(error)
                 if error.code not in RETRYABLE_STATUSES:
                     raise UploadFailed("%s %s: HTTP %d %s" % (method, path, error.code, reason))
-            except (urllib.error.URLError, OSError, ValueError) as error:
+            except (urllib.error.URLError, http.client.HTTPException, OSError,
+                    ValueError) as error:
                 reason = str(getattr(error, "reason", error))
             if attempt == self.retries:
                 raise UploadFailed("%s %s failed %d times, last: %s" % (method, path,
@@ -202,6 +221,14 @@ class Upload:
             self.progress.note("retrying in %.1fs (%s)" % (wait, reason))
             time.sleep(wait)     # then the same request again: a chunk that did arrive
         raise UploadFailed("no attempt made")   # is acknowledged as a duplicate
+
+
+def _sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _error_text(error):
