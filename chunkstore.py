@@ -400,11 +400,14 @@ class ChunkStore:
     def record_sha256(self, file_id, completed_at, digest):
         """Store the digest of the upload that completed at `completed_at` (not of a newer
         upload that took its id after a deletion)."""
-        if not self._ledger.set_sha256(file_id, completed_at, digest):
-            return
-        upload = self._ledger.load(file_id)
-        self._emit("completed", file_id, size=upload.bytes_appended, sha256=digest,
-                   ext=upload.ext, mimeType=upload.mime_type)
+        # Under the upload's lock, like the chunk events: the hasher is handed the upload
+        # before the last chunk's event is sent, and "completed" must not overtake it.
+        with self._locks.held(file_id):
+            if not self._ledger.set_sha256(file_id, completed_at, digest):
+                return
+            upload = self._ledger.load(file_id)
+            self._emit("completed", file_id, size=upload.bytes_appended, sha256=digest,
+                       ext=upload.ext, mimeType=upload.mime_type)
 
     # -- listing, deletion, retention -------------------------------------------------------
 

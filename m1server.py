@@ -39,8 +39,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import chunkstore
 import cors
+import events
 import multipart
 import webclient
+import websocket
 from apierror import ApiError
 from metrics import Metrics
 from chunkstore import ChunkStore
@@ -161,6 +163,19 @@ OPTIONS = (
     ("--cors-origin", cors.parse_origins, cors.DEFAULT_ORIGINS,
      "origins whose pages may upload and read from a browser: '*' or a comma-separated list "
      "such as http://localhost:3000 (see cors.py)"),
+    ("--max-subscribers", events.parse_max_subscribers, events.AUTO,
+     "event streams (WebSocket or SSE) open at once, 503 beyond; auto is half of "
+     "--max-connections, and it must stay below it"),
+    ("--event-heartbeat", parse_seconds, events.DEFAULT_HEARTBEAT_S,
+     "seconds between keep-alives on an event stream (SSE comment, WebSocket ping); a "
+     "WebSocket that has not answered one ping when the next is due is closed"),
+    ("--event-queue", parse_count, events.DEFAULT_QUEUE_EVENTS,
+     "events held for a subscriber that reads slowly; beyond it the oldest are dropped "
+     "and counted"),
+    ("--event-history", parse_count, events.DEFAULT_HISTORY_EVENTS,
+     "recent events kept per watched upload, so that a reconnect (Last-Event-ID) resumes"),
+    ("--ws-max-message", parse_size, websocket.DEFAULT_MAX_MESSAGE_BYTES,
+     "largest WebSocket frame or message a client may send (closed with 1009 beyond)"),
 )
 
 
@@ -220,6 +235,12 @@ class Config:
         self.retention = args.retention or None
         self.sweep_interval = args.sweep_interval
         self.cors_origins = args.cors_origin
+        self.max_subscribers = events.resolve_max_subscribers(args.max_subscribers,
+                                                              args.max_connections)
+        self.event_heartbeat = args.event_heartbeat
+        self.event_queue = args.event_queue
+        self.event_history = args.event_history
+        self.ws_max_message = args.ws_max_message
         self.crash_at = os.environ.get("M1_TEST_CRASH_AT")    # tests only, see chunkstore
 
 
@@ -254,15 +275,29 @@ class M1Server(ThreadingHTTPServer):
     def __init__(self, config, store):
         self.config = config
         self.store = store
-        self.routes = compile_routes(CORE_ROUTES + webclient.routes(read_resource))
+        self.events = events.EventBus.from_config(config)
+        store.add_listener(self.events.on_store_event)
         self.metrics = Metrics()
         store.add_listener(self.metrics.on_store_event)
+        self.routes = compile_routes(CORE_ROUTES + webclient.routes(read_resource) +
+                                     events.routes())
         self.status_extras = []      # functions(upload) -> dict of extra status fields
+        self.stop_hooks = [self.events.close]    # run on SIGTERM before in-flight requests
         self.stopping = False
         self._connections = set()
         self._in_flight = 0
         self._counts = threading.Condition()
         ThreadingHTTPServer.__init__(self, (config.host, config.port), Handler)
+
+    def stop(self):
+        """SIGTERM/SIGINT: run the stop hooks (they end requests that would otherwise wait,
+        such as event streams), then stop accepting connections."""
+        for hook in self.stop_hooks:
+            try:
+                hook()
+            except Exception:
+                logging.getLogger("m1server").exception("stop hook %r failed", hook)
+        self.shutdown()
 
     def process_request(self, request, client_address):
         """Refuse connections past --max-connections with a 503 instead of queueing them."""
@@ -985,8 +1020,12 @@ def main(argv=None):
 
 
 def serve(argv):
-    args = build_parser(os.environ).parse_args(argv)
-    config = Config(args)
+    parser = build_parser(os.environ)
+    args = parser.parse_args(argv)
+    try:
+        config = Config(args)
+    except ValueError as error:
+        parser.error(str(error))
     _configure_logging()
     log = logging.getLogger("m1server")
     os.makedirs(config.dir, exist_ok=True)
@@ -1013,7 +1052,7 @@ def serve(argv):
     def stop(signum, frame):
         if not server.stopping:
             server.stopping = True
-            threading.Thread(target=server.shutdown, daemon=True).start()
+            threading.Thread(target=server.stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
