@@ -32,6 +32,15 @@ crash-safety argument:
      and bytes_appended in one transaction           row: repair deletes it, the client was
   4. cleaned: the source file is removed             never told 200)
      (a leftover source is deleted by repair)
+
+  Removing an upload (remove_upload, used by tus termination and expiry): under the upload's
+  lock, 1. its ledger rows go in one transaction, 2. its file and temp folder are deleted. A
+  crash between the two leaves a file no ledger row names: nothing serves it (every read goes
+  through the ledger), a new upload with that id truncates it to 0 before its first append,
+  and temp folders of unknown uploads are removed by repair.
+
+Feature modules may keep their own tables in the ledger file (ledger_read/ledger_write); they
+never touch the uploads and chunks tables, so the invariant above stays the store's alone.
 """
 from __future__ import annotations
 
@@ -449,6 +458,31 @@ class ChunkStore:
         self._hasher.stop()
         self._ledger.close()
 
+    # -- for feature modules (tus): removal, and room for their own tables ----------------
+
+    def remove_upload(self, file_id):
+        """Forget `file_id` and delete its bytes (see "Removing an upload" above); False when
+        the store never saw it. The caller makes sure nobody is still sending to it."""
+        with self._locks.held(file_id):
+            upload = self._ledger.load(file_id)
+            if upload is None:
+                return False
+            self._ledger.delete_upload(file_id)
+            self._crash.passed("removed")
+            self.discard(self.media_path(upload))
+            shutil.rmtree(os.path.join(self.temp_dir, file_id), ignore_errors=True)
+        log.info("upload %s removed", file_id)
+        return True
+
+    def ledger_read(self):
+        """A context manager lending a connection to the ledger file for reads of a feature's
+        own tables (one thread at a time per connection)."""
+        return self._ledger._connection()
+
+    def ledger_write(self):
+        """A context manager: one committed (fsynced) transaction on a feature's own tables."""
+        return self._ledger._write()
+
 
 # ---------------------------------------------------------------------------------------------
 # The ledger: SQLite, one connection per thread at a time (a small pool), schema versioned
@@ -603,6 +637,11 @@ class _Ledger:
     def set_sha256(self, file_id, digest):
         with self._write() as db:
             db.execute("UPDATE uploads SET sha256 = ? WHERE file_id = ?", (digest, file_id))
+
+    def delete_upload(self, file_id):
+        with self._write() as db:
+            db.execute("DELETE FROM chunks WHERE file_id = ?", (file_id,))
+            db.execute("DELETE FROM uploads WHERE file_id = ?", (file_id,))
 
     def close(self):
         while True:

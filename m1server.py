@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 import chunkstore
 import multipart
+import tus
 from apierror import ApiError
 from chunkstore import ChunkStore
 
@@ -65,6 +66,7 @@ RECV_DRAIN_BYTES = 1 << 20                 # >= the header reader's buffer (8 Ki
 UPLOAD_STATUSES = ("uploading", "completed")
 CHUNK_INDEX_PATTERN = re.compile(r"[0-9]{1,7}\Z")
 REQUIRED_FIELDS = ("fileId", "chunkIndex", "status")
+CORS_EXPOSED_HEADERS = ["Content-Length", "Content-Range", "ETag"]   # features add theirs
 OPTIONAL_FIELDS = ("mimeType", "checksum")
 
 
@@ -130,6 +132,14 @@ OPTIONS = (
      "free disk space kept in reserve (507 when a chunk would eat into it)"),
     ("--allow-any-content", parse_flag, False,
      "accept a chunk 0 that is not WebM, MP4 or Ogg"),
+    ("--tus-expiry", parse_seconds, tus.DEFAULT_EXPIRY_S,
+     "seconds an unfinished tus upload may stay idle before it expires (410 Gone)"),
+    ("--tus-piece-size", parse_size, tus.DEFAULT_PIECE_BYTES,
+     "a tus PATCH is stored (durable) in pieces of this size"),
+    ("--tus-max-metadata", parse_size, tus.DEFAULT_MAX_METADATA_BYTES,
+     "longest tus Upload-Metadata header (431 beyond)"),
+    ("--tus-max-partials", parse_count, tus.DEFAULT_MAX_PARTIALS,
+     "most partial uploads one tus final upload may join (400 beyond)"),
 )
 
 
@@ -183,6 +193,10 @@ class Config:
         self.max_connections = args.max_connections
         self.min_free_disk_bytes = args.min_free_disk
         self.allow_any_content = args.allow_any_content
+        self.tus_expiry_s = args.tus_expiry
+        self.tus_piece_bytes = max(1, args.tus_piece_size)
+        self.tus_max_metadata_bytes = args.tus_max_metadata
+        self.tus_max_partials = args.tus_max_partials
         self.crash_at = os.environ.get("M1_TEST_CRASH_AT")    # tests only, see chunkstore
 
 
@@ -217,8 +231,10 @@ class M1Server(ThreadingHTTPServer):
     def __init__(self, config, store):
         self.config = config
         self.store = store
-        self.routes = compile_routes(CORE_ROUTES)
-        self.status_extras = []      # functions(upload) -> dict of extra status fields
+        self.tus = tus.TusEndpoint(config, store, _Body, IncompleteBody)
+        self.routes = compile_routes(CORE_ROUTES + tus.routes(self.tus))
+        self.status_extras = [self.tus.status_fields]   # functions(upload) -> dict of fields
+        self.cors_exposed_headers = CORS_EXPOSED_HEADERS + tus.EXPOSED_HEADERS
         self.stopping = False
         self._connections = set()
         self._in_flight = 0
@@ -331,7 +347,7 @@ class Handler(BaseHTTPRequestHandler):
             match = pattern.match(path)
             if not match:
                 continue
-            if self.command == "OPTIONS":
+            if self.command == "OPTIONS" and "OPTIONS" not in methods:
                 return self.options_preflight, (sorted(methods) + ["OPTIONS"],)
             function = methods.get(self.command)
             if function is None:
@@ -536,7 +552,7 @@ class Handler(BaseHTTPRequestHandler):
         if "Origin" in self.headers:
             self.send_header("Access-Control-Allow-Origin", "*")
             self.send_header("Access-Control-Expose-Headers",
-                             "Content-Length, Content-Range, ETag")
+                             ", ".join(self.server.cors_exposed_headers))
         for name, value in headers.items():
             self.send_header(name, value)
         if self.close_connection:
@@ -827,8 +843,10 @@ def main(argv=None):
     print("m1server %s serving http://%s:%d/ (uploads in %s)" % (VERSION, shown, port,
                                                                 config.dir), flush=True)
     server.serve_forever(poll_interval=0.25)
+    server.tus.interrupt_all()           # open tus PATCHes store what they have and reply
     finished = server.wait_for_in_flight(SHUTDOWN_GRACE_S)
     server.server_close()
+    server.tus.close()
     store.close()
     sys.stderr.write("m1server stopped%s\n" % ("" if finished else
                                                " (some requests were still running)"))
