@@ -650,8 +650,10 @@ class _Pieces:
         if self._file is None:
             self._path, self._file = self._store.new_part_file()
             self._size = 0
-        self._file.write(block)
-        self._size += len(block)
+        while block:                     # straight to the file: no copy in a buffer
+            written = os.write(self._file.fileno(), block)
+            block = block[written:]
+            self._size += written
 
     def _close_current(self):
         if self._file is not None:
