@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: run test test-pythons bench clean
+.PHONY: run test test-pyz test-pythons bench dist clean
 
 run:
 	$(PYTHON) m1server.py
@@ -15,8 +15,18 @@ $(VENV)/.installed: requirements-test.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
+# The whole suite, then the black-box suites again against the one-file build.
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(MAKE) --no-print-directory test-pyz
+
+test-pyz: $(VENV)/.installed dist
+	M1_TEST_SERVER=$(CURDIR)/dist/m1server.pyz $(PY) -m pytest -q $(PYTEST_ARGS) \
+	    tests/test_api.py tests/test_bad_input.py tests/test_crash.py
+
+# dist/m1server.pyz: every runtime module and static file in one zipapp.
+dist:
+	$(PYTHON) tools/build_pyz.py
 
 # The black-box suite with the server run by every CPython 3.7+ that pyenv has.
 test-pythons: $(VENV)/.installed

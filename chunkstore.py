@@ -26,18 +26,18 @@ crash-safety argument:
   In-order chunk (index == next_index)            Early chunk (index > next_index)
   1. received: part file written (not ledger)     1. received
   2. appended: bytes written after                2. stashed: part file fsynced, renamed to
-     bytes_appended, file fsynced (a crash here      temp/<id>/<idx>.chunk, dir fsynced
+     bytes_appended, file fsynced (a crash here      temp/<id>/<idx>.chunk, dirs fsynced
      leaves a tail that repair truncates)         3. stash_recorded: chunk row committed
   3. append_recorded: ledger moves next_index        (a crash before it leaves a file with no
      and bytes_appended in one transaction           row: repair deletes it, the client was
   4. cleaned: the source file is removed             never told 200)
      (a leftover source is deleted by repair)
 
-  Removing an upload (remove_upload, used by tus termination and expiry): under the upload's
-  lock, 1. its ledger rows go in one transaction, 2. its file and temp folder are deleted. A
-  crash between the two leaves a file no ledger row names: nothing serves it (every read goes
-  through the ledger), a new upload with that id truncates it to 0 before its first append,
-  and temp folders of unknown uploads are removed by repair.
+A chunk sent with status=completed records the last index in the same transaction as the
+chunk (step 3 / stash_recorded). A new file or temp folder has its parent directory fsynced,
+so its name survives a power cut as well as its bytes. If the disk still loses fsynced bytes
+(or an old backup is restored), repair rolls the ledger back to the whole chunks the file
+holds, and the client is asked for the rest; it never pads a hole with zeros.
 
 Feature modules may keep their own tables in the ledger file (ledger_read/ledger_write); they
 never touch the uploads and chunks tables, so the invariant above stays the store's alone.
@@ -68,6 +68,8 @@ SCHEMA_VERSION = 1
 LEDGER_NAME = "m1.sqlite3"
 TEMP_DIR_NAME = "temp"
 INCOMING_DIR_NAME = ".incoming"          # inside temp/: part files being received
+DELETING_DIR_NAME = ".deleting"          # inside temp/: uploads being deleted (the intent)
+DERIVED_DIR_NAME = "derived"             # derivatives of processing, one folder per upload
 FILE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}\Z")
 MAX_CHUNK_INDEX = 1000000                # 11.5 days of 1 s MediaRecorder slices
 MAX_MISSING_LISTED = 1000                # longest missingChunks list a reply carries
@@ -179,11 +181,13 @@ class ChunkStore:
         self.root = os.path.abspath(root)
         self.temp_dir = os.path.join(self.root, TEMP_DIR_NAME)
         self.incoming_dir = os.path.join(self.temp_dir, INCOMING_DIR_NAME)
+        self.deleting_dir = os.path.join(self.temp_dir, DELETING_DIR_NAME)
+        self.derived_dir = os.path.join(self.root, DERIVED_DIR_NAME)
         self.allow_any_content = allow_any_content
         self.max_upload_bytes = max_upload_bytes
         self._crash = _CrashPoint(crash_at)
         self._locks = _KeyedLocks()
-        for path in (self.root, self.temp_dir, self.incoming_dir):
+        for path in (self.root, self.temp_dir, self.incoming_dir, self.deleting_dir):
             os.makedirs(path, exist_ok=True)
         self._ledger = _Ledger(os.path.join(self.root, LEDGER_NAME))
         self._listeners = []
@@ -269,11 +273,14 @@ class ChunkStore:
             elif upload.mime_type is None and mime_type is not None:
                 self._ledger.set_mime_type(file_id, mime_type, ext)
             upload = self._ledger.load(file_id)
+            # The last index is recorded in the same transaction as the chunk itself, so no
+            # crash can leave a stored last chunk that the ledger does not know is the last.
+            last = index if is_last else None
             if index == upload.next_index:
-                self._append(upload, index, part_path, size)
+                self._append(upload, index, part_path, size, last)
             else:
-                self._stash(file_id, index, part_path, size)
-        if is_last and upload.last_index is None:
+                self._stash(file_id, index, part_path, size, last)
+        elif is_last and upload.last_index is None:
             self._ledger.set_last_index(file_id, index)
         upload = self._append_stashed_run(file_id)
         if upload.completed and upload.completed_at is None:
@@ -329,10 +336,12 @@ class ChunkStore:
 
     # -- the steps (see the module docstring for why this order is crash-safe) --------------
 
-    def _append(self, upload, index, source_path, size):
+    def _append(self, upload, index, source_path, size, last_index=None):
         """Append `source_path` after the upload's consistent prefix, durable, then record it."""
         offset = upload.bytes_appended
-        fd = os.open(self.media_path(upload), os.O_WRONLY | os.O_CREAT | _O_BINARY, 0o644)
+        path = self.media_path(upload)
+        created = not os.path.exists(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | _O_BINARY, 0o644)
         try:
             os.ftruncate(fd, offset)     # drop a torn tail an earlier failed write left
             os.lseek(fd, offset, os.SEEK_SET)
@@ -340,22 +349,26 @@ class ChunkStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if created:
+            _fsync_dir(self.root)        # the file's name must survive a power cut too
         self._crash.passed("appended")
-        self._ledger.record_append(upload.file_id, index, size, offset)
+        self._ledger.record_append(upload.file_id, index, size, offset, last_index)
         self._crash.passed("append_recorded")
         os.remove(source_path)
         self._crash.passed("cleaned")
 
-    def _stash(self, file_id, index, part_path, size):
+    def _stash(self, file_id, index, part_path, size, last_index=None):
         """Keep an early chunk in temp/<id>/ until the chunks before it arrive."""
         with open(part_path, "rb+") as f:
             os.fsync(f.fileno())
         folder = os.path.join(self.temp_dir, file_id)
-        os.makedirs(folder, exist_ok=True)
+        if not os.path.isdir(folder):
+            os.makedirs(folder, exist_ok=True)
+            _fsync_dir(self.temp_dir)    # the folder's name must survive a power cut too
         os.replace(part_path, self._stash_path(file_id, index))
         _fsync_dir(folder)
         self._crash.passed("stashed")
-        self._ledger.record_stash(file_id, index, size)
+        self._ledger.record_stash(file_id, index, size, last_index)
         self._crash.passed("stash_recorded")
 
     def _append_stashed_run(self, file_id):
@@ -394,6 +407,60 @@ class ChunkStore:
         self._emit("completed", file_id, size=upload.bytes_appended, sha256=digest,
                    ext=upload.ext, mimeType=upload.mime_type)
 
+    # -- listing, deletion, retention -------------------------------------------------------
+
+    def list_uploads(self, limit, after=None):
+        """Up to `limit` uploads, newest first, after the (created_at, file_id) cursor `after`.
+        Keyset pagination: uploads created meanwhile never shift the pages that follow."""
+        return [self._ledger.load(file_id) for file_id in self._ledger.page(limit, after)]
+
+    def counts(self):
+        """(uploads in progress, uploads completed)."""
+        return self._ledger.counts()
+
+    def delete(self, file_id):
+        """Remove an upload and every trace of it; False when it is unknown.
+
+        Crash-safe in three steps: (1) its file, temp chunks and derivatives are moved into
+        temp/.deleting/<fileId>-<random>/ (which records the intent), (2) its ledger rows are
+        deleted, (3) that folder is removed. repair() finishes a deletion cut short after (1).
+        A chunk of it still being received arrives after the deletion and starts afresh.
+        """
+        with self._locks.held(file_id):
+            upload = self._ledger.load(file_id)
+            if upload is None:
+                return False
+            trash = os.path.join(self.deleting_dir, "%s-%s" % (file_id, uuid.uuid4().hex))
+            os.makedirs(trash)
+            for name, path in (("media", self.media_path(upload)),
+                               ("temp", os.path.join(self.temp_dir, file_id)),
+                               ("derived", os.path.join(self.derived_dir, file_id))):
+                if os.path.lexists(path):
+                    os.replace(path, os.path.join(trash, name))
+            _fsync_dir(trash)
+            self._ledger.delete(file_id)
+            shutil.rmtree(trash, ignore_errors=True)
+        log.info("upload %s deleted", file_id)
+        self._emit("deleted", file_id)
+        return True
+
+    def expired(self, now, incomplete_ttl=None, retention=None):
+        """Ids of uploads idle and incomplete for longer than `incomplete_ttl` seconds, and of
+        completed uploads older than `retention` seconds (None: keep them)."""
+        return self._ledger.expired(
+            None if incomplete_ttl is None else now - incomplete_ttl,
+            None if retention is None else now - retention)
+
+    def sweep(self, incomplete_ttl=None, retention=None, now=None):
+        """Delete what `expired` names; returns the deleted ids (each one logged)."""
+        deleted = []
+        for file_id in self.expired(time.time() if now is None else now, incomplete_ttl,
+                                    retention):
+            if self.delete(file_id):
+                log.info("retention: removed %s", file_id)
+                deleted.append(file_id)
+        return deleted
+
     # -- start-up repair ------------------------------------------------------------------
 
     def repair(self):
@@ -402,6 +469,12 @@ class ChunkStore:
         mended = 0
         for name in os.listdir(self.incoming_dir):
             self.discard(os.path.join(self.incoming_dir, name))   # never acknowledged
+        for name in os.listdir(self.deleting_dir):                # a deletion cut short
+            file_id = name.rpartition("-")[0]
+            log.warning("repair: finishing the deletion of %r", file_id)
+            self._ledger.delete(file_id)
+            shutil.rmtree(os.path.join(self.deleting_dir, name), ignore_errors=True)
+            mended += 1
         known = set()
         for file_id in self._ledger.all_ids():
             known.add(file_id)
@@ -409,9 +482,14 @@ class ChunkStore:
                 if self._repair_upload(file_id):
                     mended += 1
         for name in os.listdir(self.temp_dir):
-            if name != INCOMING_DIR_NAME and name not in known:
+            if name not in (INCOMING_DIR_NAME, DELETING_DIR_NAME) and name not in known:
                 log.warning("repair: removing temp chunks of unknown upload %r", name)
                 shutil.rmtree(os.path.join(self.temp_dir, name), ignore_errors=True)
+        if os.path.isdir(self.derived_dir):
+            for name in os.listdir(self.derived_dir):
+                if name not in known:
+                    log.warning("repair: removing derivatives of unknown upload %r", name)
+                    shutil.rmtree(os.path.join(self.derived_dir, name), ignore_errors=True)
         return mended
 
     def _repair_upload(self, file_id):
@@ -427,8 +505,17 @@ class ChunkStore:
                 os.fsync(f.fileno())
             mended = True
         elif actual < upload.bytes_appended:
-            log.error("repair: %s: file has %d bytes but the ledger says %d (disk lost "
-                      "fsynced data?)", file_id, actual, upload.bytes_appended)
+            # The disk lost bytes it had fsynced (or an old backup was restored). Go back to
+            # the whole chunks the file still holds, so the client resends the rest; never
+            # leave a hole the next append would fill with zeros.
+            index, offset = self._ledger.rollback_to_length(file_id, actual)
+            log.error("repair: %s: file has %d bytes but the ledger said %d; chunks from %d "
+                      "on must be sent again", file_id, actual, upload.bytes_appended, index)
+            with open(path, "r+b") if os.path.exists(path) else open(path, "wb") as f:
+                f.truncate(offset)
+                os.fsync(f.fileno())
+            upload = self._ledger.load(file_id)
+            mended = True
         folder = os.path.join(self.temp_dir, file_id)
         on_disk = os.listdir(folder) if os.path.isdir(folder) else []
         stashed = set(upload.stashed)
@@ -458,21 +545,7 @@ class ChunkStore:
         self._hasher.stop()
         self._ledger.close()
 
-    # -- for feature modules (tus): removal, and room for their own tables ----------------
-
-    def remove_upload(self, file_id):
-        """Forget `file_id` and delete its bytes (see "Removing an upload" above); False when
-        the store never saw it. The caller makes sure nobody is still sending to it."""
-        with self._locks.held(file_id):
-            upload = self._ledger.load(file_id)
-            if upload is None:
-                return False
-            self._ledger.delete_upload(file_id)
-            self._crash.passed("removed")
-            self.discard(self.media_path(upload))
-            shutil.rmtree(os.path.join(self.temp_dir, file_id), ignore_errors=True)
-        log.info("upload %s removed", file_id)
-        return True
+    # -- room in the ledger file for feature modules' own tables (tus) ---------------------
 
     def ledger_read(self):
         """A context manager lending a connection to the ledger file for reads of a feature's
@@ -508,6 +581,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     offset  INTEGER,                  -- where it starts in the file; NULL while stashed
     PRIMARY KEY (file_id, idx)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS uploads_by_age ON uploads (created_at, file_id);
 """
 
 _UPLOAD_COLUMNS = ("file_id, mime_type, ext, next_index, bytes_appended, last_index, "
@@ -590,6 +664,40 @@ class _Ledger:
                 "SELECT COALESCE(SUM(c.size), 0) FROM chunks c JOIN uploads u USING (file_id) "
                 "WHERE c.file_id = ? AND c.idx >= u.next_index", (file_id,)).fetchone()[0]
 
+    def page(self, limit, after):
+        with self._connection() as db:
+            if after is None:
+                rows = db.execute("SELECT file_id FROM uploads ORDER BY created_at DESC, "
+                                  "file_id DESC LIMIT ?", (limit,))
+            else:
+                rows = db.execute("SELECT file_id FROM uploads WHERE created_at < ? OR "
+                                  "(created_at = ? AND file_id < ?) ORDER BY created_at DESC, "
+                                  "file_id DESC LIMIT ?", (after[0], after[0], after[1], limit))
+            return [r[0] for r in rows]
+
+    def counts(self):
+        with self._connection() as db:
+            return db.execute("SELECT COALESCE(SUM(completed_at IS NULL), 0), "
+                              "COALESCE(SUM(completed_at IS NOT NULL), 0) FROM uploads"
+                              ).fetchone()
+
+    def expired(self, idle_before, completed_before):
+        with self._connection() as db:
+            ids = []
+            if idle_before is not None:
+                ids += [r[0] for r in db.execute(
+                    "SELECT file_id FROM uploads WHERE completed_at IS NULL AND updated_at < ?",
+                    (idle_before,))]
+            if completed_before is not None:
+                ids += [r[0] for r in db.execute(
+                    "SELECT file_id FROM uploads WHERE completed_at < ?", (completed_before,))]
+            return ids
+
+    def delete(self, file_id):
+        with self._write() as db:
+            db.execute("DELETE FROM chunks WHERE file_id = ?", (file_id,))
+            db.execute("DELETE FROM uploads WHERE file_id = ?", (file_id,))
+
     def create(self, file_id, mime_type, ext):
         now = time.time()
         with self._write() as db:
@@ -601,15 +709,16 @@ class _Ledger:
             db.execute("UPDATE uploads SET mime_type = ?, ext = ? WHERE file_id = ?",
                        (mime_type, ext, file_id))
 
-    def record_stash(self, file_id, index, size):
+    def record_stash(self, file_id, index, size, last_index=None):
         with self._write() as db:
             db.execute("INSERT INTO chunks (file_id, idx, size) VALUES (?, ?, ?)",
                        (file_id, index, size))
-            db.execute("UPDATE uploads SET updated_at = ? WHERE file_id = ?",
-                       (time.time(), file_id))
+            db.execute("UPDATE uploads SET updated_at = ?, last_index = COALESCE(?, last_index) "
+                       "WHERE file_id = ?", (time.time(), last_index, file_id))
 
-    def record_append(self, file_id, index, size, offset):
-        """One transaction: the chunk's offset and the upload's new consistent length."""
+    def record_append(self, file_id, index, size, offset, last_index=None):
+        """One transaction: the chunk's offset and the upload's new consistent length (and,
+        for the last chunk, that it is the last)."""
         with self._write() as db:
             # (no UPSERT: SQLite before 3.24 still ships on embedded systems)
             moved = db.execute("UPDATE chunks SET offset = ? WHERE file_id = ? AND idx = ?",
@@ -617,8 +726,29 @@ class _Ledger:
             if not moved:
                 db.execute("INSERT INTO chunks (file_id, idx, size, offset) VALUES (?, ?, ?, ?)",
                            (file_id, index, size, offset))
-            db.execute("UPDATE uploads SET next_index = ?, bytes_appended = ?, updated_at = ? "
-                       "WHERE file_id = ?", (index + 1, offset + size, time.time(), file_id))
+            db.execute("UPDATE uploads SET next_index = ?, bytes_appended = ?, updated_at = ?, "
+                       "last_index = COALESCE(?, last_index) WHERE file_id = ?",
+                       (index + 1, offset + size, time.time(), last_index, file_id))
+
+    def rollback_to_length(self, file_id, length):
+        """Forget the appended chunks that do not lie wholly within `length` bytes; returns
+        the new (next_index, bytes_appended)."""
+        with self._write() as db:
+            next_index, appended = db.execute(
+                "SELECT next_index, bytes_appended FROM uploads WHERE file_id = ?",
+                (file_id,)).fetchone()
+            row = db.execute("SELECT idx, offset FROM chunks WHERE file_id = ? AND idx < ? AND "
+                             "offset + size > ? ORDER BY idx LIMIT 1",
+                             (file_id, next_index, length)).fetchone()
+            if row is None:
+                return next_index, appended
+            index, offset = row
+            db.execute("DELETE FROM chunks WHERE file_id = ? AND idx >= ? AND idx < ?",
+                       (file_id, index, next_index))
+            db.execute("UPDATE uploads SET next_index = ?, bytes_appended = ?, last_index = "
+                       "last_index, completed_at = NULL, sha256 = NULL WHERE file_id = ?",
+                       (index, offset, file_id))
+            return index, offset
 
     def forget_chunk(self, file_id, index):
         with self._write() as db:
@@ -637,11 +767,6 @@ class _Ledger:
     def set_sha256(self, file_id, digest):
         with self._write() as db:
             db.execute("UPDATE uploads SET sha256 = ? WHERE file_id = ?", (digest, file_id))
-
-    def delete_upload(self, file_id):
-        with self._write() as db:
-            db.execute("DELETE FROM chunks WHERE file_id = ?", (file_id,))
-            db.execute("DELETE FROM uploads WHERE file_id = ?", (file_id,))
 
     def close(self):
         while True:

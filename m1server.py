@@ -17,6 +17,8 @@ then one method per route), then helpers, then `main`.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import datetime
 import email.utils
 import functools
@@ -33,12 +35,13 @@ import time
 import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import chunkstore
 import multipart
 import tus
 from apierror import ApiError
+from metrics import Metrics
 from chunkstore import ChunkStore
 
 VERSION = "0.1.0"
@@ -59,6 +62,11 @@ DEFAULT_MIN_FREE_DISK_BYTES = 256 << 20    # never fill the disk past this
 BODY_OVERHEAD_BYTES = 1 << 20              # room for fields and delimiters beside the chunk
 REQUEST_QUEUE_SIZE = 1024                  # listen backlog (socketserver's 5 drops bursts)
 SHUTDOWN_GRACE_S = 30.0                    # how long SIGTERM waits for in-flight chunks
+DEFAULT_INCOMPLETE_TTL_S = 7 * 86400       # an upload idle this long without finishing is removed
+DEFAULT_RETENTION_S = 0                    # 0: completed uploads are kept forever
+DEFAULT_SWEEP_INTERVAL_S = 600.0           # how often retention runs in the background
+DEFAULT_LIST_LIMIT = 50                    # GET /api/video page size
+MAX_LIST_LIMIT = 500
 LINGER_DRAIN_BYTES = 1 << 20               # unread body we swallow so the client sees errors
 LINGER_TIMEOUT_S = 2.0
 RECV_DRAIN_BYTES = 1 << 20                 # >= the header reader's buffer (8 KiB), see _Body
@@ -87,6 +95,18 @@ def parse_seconds(text):
     if value <= 0:
         raise argparse.ArgumentTypeError("must be more than 0 seconds")
     return value
+
+
+def parse_duration(text):
+    """'90', '90s', '30m', '24h', '7d' -> seconds; '0' or 'off' -> 0 (disabled)."""
+    if str(text).strip().lower() == "off":
+        return 0
+    match = re.match(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*\Z", str(text), re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError("not a duration: %r (use e.g. 90s, 30m, 24h, 7d)"
+                                         % text)
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2).lower()]
+    return float(match.group(1)) * unit
 
 
 def parse_count(text):
@@ -132,6 +152,12 @@ OPTIONS = (
      "free disk space kept in reserve (507 when a chunk would eat into it)"),
     ("--allow-any-content", parse_flag, False,
      "accept a chunk 0 that is not WebM, MP4 or Ogg"),
+    ("--incomplete-ttl", parse_duration, DEFAULT_INCOMPLETE_TTL_S,
+     "remove uploads idle and unfinished this long (0 keeps them)"),
+    ("--retention", parse_duration, DEFAULT_RETENTION_S,
+     "remove completed uploads this long after they completed (0 keeps them)"),
+    ("--sweep-interval", parse_seconds, DEFAULT_SWEEP_INTERVAL_S,
+     "seconds between background retention sweeps"),
     ("--tus-expiry", parse_seconds, tus.DEFAULT_EXPIRY_S,
      "seconds an unfinished tus upload may stay idle before it expires (410 Gone)"),
     ("--tus-piece-size", parse_size, tus.DEFAULT_PIECE_BYTES,
@@ -171,6 +197,8 @@ def build_parser(environ):
 
 
 def _format_default(value):
+    if isinstance(value, float) and value >= 3600 and value % 3600 == 0:
+        return "%dd" % (value // 86400) if value % 86400 == 0 else "%dh" % (value // 3600)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1024 and \
             value % 1024 == 0:
         for suffix, shift in (("G", 30), ("M", 20), ("K", 10)):
@@ -193,6 +221,9 @@ class Config:
         self.max_connections = args.max_connections
         self.min_free_disk_bytes = args.min_free_disk
         self.allow_any_content = args.allow_any_content
+        self.incomplete_ttl = args.incomplete_ttl or None      # None: keep
+        self.retention = args.retention or None
+        self.sweep_interval = args.sweep_interval
         self.tus_expiry_s = args.tus_expiry
         self.tus_piece_bytes = max(1, args.tus_piece_size)
         self.tus_max_metadata_bytes = args.tus_max_metadata
@@ -233,6 +264,8 @@ class M1Server(ThreadingHTTPServer):
         self.store = store
         self.tus = tus.TusEndpoint(config, store, _Body, IncompleteBody)
         self.routes = compile_routes(CORE_ROUTES + tus.routes(self.tus))
+        self.metrics = Metrics()
+        store.add_listener(self.metrics.on_store_event)
         self.status_extras = [self.tus.status_fields]   # functions(upload) -> dict of fields
         self.cors_exposed_headers = CORS_EXPOSED_HEADERS + tus.EXPOSED_HEADERS
         self.stopping = False
@@ -258,6 +291,10 @@ class M1Server(ThreadingHTTPServer):
         with self._counts:
             self._connections.discard(request)
         ThreadingHTTPServer.shutdown_request(self, request)
+
+    def open_connections(self):
+        with self._counts:
+            return len(self._connections)
 
     def request_started(self):
         with self._counts:
@@ -303,8 +340,21 @@ class Handler(BaseHTTPRequestHandler):
 
     do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
 
+    def handle_one_request(self):
+        self.registered = False
+        try:
+            BaseHTTPRequestHandler.handle_one_request(self)
+        finally:
+            if self.registered:
+                self.server.request_finished()
+
     def parse_request(self):
+        # A request counts as in flight from its request line on (before any 100 Continue),
+        # so a SIGTERM arriving now waits for it instead of cutting it off.
         self.started = time.monotonic()
+        self.route_label = "none"                      # until route() matches one
+        self.server.request_started()
+        self.registered = True
         if not BaseHTTPRequestHandler.parse_request(self):
             return False
         if self.request_version == "HTTP/0.9":           # "GET /path" with no version
@@ -316,12 +366,9 @@ class Handler(BaseHTTPRequestHandler):
         """Route the request and turn every failure into the JSON envelope (never a traceback)."""
         self.body_pending = self.command in ("POST", "PUT", "PATCH") or \
             self.headers.get("Content-Length", "0").strip() not in ("", "0")
-        self.server.request_started()
         try:
             if self.server.stopping:
-                self.close_connection = True
-                raise HttpError(503, "shutting_down", "server is shutting down; retry shortly",
-                                {"Retry-After": "2"})
+                self.close_connection = True     # finish this request, then let go
             handler, args = self.route()
             handler(*args)
         except ApiError as error:
@@ -336,17 +383,16 @@ class Handler(BaseHTTPRequestHandler):
                                                     self.command, _printable(self.path))
             self.send_error_json(HttpError(500, "internal_error",
                                            "unexpected server error (logged)"))
-        finally:
-            self.server.request_finished()
 
     def route(self):
         """Find the function for this path and method in the server's routing table; returns
         (bound function, decoded path groups)."""
         path = urlsplit(self.path).path
-        for pattern, methods in self.server.routes:
+        for pattern, methods, label in self.server.routes:
             match = pattern.match(path)
             if not match:
                 continue
+            self.route_label = label
             if self.command == "OPTIONS" and "OPTIONS" not in methods:
                 return self.options_preflight, (sorted(methods) + ["OPTIONS"],)
             function = methods.get(self.command)
@@ -380,6 +426,8 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             for path in part_paths:
                 store.discard(path)
+        if result.duplicate:
+            self.server.metrics.count("m1_chunks_duplicate_total")
         self.send_json(200, {"success": True, "data": chunk_reply(result)})
 
     def check_upload_headers(self):
@@ -472,11 +520,39 @@ class Handler(BaseHTTPRequestHandler):
         if not chunkstore.valid_file_id(file_id):
             raise HttpError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
         upload = self.server.store.status(file_id)
+        self.send_json(200, {"success": True, "data": self.describe(file_id, upload)})
+
+    def describe(self, file_id, upload):
+        """The status fields of one upload, with those feature modules add (processing...)."""
         data = status_reply(file_id, upload)
         if upload is not None:
-            for extra in self.server.status_extras:      # e.g. processing, video
+            for extra in self.server.status_extras:
                 data.update(extra(upload))
-        self.send_json(200, {"success": True, "data": data})
+        return data
+
+    # -- GET /api/video?limit=&cursor= , DELETE /api/video/:fileId -------------------------
+
+    def get_uploads(self):
+        query = parse_qs(urlsplit(self.path).query)
+        limit = query.get("limit", [str(DEFAULT_LIST_LIMIT)])[-1]
+        if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_LIMIT:
+            raise HttpError(400, "invalid_limit", "limit must be 1..%d" % MAX_LIST_LIMIT)
+        after = None
+        if "cursor" in query:
+            after = decode_cursor(query["cursor"][-1])
+        page = self.server.store.list_uploads(int(limit) + 1, after)
+        more = len(page) > int(limit)
+        page = page[:int(limit)]
+        self.send_json(200, {"success": True, "data": {
+            "uploads": [self.describe(upload.file_id, upload) for upload in page],
+            "nextCursor": encode_cursor(page[-1]) if more else None}})
+
+    def delete_upload(self, file_id):
+        if not chunkstore.valid_file_id(file_id):
+            raise HttpError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
+        if not self.server.store.delete(file_id):
+            raise HttpError(404, "not_found", "no upload %s" % file_id)
+        self.send_json(200, {"success": True, "data": {"fileId": file_id, "deleted": True}})
 
     # -- GET /uploads/<fileId>.<ext> : the assembled video, with Range ---------------------
 
@@ -519,7 +595,33 @@ class Handler(BaseHTTPRequestHandler):
     # -- GET /healthz, OPTIONS ----------------------------------------------------------------
 
     def get_health(self):
+        """Liveness: the process answers."""
         self.send_json(200, {"success": True, "data": {"status": "ok", "version": VERSION}})
+
+    def get_ready(self):
+        """Readiness: the upload folder is writable, free disk is above the reserve, and the
+        metadata store answers. 503 with the failed checks otherwise."""
+        checks = readiness_checks(self.server.config, self.server.store)
+        ready = all(check["ok"] for check in checks.values())
+        self.send_json(200 if ready else 503, {"success": ready, "data": {
+            "status": "ready" if ready else "not_ready", "checks": checks}})
+
+    def get_metrics(self):
+        store, config = self.server.store, self.server.config
+        active, completed = store.counts()
+        gauges = [
+            ("m1_uploads_active", "Uploads not yet complete.", active),
+            ("m1_uploads_completed", "Completed uploads on disk.", completed),
+            ("m1_disk_free_bytes", "Free bytes on the upload folder's disk.",
+             shutil.disk_usage(config.dir).free),
+            ("m1_connections_open", "Open client connections.", self.server.open_connections()),
+        ]
+        body = self.server.metrics.render(gauges).encode("utf-8")
+        self.send_response(200)
+        self.send_headers({"Content-Type": "text/plain; version=0.0.4; charset=utf-8",
+                           "Content-Length": str(len(body)), "Cache-Control": "no-store"})
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def options_preflight(self, methods):
         self.send_plain(204, {
@@ -586,9 +688,12 @@ class Handler(BaseHTTPRequestHandler):
     # -- logging: one line per request, control characters escaped ---------------------------
 
     def log_request(self, code="-", size="-"):
-        took = (time.monotonic() - getattr(self, "started", time.monotonic())) * 1000
-        self.log_message('"%s" %s %.1fms', getattr(self, "requestline", ""),
-                         getattr(code, "value", code), took)
+        took = time.monotonic() - getattr(self, "started", time.monotonic())
+        status = getattr(code, "value", code)
+        self.server.metrics.observe_request(getattr(self, "route_label", "none"),
+                                            self.command or "-", status, took)
+        self.log_message('"%s" %s %.1fms', getattr(self, "requestline", ""), status,
+                         took * 1000)
 
     def log_message(self, fmt, *args):
         sys.stderr.write("%s %s %s\n" % (_utc_iso(time.time()), self.client_address[0],
@@ -601,12 +706,26 @@ CORE_ROUTES = (
     (r"/api/video/upload", {"POST": Handler.post_chunk}),
     (r"/api/video/status/([^/]+)", {"GET": Handler.get_status, "HEAD": Handler.get_status}),
     (r"/uploads/([^/]+)", {"GET": Handler.get_media, "HEAD": Handler.get_media}),
+    (r"/api/video", {"GET": Handler.get_uploads, "HEAD": Handler.get_uploads}),
+    (r"/api/video/([^/]+)", {"DELETE": Handler.delete_upload}),
     (r"/healthz", {"GET": Handler.get_health, "HEAD": Handler.get_health}),
+    (r"/readyz", {"GET": Handler.get_ready, "HEAD": Handler.get_ready}),
+    (r"/metrics", {"GET": Handler.get_metrics, "HEAD": Handler.get_metrics}),
 )
 
 
 def compile_routes(rows):
-    return [(re.compile(pattern + r"\Z"), dict(methods)) for pattern, methods in rows]
+    """(regex, methods, label); the label names the route in metrics: /api/video/status/:1"""
+    compiled = []
+    for pattern, methods in rows:
+        label, count = pattern, 0
+        while "(" in label:
+            count += 1
+            start = label.index("(")
+            label = label[:start] + (":id" if count == 1 else ":id%d" % count) + \
+                label[label.index(")", start) + 1:]
+        compiled.append((re.compile(pattern + r"\Z"), dict(methods), label))
+    return compiled
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,6 +763,43 @@ def status_reply(file_id, upload):
         data["completedAt"] = _utc_iso(upload.completed_at)
         data["sha256"] = upload.sha256       # None for a moment while it is being computed
     return data
+
+
+def encode_cursor(upload):
+    raw = json.dumps([upload.created_at, upload.file_id]).encode("utf-8")
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_cursor(text):
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        created_at, file_id = json.loads(raw.decode("utf-8"))
+        if not isinstance(created_at, (int, float)) or not chunkstore.valid_file_id(file_id):
+            raise ValueError
+        return float(created_at), file_id
+    except (ValueError, TypeError, binascii.Error):
+        raise HttpError(400, "invalid_cursor", "cursor is not one this server gave out")
+
+
+def readiness_checks(config, store):
+    checks = {}
+    probe = os.path.join(store.temp_dir, ".ready-probe")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+        checks["uploadDirWritable"] = {"ok": True}
+    except OSError as error:
+        checks["uploadDirWritable"] = {"ok": False, "error": error.strerror or str(error)}
+    free = shutil.disk_usage(config.dir).free
+    checks["freeDisk"] = {"ok": free >= config.min_free_disk_bytes, "freeBytes": free,
+                          "minFreeBytes": config.min_free_disk_bytes}
+    try:
+        store.counts()
+        checks["metadataStore"] = {"ok": True}
+    except Exception as error:            # reported, not raised: readiness says why
+        checks["metadataStore"] = {"ok": False, "error": str(error)}
+    return checks
 
 
 def parse_range(value, size):
@@ -812,14 +968,31 @@ def _is_loopback(host):
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
+    """`m1server.py [options]` serves; `m1server.py upload|gc ...` run a tool instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "upload":
+        import uploader                      # only the uploader needs urllib.request
+        return uploader.main(argv[1:], parse_size=parse_size)
+    if argv and argv[0] == "gc":
+        return collect_garbage(argv[1:])
+    return serve(argv)
+
+
+def serve(argv):
     args = build_parser(os.environ).parse_args(argv)
     config = Config(args)
     _configure_logging()
+    log = logging.getLogger("m1server")
+    os.makedirs(config.dir, exist_ok=True)
+    dir_lock = _lock_upload_dir(config.dir)
+    if dir_lock is None:
+        sys.stderr.write("m1server: another m1server is using %s\n" % config.dir)
+        return 2
     store = ChunkStore(config.dir, allow_any_content=config.allow_any_content,
                        max_upload_bytes=config.max_upload_bytes, crash_at=config.crash_at)
     mended = store.repair()
     if mended:
-        logging.getLogger("m1server").warning("repaired %d upload(s) after a crash", mended)
+        log.warning("repaired %d upload(s) after a crash", mended)
     try:
         server = M1Server(config, store)
     except OSError as error:
@@ -838,11 +1011,14 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    stopped = threading.Event()
+    _start_sweeper(store, config, stopped)
     host, port = server.server_address[:2]
     shown = "[%s]" % host if ":" in host else host
     print("m1server %s serving http://%s:%d/ (uploads in %s)" % (VERSION, shown, port,
                                                                 config.dir), flush=True)
     server.serve_forever(poll_interval=0.25)
+    stopped.set()
     server.tus.interrupt_all()           # open tus PATCHes store what they have and reply
     finished = server.wait_for_in_flight(SHUTDOWN_GRACE_S)
     server.server_close()
@@ -851,6 +1027,76 @@ def main(argv=None):
     sys.stderr.write("m1server stopped%s\n" % ("" if finished else
                                                " (some requests were still running)"))
     return 0
+
+
+def collect_garbage(argv):
+    """`m1server.py gc`: apply --incomplete-ttl and --retention once, then exit."""
+    parser = build_parser(os.environ)
+    parser.prog = "m1server.py gc"
+    parser.description = ("Remove expired uploads from --dir once (what the server's "
+                          "background sweep does), then exit. Refuses while a server uses "
+                          "the folder: the server's own sweep does it then.")
+    config = Config(parser.parse_args(argv))
+    _configure_logging()
+    if not os.path.isdir(config.dir):
+        sys.stderr.write("m1server gc: %s does not exist\n" % config.dir)
+        return 2
+    dir_lock = _lock_upload_dir(config.dir)
+    if dir_lock is None:
+        sys.stderr.write("m1server gc: a server is running on %s; its background sweep "
+                         "removes expired uploads\n" % config.dir)
+        return 2
+    store = ChunkStore(config.dir)
+    try:
+        store.repair()
+        deleted = store.sweep(config.incomplete_ttl, config.retention)
+    finally:
+        store.close()
+    print(json.dumps({"deleted": deleted}))
+    return 0
+
+
+def _start_sweeper(store, config, stopped):
+    """Retention in the background: once at start, then every --sweep-interval seconds."""
+    if config.incomplete_ttl is None and config.retention is None:
+        return
+
+    def sweep_forever():
+        while True:
+            try:
+                store.sweep(config.incomplete_ttl, config.retention)
+            except Exception:
+                logging.getLogger("m1server").exception("retention sweep failed")
+            if stopped.wait(config.sweep_interval):
+                return
+
+    threading.Thread(target=sweep_forever, name="m1-sweeper", daemon=True).start()
+
+
+def _lock_upload_dir(directory):
+    """Hold an exclusive lock on <dir>/m1.lock for the life of the process, so that two
+    servers (or a server and `gc`) never repair or delete under each other. Returns the open
+    lock file, or None when another process holds it. Where the OS has no such lock, the
+    lock is not taken and a warning is logged."""
+    f = open(os.path.join(directory, "m1.lock"), "a+b")
+    try:
+        import fcntl
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        try:
+            import msvcrt
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        except ImportError:
+            logging.getLogger("m1server").warning("no file locking here: run one server "
+                                                  "per upload folder")
+        except OSError:
+            f.close()
+            return None
+    except OSError:
+        f.close()
+        return None
+    return f
 
 
 if __name__ == "__main__":

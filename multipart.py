@@ -26,14 +26,16 @@ What it guarantees
 ------------------
 * Bounded memory. The parser owns one buffer (one block plus room for one part's headers);
   file parts go to their file a buffer at a time and are never held whole; in-memory fields
-  are capped by `Limits.max_field_bytes` and their number by `Limits.max_parts`.
+  are capped by `Limits.max_field_bytes` and their number by `Limits.max_parts`. With the
+  defaults the worst case is 1 MiB + 16 KiB of buffer plus 16 x 64 KiB of field values.
 * Every limit raises `LimitExceeded` (HTTP 413) as soon as the limit is passed; nothing is
   ever silently cut short. Exactly the limit is allowed, one byte (or part) more is not.
 * A body that ends before its close delimiter raises `MultipartError`; a truncated upload
   never comes back as a shorter, valid-looking part.
-* Malformed input raises `MultipartError` (400) with a stable `code`; no other exception
-  comes out of the parser except those raised by the caller's own `read_into`/`open_file`
-  and by the files' `write`, which propagate unchanged.
+* Malformed input raises `MultipartError` (400) with a stable `code`. Exceptions raised by
+  the caller's `read_into` and `open_file` and by the files' `write` propagate unchanged;
+  ValueError means the caller broke the contract (a bad argument, or read_into claiming
+  more bytes than the view holds).
 
 Decisions on what to tolerate (each one is tested)
 --------------------------------------------------
@@ -114,9 +116,16 @@ class LimitExceeded(MultipartError):
 
 
 class Limits:
-    """The bounds `parse` enforces. `max_file_bytes` applies to each streamed file part on its
-    own and `max_body_bytes` to every byte read (preamble and epilogue included); None leaves
-    those two unlimited. The other three bound memory and must be numbers."""
+    """The bounds `parse` enforces, each allowed exactly and refused one past:
+
+    max_parts              parts in the body
+    max_field_bytes        bytes of one in-memory field value (before decoding)
+    max_part_header_bytes  one part's header block: the padding after its boundary plus every
+                           header line with its CRLF
+    max_file_bytes         bytes of each streamed file part, on its own (None: unlimited)
+    max_body_bytes         every byte read, preamble and epilogue included (None: unlimited)
+
+    The first three bound the parser's memory, so they must be numbers."""
 
     __slots__ = ("max_parts", "max_field_bytes", "max_part_header_bytes",
                  "max_file_bytes", "max_body_bytes")
@@ -244,8 +253,9 @@ def parse(read_into, boundary, open_file, limits=None, stream_names=("file",),
                          "boundary_from_content_type, not %r" % (boundary,))
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError("block_size must be a positive int, not %r" % (block_size,))
-    parser = _Parser(read_into, boundary, open_file, limits or Limits(), stream_names,
-                     block_size)
+    if limits is None:
+        limits = Limits()
+    parser = _Parser(read_into, boundary, open_file, limits, stream_names, block_size)
     return parser.run()
 
 
@@ -542,7 +552,8 @@ _PARAMETER = re.compile(
     % _TOKEN, re.DOTALL)
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 # RFC 2046 §5.1.1: bchars, 1 to 70 of them, the last not a space.
-_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]\Z")
+_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,%d}[0-9A-Za-z'()+_,\-./:=?]\Z"
+                       % (MAX_BOUNDARY_LENGTH - 1))
 
 
 def _parse_part_headers(lines, part_number):

@@ -180,6 +180,7 @@ class TusEndpoint:
         if os.path.isdir(self._partials_root()):
             self._partial_store()              # repairs it before we serve
         self._resume_concatenations()
+        store.add_listener(self._on_store_event)
         self._sweeper = _Sweeper(self, min(SWEEP_INTERVAL_S, config.tus_expiry_s / 2))
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -369,6 +370,13 @@ class TusEndpoint:
         return {"tus": {"uploadUrl": COLLECTION_PATH + record.id,
                         "uploadLength": record.length, "filename": record.filename}}
 
+    def _on_store_event(self, event):
+        """An upload deleted outside tus (DELETE /api/video/:fileId, the retention sweep)
+        answers 410 Gone at its tus URL rather than an offset of 0. One short transaction,
+        on the deleting thread (deletions are rare)."""
+        if event.get("type") == "deleted":
+            self.table.set_expired(event["fileId"])
+
     # -- shutdown -----------------------------------------------------------------------------
 
     def interrupt_all(self):
@@ -514,11 +522,11 @@ class TusEndpoint:
 
     def _forget(self, record):
         """Termination (or an undone creation): bytes and row go, 404 from now on."""
-        self._store_for(record).remove_upload(record.id)
+        self._store_for(record).delete(record.id)
         self.table.delete(record.id)
 
     def _expire(self, record):
-        self._store_for(record).remove_upload(record.id)
+        self._store_for(record).delete(record.id)
         self.table.set_expired(record.id)
         log.info("tus upload %s expired", record.id)
 
@@ -887,7 +895,7 @@ class _TusTable:
                      (time.time(), upload_id))
 
     def set_expired(self, upload_id):
-        self._update("UPDATE tus_uploads SET expired_at = ? WHERE id = ?",
+        self._update("UPDATE tus_uploads SET expired_at = ? WHERE id = ? AND expired_at IS NULL",
                      (time.time(), upload_id))
 
     def delete(self, upload_id):

@@ -46,7 +46,8 @@ NODE_SERVER = """
 import http from 'node:http'
 import { Server } from '@tus/server'
 import { FileStore } from '@tus/file-store'
-const tus = new Server({ path: '/files', datastore: new FileStore({ directory: process.argv[2] }) })
+const datastore = new FileStore({ directory: process.argv[2] })
+const tus = new Server({ path: '/files', datastore })
 const server = http.createServer((req, res) => tus.handle(req, res))
 server.listen(0, '127.0.0.1', () =>
   console.log(`@tus/server serving http://127.0.0.1:${server.address().port}/`))

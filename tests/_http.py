@@ -78,6 +78,11 @@ def read_response(sock, timeout=DEFAULT_TIMEOUT_S):
     response = _parse_head(head)
     length = response.header("content-length")
     closed = False
+    if response.status is not None and (response.status < 200 or response.status in (204, 304)):
+        length = "0"                      # no body, whatever the headers say (RFC 9112 6.3)
+        # bytes already read past this head belong to the next response: keep them for it
+        if rest:
+            raise AssertionError("bytes after an interim response: %r" % rest[:200])
     if length is not None and length.strip().isdigit():
         need = int(length)
         while len(rest) < need:

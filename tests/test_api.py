@@ -10,9 +10,11 @@ import hashlib
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -746,3 +748,51 @@ def test_valid_multipart_spellings_are_accepted(server, session, content_type, w
     assert response.status == 200, response
     assert response.json()["data"]["status"] == "completed"
     assert read_file(media_path(server, file_id)) == data
+
+
+def test_sigterm_mid_body_finishes_that_chunk_then_exits_0(server_factory, sample_webm):
+    srv = server_factory()
+    file_id = new_id("midbody")
+    chunks = split_chunks(sample_webm, 2)
+    body = _http.multipart_body(_http.chunk_parts(file_id, 0, chunks[0]))
+    request = _http.build_request("POST", "/api/video/upload", _http.multipart_headers() + [
+        ("Expect", "100-continue")], body)
+    head = request[:len(request) - len(body)]
+    sock = _http.connect(srv.url, timeout=20)
+    try:
+        sock.sendall(head)
+        interim = _http.read_response(sock)          # the handler is now reading this body
+        assert interim.status == 100, interim
+        sock.sendall(body[:len(body) // 2])
+        srv.proc.send_signal(signal.SIGTERM)
+        sock.sendall(body[len(body) // 2:])
+        response = _http.read_response(sock, timeout=20)
+    finally:
+        sock.close()
+    assert response.status == 200, response
+    assert srv.stop(timeout=20) == 0, srv.log()
+    srv.restart()
+    with requests.Session() as session:
+        status = status_data(session, srv, file_id)
+        assert status["fileSize"] == len(chunks[0]) and status["nextChunkIndex"] == 1
+        ok_data(send_chunk(session, srv.url, file_id, 1, chunks[1], status="completed"))
+        assert_assembled(session, srv, file_id, sample_webm)
+
+
+def test_timeout_is_per_read_so_a_slow_but_moving_upload_succeeds(server_factory, sample_webm):
+    srv = server_factory(args=["--timeout", "2"])
+    file_id = new_id("trickle")
+    request = _http.upload_request(_http.chunk_parts(file_id, 0, sample_webm[:60000],
+                                                     status="completed"))
+    pieces = split_chunks(request, 6)
+    sock = _http.connect(srv.url, timeout=20)
+    try:
+        for n, piece in enumerate(pieces):
+            if n:
+                time.sleep(0.5)            # the client's pace, not a wait: 2.5 s in all > 2 s
+            sock.sendall(piece)
+        response = _http.read_response(sock, timeout=20)
+    finally:
+        sock.close()
+    assert response.status == 200, response
+    assert read_file(media_path(srv, file_id)) == sample_webm[:60000]

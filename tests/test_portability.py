@@ -137,7 +137,8 @@ def upload_out_of_order_with_duplicate(srv, file_id, source):
 
 
 def test_server_runs_without_site_packages_user_site_or_python_env(start_server, sample_webm):
-    srv = start_server(sys.executable, flags=["-S", "-s", "-E"])
+    # -B only because -E ignores PYTHONDONTWRITEBYTECODE: no __pycache__ in the repository.
+    srv = start_server(sys.executable, flags=["-S", "-s", "-E", "-B"])
     upload_out_of_order_with_duplicate(srv, "isolated_stdlib_only", sample_webm)
 
 
@@ -203,3 +204,83 @@ def test_runtime_modules_import_only_the_standard_library():
     outside = {name: found for name, found in outside.items() if found}
     assert not outside, "imports outside the standard library: %r" % outside
 
+
+
+IMPORT_ALL = """
+import importlib, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+"""
+
+
+@pytest.mark.parametrize("python", INTERPRETER_PARAMS)
+def test_runtime_modules_import_on_each_pyenv_cpython(python):
+    """Importing runs every module's top level (decorators, class bodies, constants), which
+    compiling does not: e.g. functools.cache or typing.Protocol fail here on 3.7."""
+    need_interpreter(python)
+    names = [os.path.splitext(os.path.basename(p))[0] for p in runtime_modules()]
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    for name in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP"):
+        env.pop(name, None)
+    result = subprocess.run([python, "-c", IMPORT_ALL] + names, cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True, timeout=120)
+    assert result.returncode == 0, result.stdout
+
+
+# Attribute or module names that exist only on CPython newer than 3.7 (STYLE.md, Portability),
+# or were removed by 3.13. Catches what neither compiling nor importing on 3.7 runs into.
+NEWER_THAN_37 = {
+    "removeprefix": "str.removeprefix (3.9)", "removesuffix": "str.removesuffix (3.9)",
+    "create_server": "socket.create_server (3.8)", "cached_property": "cached_property (3.8)",
+    "guess_file_type": "mimetypes.guess_file_type (3.13)", "shlex.join": "shlex.join (3.8)",
+    "functools.cache": "functools.cache (3.9)", "typing.Protocol": "typing.Protocol (3.8)",
+    "typing.Literal": "typing.Literal (3.8)", "math.prod": "math.prod (3.8)",
+    "is_relative_to": "PurePath.is_relative_to (3.9)", "randbytes": "random.randbytes (3.9)",
+    "copy_file_range": None,   # allowed: looked up with getattr and a fallback
+}
+REMOVED_MODULES = {"cgi", "cgitb", "imghdr", "asynchat", "asyncore", "distutils", "smtpd",
+                   "telnetlib", "pipes", "crypt", "nntplib", "sndhdr", "uu", "xdrlib"}
+
+
+def dotted_name(node):
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = dotted_name(node.value)
+        return base + "." + node.attr if base else node.attr
+    return None
+
+
+def test_runtime_modules_use_no_api_newer_than_python_37():
+    problems = []
+    for path in runtime_modules():
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        imported_from = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                for alias in node.names:
+                    imported_from[alias.asname or alias.name] = node.module + "." + alias.name
+        for node in ast.walk(tree):
+            where = "%s:%d" % (os.path.basename(path), getattr(node, "lineno", 0))
+            if isinstance(node, ast.Attribute):
+                full = dotted_name(node) or node.attr
+                for key in (node.attr, full, ".".join(full.split(".")[-2:])):
+                    if NEWER_THAN_37.get(key):
+                        problems.append("%s %s" % (where, NEWER_THAN_37[key]))
+                        break
+            elif isinstance(node, ast.Name) and NEWER_THAN_37.get(imported_from.get(node.id)):
+                problems.append("%s %s" % (where, NEWER_THAN_37[imported_from[node.id]]))
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                           else [node.module or ""])
+                if isinstance(node, ast.ImportFrom):
+                    for alias in node.names:
+                        for key in (alias.name, "%s.%s" % (node.module, alias.name)):
+                            if NEWER_THAN_37.get(key):
+                                problems.append("%s %s" % (where, NEWER_THAN_37[key]))
+                for module in modules:
+                    if module.split(".")[0] in REMOVED_MODULES:
+                        problems.append("%s imports %s (removed in 3.13)" % (where, module))
+    assert not problems, "APIs not on every CPython 3.7-3.13:\n" + "\n".join(sorted(set(problems)))

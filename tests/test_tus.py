@@ -551,6 +551,15 @@ def test_termination_removes_the_upload_and_its_bytes(s, base, sample_webm, tus_
     assert s.get(base + "/uploads/%s.webm" % file_id).status_code == 404
 
 
+def test_an_upload_deleted_through_the_seed_api_is_gone_at_its_tus_url(s, base, sample_webm):
+    file_id = "apidel_%d" % time.monotonic_ns()
+    path = new_upload(s, base, len(sample_webm), meta=metadata(fileId=file_id))
+    assert patch(s, base, path, 0, sample_webm[:50000]).status_code == 204
+    assert s.delete(base + "/api/video/" + file_id).status_code == 200
+    assert head(s, base, path).status_code == 410
+    assert patch(s, base, path, 50000, sample_webm[50000:]).status_code == 410
+
+
 # ---------------------------------------------------------------------------------------------
 # Concatenation
 # ---------------------------------------------------------------------------------------------
