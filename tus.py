@@ -69,6 +69,7 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -156,7 +157,7 @@ def routes(endpoint):
     applies X-HTTP-Method-Override and answers tus's own 405s and OPTIONS."""
     return (
         (r"/files/?", {method: endpoint.on_collection for method in HTTP_METHODS}),
-        (r"/files/([^/]+)", {method: endpoint.on_upload for method in HTTP_METHODS}),
+        (r"/files/(.+)", {method: endpoint.on_upload for method in HTTP_METHODS}),
     )
 
 
@@ -325,7 +326,8 @@ class TusEndpoint:
         try:
             total = 0
             for partial_id, holder in holders:
-                if partial_id not in taken and not self.claims.try_hold(partial_id, holder):
+                if partial_id not in taken and \
+                        not self.claims.hold_unless_patching(partial_id, holder):
                     raise ApiError(400, "partial_unfinished",
                                    "partial upload %s is still receiving" % partial_id)
                 taken.append(partial_id)
@@ -734,6 +736,7 @@ class _Holder:
 
     def __init__(self, sock=None):
         self._sock = sock
+        self.is_patch = sock is not None
         self.stopped = False
 
     def stop(self):
@@ -769,6 +772,19 @@ class _Claims:
             yield holder
         finally:
             self.release(upload_id, holder)
+
+    def hold_unless_patching(self, upload_id, holder):
+        """Hold `upload_id` once short requests on it are done; False at once (without
+        stopping it) when a PATCH is open on it."""
+        deadline = time.monotonic() + self._wait_s
+        with self._changed:
+            while upload_id in self._holders:
+                left = deadline - time.monotonic()
+                if self._holders[upload_id].is_patch or left <= 0:
+                    return False
+                self._changed.wait(left)
+            self._holders[upload_id] = holder
+            return True
 
     def try_hold(self, upload_id, holder):
         with self._changed:
@@ -879,6 +895,12 @@ class _TusTable:
             db.execute(sql, args)
 
     def insert(self, record):
+        try:
+            self._insert(record)
+        except sqlite3.IntegrityError:              # two creations raced for one fileId
+            raise ApiError(409, "file_id_taken", "an upload named %s exists" % record.id)
+
+    def _insert(self, record):
         self._update("INSERT INTO tus_uploads (%s) VALUES (%s)"
                      % (_COLUMNS, ", ".join("?" * 12)), record.row())
 

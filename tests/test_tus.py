@@ -217,11 +217,12 @@ def test_creation_at_and_past_tus_max_size(s, base):
 
 
 def test_head_and_patch_of_an_unknown_upload_are_404(s, base):
-    for path in ("/files/tus_unknown", "/files/not%20an%20id", "/files/x" * 1):
+    for path in ("/files/tus_unknown", "/files/not%20an%20id", "/files/tus_unknown/more"):
         assert head(s, base, path).status_code == 404
         response = patch(s, base, path, 0, b"data")
         assert response.status_code == 404
         assert "Upload-Offset" not in response.headers
+        assert response.headers["Tus-Resumable"] == "1.0.0"
 
 
 def test_metadata_file_id_names_the_upload_in_the_seed_world(s, base, sample_webm):
