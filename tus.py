@@ -66,6 +66,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import socket
@@ -637,9 +638,13 @@ class TusEndpoint:
 class _Pieces:
     """Part files of at most --tus-piece-size bytes, stored in order as the next chunks.
 
-    Without a checksum each full piece is stored as soon as it is full (durable progress);
-    with one, pieces wait until the whole body has been checked. The store copies a piece into
-    the upload's file, so a piece is whole or absent there, never torn."""
+    Without a checksum each full piece is stored as soon as it is full (durable progress), by
+    a helper thread, so the network read goes on while the store copies and fsyncs it; at
+    most one more full piece waits for that thread, which bounds the temporary disk to three
+    pieces. With a checksum, pieces wait until the whole body has been checked. Either way the
+    pieces are stored one at a time in order (index, offset), and the caller's claim is not
+    released before the last store call has returned (`finish`/`discard` join the thread).
+    The store copies a piece into the upload's file, so a piece is whole or absent there."""
 
     def __init__(self, endpoint, store, resource):
         self._endpoint = endpoint
@@ -652,11 +657,15 @@ class _Pieces:
         self._file = None
         self._path = None
         self._size = 0
+        self._behind = None           # queue of full pieces for the storing thread
+        self._thread = None
+        self._error = None            # what the storing thread raised, re-raised here
 
     def room(self):
         return self._limit - self._size
 
     def write(self, block):
+        self._raise_behind_error()
         if self._file is None:
             self._path, self._file = self._store.new_part_file()
             self._size = 0
@@ -674,12 +683,49 @@ class _Pieces:
 
     def piece_full(self, store_now):
         self._close_current()
-        if store_now:
-            self._store_waiting(broke_off=False)
+        if not store_now:
+            return
+        if self._thread is None:
+            self._behind = queue.Queue(maxsize=1)
+            self._thread = threading.Thread(target=self._store_behind, daemon=True,
+                                            name="m1-tus-store")
+            self._thread.start()
+        while self._waiting:
+            self._behind.put(self._waiting.pop(0))     # waits while one piece is queued
+
+    def _store_behind(self):
+        while True:
+            piece = self._behind.get()
+            if piece is None:
+                return
+            if self._error is not None:
+                self._store.discard(piece[0])
+                continue
+            try:
+                self._store_one(piece[0], piece[1], broke_off=False)
+            except BaseException as error:            # handed to the receiving thread
+                self._error = error
+                self._store.discard(piece[0])
+
+    def _join_behind(self):
+        if self._thread is not None:
+            self._behind.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _raise_behind_error(self):
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     def store_rest(self, broke_off):
+        self._join_behind()
+        self._raise_behind_error()
         self._close_current()
-        self._store_waiting(broke_off)
+        while self._waiting:
+            path, size = self._waiting.pop(0)
+            if not self._store_one(path, size, broke_off):
+                break
         length = self.resource.record.length
         if not broke_off and length is not None and self._offset == length and \
                 not self._finished():
@@ -687,43 +733,52 @@ class _Pieces:
             # upload is empty: an empty last chunk completes it in the store.
             path, f = self._store.new_part_file()
             f.close()
-            self._waiting.append((path, 0))
-            self._store_waiting(broke_off)
+            self._store_one(path, 0, broke_off)
 
     def _finished(self):
         upload = self._store.status(self.resource.record.id)
         return upload is not None and upload.completed
 
-    def _store_waiting(self, broke_off):
+    def _store_one(self, path, size, broke_off):
+        """Store one piece as the next chunk; False when a broken-off PATCH's piece had to be
+        dropped (the rest of that PATCH is dropped with it)."""
         length = self.resource.record.length
-        while self._waiting:
-            path, size = self._waiting.pop(0)
-            if size == 0 and (length is None or self._offset != length):
-                self._store.discard(path)
-                continue
-            is_last = length is not None and self._offset + size == length
-            try:
-                self._endpoint._store_piece(self._store, self.resource, self._index, path,
-                                            size, is_last)
-            except StoreError as error:
-                if not broke_off:
-                    raise
-                # The client is gone: what we cannot store (a beginning too short to show
-                # its media signature, say) it sends again from HEAD's offset.
-                log.info("tus upload %s: dropped %d bytes of a broken-off PATCH: %s",
-                         self.resource.record.id, size, error.message)
-                self.discard()
-                return
-            self._index += 1
-            self._offset += size
+        if size == 0 and (length is None or self._offset != length):
+            self._store.discard(path)
+            return True
+        is_last = length is not None and self._offset + size == length
+        try:
+            self._endpoint._store_piece(self._store, self.resource, self._index, path, size,
+                                        is_last)
+        except StoreError as error:
+            if not broke_off:
+                raise
+            # The client is gone: what we cannot store (a beginning too short to show its
+            # media signature, say) it sends again from HEAD's offset.
+            log.info("tus upload %s: dropped %d bytes of a broken-off PATCH: %s",
+                     self.resource.record.id, size, error.message)
+            self._store.discard(path)
+            self.discard()
+            return False
+        self._index += 1
+        self._offset += size
+        return True
 
     def discard(self):
+        """Drop every piece not yet stored (after the storing thread has finished)."""
+        if self._thread is not None:
+            self._error = self._error or _Discarded()
+            self._join_behind()
         if self._file is not None:
             self._file.close()
             self._store.discard(self._path)
             self._file = None
         while self._waiting:
             self._store.discard(self._waiting.pop()[0])
+
+
+class _Discarded(Exception):
+    """Tells the storing thread to drop the pieces still queued."""
 
 
 # ---------------------------------------------------------------------------------------------

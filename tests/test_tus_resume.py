@@ -255,3 +255,17 @@ def test_crash_during_concatenation_is_finished_at_restart(server_factory, sampl
         assert answer.headers["Upload-Offset"] == str(len(sample_webm))
         assert _tus.video_bytes(s, srv.url, file_id) == sample_webm
         assert "finished concatenating" in srv.log()
+
+
+def test_a_piece_the_store_refuses_mid_patch_ends_it_with_nothing_stored(server_factory):
+    """Pieces are stored while the body still arrives; the store's refusal of the first one
+    (not a video) reaches the client as 415 and nothing of the PATCH is kept."""
+    srv = piece_server(server_factory)
+    with requests.Session() as s:
+        junk = b"%PDF-1.7" + os.urandom(200000)
+        path = new_upload(s, srv.url, len(junk))
+        response = patch(s, srv.url, path, 0, junk)
+        assert response.status_code == 415
+        assert response.json()["error"]["code"] == "unsupported_media_type"
+        assert assert_prefix(srv, s, path, junk) == 0
+        assert os.listdir(os.path.join(srv.upload_dir, "temp", ".incoming")) == []
