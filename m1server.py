@@ -158,8 +158,8 @@ OPTIONS = (
      "remove completed uploads this long after they completed (0 keeps them)"),
     ("--sweep-interval", parse_seconds, DEFAULT_SWEEP_INTERVAL_S,
      "seconds between background retention sweeps"),
-    ("--tus-expiry", parse_seconds, tus.DEFAULT_EXPIRY_S,
-     "seconds an unfinished tus upload may stay idle before it expires (410 Gone)"),
+    ("--tus-expiry", parse_duration, tus.DEFAULT_EXPIRY_S,
+     "an unfinished tus upload idle this long expires: removed, 410 Gone (0 keeps them)"),
     ("--tus-piece-size", parse_size, tus.DEFAULT_PIECE_BYTES,
      "a tus PATCH is stored (durable) in pieces of this size"),
     ("--tus-max-metadata", parse_size, tus.DEFAULT_MAX_METADATA_BYTES,
@@ -224,7 +224,7 @@ class Config:
         self.incomplete_ttl = args.incomplete_ttl or None      # None: keep
         self.retention = args.retention or None
         self.sweep_interval = args.sweep_interval
-        self.tus_expiry_s = args.tus_expiry
+        self.tus_expiry_s = args.tus_expiry or None           # None: tus uploads never expire
         self.tus_piece_bytes = max(1, args.tus_piece_size)
         self.tus_max_metadata_bytes = args.tus_max_metadata
         self.tus_max_partials = args.tus_max_partials

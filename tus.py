@@ -28,8 +28,9 @@ What it guarantees:
     network reads; the store's own per-upload lock is only held inside each store call.
   * With Upload-Checksum nothing is stored until the whole body arrived and matched (460 and
     nothing appended otherwise; a body that breaks off is dropped whole, it cannot be checked).
-  * Unfinished uploads expire --tus-expiry seconds after their last activity (Upload-Expires
-    says when); a sweep thread deletes them and keeps a tombstone so they answer 410 Gone.
+  * Unfinished uploads expire --tus-expiry after their last activity (Upload-Expires says
+    when; 0 turns expiration off); a sweep thread deletes them and keeps a tombstone so they
+    answer 410 Gone.
 
 Decisions (and why):
   * Upload-Metadata: `fileId` names the upload (it must match the seed's fileId rule, 400
@@ -94,7 +95,7 @@ EXTENSIONS = ("creation", "creation-with-upload", "creation-defer-length", "term
 OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
 COLLECTION_PATH = "/files/"
 
-DEFAULT_EXPIRY_S = 24 * 3600.0           # an unfinished upload idle this long is removed
+DEFAULT_EXPIRY_S = 24 * 3600             # an unfinished upload idle this long is removed
 DEFAULT_PIECE_BYTES = 8 << 20            # a PATCH is stored in pieces (chunks) of this size
 DEFAULT_MAX_METADATA_BYTES = 4 << 10     # Upload-Metadata as sent, base64 included
 DEFAULT_MAX_PARTIALS = 128               # partial uploads in one final upload
@@ -183,7 +184,10 @@ class TusEndpoint:
             self._partial_store()              # repairs it before we serve
         self._resume_concatenations()
         store.add_listener(self._on_store_event)
-        self._sweeper = _Sweeper(self, min(SWEEP_INTERVAL_S, config.tus_expiry_s / 2))
+        expiry = config.tus_expiry_s
+        self._sweeper = _Sweeper(self, min(SWEEP_INTERVAL_S, expiry / 2) if expiry
+                                 else SWEEP_INTERVAL_S)     # tombstones are purged regardless
+        self.extensions = [name for name in EXTENSIONS if expiry or name != "expiration"]
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -215,7 +219,7 @@ class TusEndpoint:
         handler.send_plain(204, {
             "Tus-Resumable": TUS_VERSION,
             "Tus-Version": ",".join(SUPPORTED_VERSIONS),
-            "Tus-Extension": ",".join(EXTENSIONS),
+            "Tus-Extension": ",".join(self.extensions),
             "Tus-Max-Size": str(self.config.max_upload_bytes),
             "Tus-Checksum-Algorithm": ",".join(CHECKSUMS),
             "Allow": ", ".join(METHODS),
@@ -998,7 +1002,8 @@ class _Resource:
             self.finished = self.offset is not None
         else:
             self.finished = upload is not None and upload.completed
-        if self.finished or record.done_at is not None or record.kind == "final":
+        if self.finished or record.done_at is not None or record.kind == "final" or \
+                expiry_s is None:
             self.expires_at = None
         else:
             active = max(record.touched_at, upload.updated_at if upload is not None else 0)

@@ -682,6 +682,15 @@ def test_abandoned_uploads_expire_and_answer_410(server_factory, sample_webm):
         assert _tus.video_bytes(s, srv.url, _tus.upload_id(finished)) == sample_webm
 
 
+def test_expiry_off_keeps_unfinished_uploads_and_drops_the_extension(server_factory):
+    srv = server_factory(args=["--tus-expiry", "0"])
+    with requests.Session() as s:
+        assert "expiration" not in s.options(srv.url + "/files/").headers["Tus-Extension"]
+        created = create(s, srv.url, 100)
+        assert "Upload-Expires" not in created.headers
+        assert "Upload-Expires" not in head(s, srv.url, location(created)).headers
+
+
 def test_an_expired_upload_is_410_even_before_the_sweep(server_factory, sample_webm):
     """Checked on access too; the sweep only runs every half expiry at most."""
     srv = server_factory(args=["--tus-expiry", "0.5"])
