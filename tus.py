@@ -407,8 +407,12 @@ class TusEndpoint:
             raise ApiError(404, "not_found", "no such upload")
         if record.expired_at is not None:
             raise ApiError(410, "upload_expired", "this upload expired and was removed")
-        resource = _Resource(record, self._store_for(record).status(upload_id),
-                             self.config.tus_expiry_s)
+        upload = self._store_for(record).status(upload_id)
+        if upload is None and record.done_at is not None:
+            # Finished, then deleted where no event reached us (`m1server.py gc`).
+            self.table.set_expired(upload_id)
+            raise ApiError(410, "upload_expired", "this upload was removed")
+        resource = _Resource(record, upload, self.config.tus_expiry_s)
         if resource.expires_at is not None and resource.expires_at <= time.time():
             self._expire(record)
             raise ApiError(410, "upload_expired", "this upload expired and was removed")

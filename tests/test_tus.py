@@ -704,3 +704,25 @@ def test_an_expired_upload_is_410_even_before_the_sweep(server_factory, sample_w
                    message="expiry")
         # The name of an expired upload can be used again.
         assert create(s, srv.url, 100, meta=metadata(fileId=file_id)).status_code == 201
+
+
+def test_a_finished_upload_removed_by_gc_is_gone_at_its_tus_url(server_factory, sample_webm):
+    """`m1server.py gc` deletes with the server stopped, so tus hears no event: a finished
+    upload whose bytes are gone still answers 410, not an offset of 0."""
+    import json
+    import subprocess
+    from conftest import SERVER_PROGRAM, SERVER_PYTHON
+    srv = server_factory()
+    with requests.Session() as s:
+        path = finished_upload(s, srv.url, sample_webm)
+        srv.stop()
+
+        def collected():
+            done = subprocess.run([SERVER_PYTHON, SERVER_PROGRAM, "gc", "--dir",
+                                   srv.upload_dir, "--retention", "0.001"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            return json.loads(done.stdout.decode())["deleted"]
+
+        assert wait_until(collected, message="gc") == [_tus.upload_id(path)]
+        srv.start()
+        assert head(s, srv.url, path).status_code == 410
