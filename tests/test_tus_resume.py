@@ -12,7 +12,7 @@ import pytest
 import requests
 
 import _tus
-from _tus import OpenPatch, create, head, location, metadata, new_upload, patch
+from _tus import OpenPatch, create, head, metadata, new_upload, patch
 from conftest import get_status, wait_until
 
 PIECE = 16 << 10
