@@ -6,6 +6,7 @@ interleaved, and the client can always finish from there byte-exact.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -13,7 +14,7 @@ import requests
 
 import _tus
 from _tus import OpenPatch, create, head, metadata, new_upload, patch
-from conftest import get_status, wait_until
+from conftest import get_status, need, wait_until
 
 PIECE = 16 << 10
 
@@ -269,3 +270,33 @@ def test_a_piece_the_store_refuses_mid_patch_ends_it_with_nothing_stored(server_
         assert response.json()["error"]["code"] == "unsupported_media_type"
         assert assert_prefix(srv, s, path, junk) == 0
         assert os.listdir(os.path.join(srv.upload_dir, "temp", ".incoming")) == []
+
+
+def peak_rss_kib(pid):
+    with open("/proc/%d/status" % pid, encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_a_large_patch_streams_with_bounded_memory(server_factory):
+    """A 64 MiB PATCH never sits in memory: the server's peak RSS grows by far less than it
+    (a server that buffered the body would grow by at least 64 MiB)."""
+    need(os.path.exists("/proc/self/status"), "peak RSS is read from /proc (Linux)")
+    srv = server_factory()
+    size = 64 << 20
+    body = b"\x1a\x45\xdf\xa3" + os.urandom(size - 4)
+    with requests.Session() as s:
+        warm = new_upload(s, srv.url, 1 << 20)           # the same code paths, warmed up
+        assert patch(s, srv.url, warm, 0, body[:1 << 20]).status_code == 204
+        before = peak_rss_kib(srv.proc.pid)
+        path = new_upload(s, srv.url, size)
+        assert patch(s, srv.url, path, 0, body).status_code == 204
+        grown = peak_rss_kib(srv.proc.pid) - before
+        assert grown < 24 * 1024, "peak RSS grew by %d KiB for a 64 MiB PATCH" % grown
+        file_id = _tus.upload_id(path)
+        wait_until(lambda: get_status(s, srv.url, file_id).json()["data"]["sha256"],
+                   timeout=60, message="sha256")
+        assert get_status(s, srv.url, file_id).json()["data"]["sha256"] == \
+            hashlib.sha256(body).hexdigest()
