@@ -61,6 +61,7 @@ def run(ctx):
     names = ["seed API, 8 MiB POSTs", "m1server tus, 1 PATCH", "m1server tus, 8 MiB PATCHes",
              "@tus/server, 1 PATCH", "@tus/server, 8 MiB PATCHes"]
     runs = {name: [] for name in names}
+    load_before = _load_average()
     checks, notes = [], []
     with c.Workspace(NAME) as ws:
         node_note = install_node_server()
@@ -106,11 +107,16 @@ def run(ctx):
             rows.append(["%s / %s" % (mine, theirs.split(",")[0]),
                          "%.2f" % (med[mine] / med[theirs]), "median of each"])
     notes += [check for check in checks if check != "ok"]
+    load = (load_before, _load_average())
+    if load[0] is not None:
+        notes.append("1-minute load average %.1f before, %.1f after, on %d cores: figures "
+                     "from a busy machine swing widely" % (load[0], load[1], os.cpu_count()))
     return {"title": "tus: %d MiB, one keep-alive client, median of %d rounds"
                      % (total // c.MIB, ctx.rounds),
             "figures": {"payload_bytes": total, "patch_bytes": PATCH_BYTES,
                         "rounds": ctx.rounds, "mb_per_s_runs": runs,
-                        "mb_per_s_median": med, "verification": checks},
+                        "mb_per_s_median": med, "verification": checks,
+                        "load_average": load},
             "rows": rows, "targets": [], "notes": notes}
 
 
@@ -214,6 +220,13 @@ def verify(server, name, path, file_id, total, expected):
             if time.monotonic() > deadline:
                 return "%s: no sha256 after %.0f s" % (name, VERIFY_DEADLINE_S)
             time.sleep(0.05)
+
+
+def _load_average():
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _b64(text):
