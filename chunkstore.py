@@ -38,6 +38,9 @@ chunk (step 3 / stash_recorded). A new file or temp folder has its parent direct
 so its name survives a power cut as well as its bytes. If the disk still loses fsynced bytes
 (or an old backup is restored), repair rolls the ledger back to the whole chunks the file
 holds, and the client is asked for the rest; it never pads a hole with zeros.
+
+Feature modules may keep their own tables in the ledger file (ledger_read/ledger_write); they
+never touch the uploads and chunks tables, so the invariant above stays the store's alone.
 """
 from __future__ import annotations
 
@@ -576,6 +579,17 @@ class ChunkStore:
     def close(self):
         self._hasher.stop()
         self._ledger.close()
+
+    # -- room in the ledger file for feature modules' own tables (tus) ---------------------
+
+    def ledger_read(self):
+        """A context manager lending a connection to the ledger file for reads of a feature's
+        own tables (one thread at a time per connection)."""
+        return self._ledger._connection()
+
+    def ledger_write(self):
+        """A context manager: one committed (fsynced) transaction on a feature's own tables."""
+        return self._ledger._write()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def check_origin(origins, command, headers):
                    "requests from %s are not allowed (--cors-origin)" % origin[:200])
 
 
-def response_headers(origins, headers):
+def response_headers(origins, headers, exposed=EXPOSED_HEADERS):
     """CORS headers for every answer (also errors, so a page can read why it was refused)."""
     origin = headers.get("Origin")
     out = {}
@@ -86,7 +86,7 @@ def response_headers(origins, headers):
     if origin is None or not origin_allowed(origins, origin.lower(), headers.get("Host")):
         return out
     out["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
-    out["Access-Control-Expose-Headers"] = ", ".join(EXPOSED_HEADERS)
+    out["Access-Control-Expose-Headers"] = ", ".join(exposed)
     return out
 
 

@@ -41,6 +41,7 @@ import chunkstore
 import cors
 import events
 import multipart
+import tus
 import webclient
 import websocket
 from apierror import ApiError
@@ -176,6 +177,14 @@ OPTIONS = (
      "recent events kept per watched upload, so that a reconnect (Last-Event-ID) resumes"),
     ("--ws-max-message", parse_size, websocket.DEFAULT_MAX_MESSAGE_BYTES,
      "largest WebSocket frame or message a client may send (closed with 1009 beyond)"),
+    ("--tus-expiry", parse_duration, tus.DEFAULT_EXPIRY_S,
+     "an unfinished tus upload idle this long expires: removed, 410 Gone (0 keeps them)"),
+    ("--tus-piece-size", parse_size, tus.DEFAULT_PIECE_BYTES,
+     "a tus PATCH is stored (durable) in pieces of this size"),
+    ("--tus-max-metadata", parse_size, tus.DEFAULT_MAX_METADATA_BYTES,
+     "longest tus Upload-Metadata header (431 beyond)"),
+    ("--tus-max-partials", parse_count, tus.DEFAULT_MAX_PARTIALS,
+     "most partial uploads one tus final upload may join (400 beyond)"),
 )
 
 
@@ -241,6 +250,10 @@ class Config:
         self.event_queue = args.event_queue
         self.event_history = args.event_history
         self.ws_max_message = args.ws_max_message
+        self.tus_expiry_s = args.tus_expiry or None           # None: tus uploads never expire
+        self.tus_piece_bytes = max(1, args.tus_piece_size)
+        self.tus_max_metadata_bytes = args.tus_max_metadata
+        self.tus_max_partials = args.tus_max_partials
         self.crash_at = os.environ.get("M1_TEST_CRASH_AT")    # tests only, see chunkstore
 
 
@@ -279,9 +292,11 @@ class M1Server(ThreadingHTTPServer):
         store.add_listener(self.events.on_store_event)
         self.metrics = Metrics()
         store.add_listener(self.metrics.on_store_event)
+        self.tus = tus.TusEndpoint(config, store, _Body, IncompleteBody)
         self.routes = compile_routes(CORE_ROUTES + webclient.routes(read_resource) +
-                                     events.routes())
-        self.status_extras = []      # functions(upload) -> dict of extra status fields
+                                     events.routes() + tus.routes(self.tus))
+        self.status_extras = [self.tus.status_fields]   # functions(upload) -> dict of fields
+        self.cors_exposed_headers = cors.EXPOSED_HEADERS + tuple(tus.EXPOSED_HEADERS)
         self.stop_hooks = [self.events.close]    # run on SIGTERM before in-flight requests
         self.stopping = False
         self._connections = set()
@@ -687,7 +702,8 @@ class Handler(BaseHTTPRequestHandler):
         """End the header block; a small `body` goes out in the same write (a second small
         write would wait for the client's delayed ACK)."""
         for name, value in cors.response_headers(self.server.config.cors_origins,
-                                                 self.headers).items():
+                                                 self.headers,
+                                                 self.server.cors_exposed_headers).items():
             self.send_header(name, value)
         for name, value in headers.items():
             self.send_header(name, value)
@@ -1064,8 +1080,10 @@ def serve(argv):
                                                                 config.dir), flush=True)
     server.serve_forever(poll_interval=0.25)
     stopped.set()
+    server.tus.interrupt_all()           # open tus PATCHes store what they have and reply
     finished = server.wait_for_in_flight(SHUTDOWN_GRACE_S)
     server.server_close()
+    server.tus.close()
     store.close()
     sys.stderr.write("m1server stopped%s\n" % ("" if finished else
                                                " (some requests were still running)"))
