@@ -470,14 +470,18 @@ class Handler(BaseHTTPRequestHandler):
             else None
         if upload is None or not dot or ext != upload.ext or upload.bytes_appended == 0:
             raise HttpError(404, "not_found", "no such video")
-        path = self.server.store.media_path(upload)
-        size = upload.bytes_appended          # the consistent prefix, even while it grows
-        mtime = upload.updated_at
+        # the consistent prefix, even while it grows
+        self.send_file(self.server.store.media_path(upload), upload.bytes_appended,
+                       upload.updated_at,
+                       chunkstore.MEDIA_TYPES.get(ext, "application/octet-stream"))
+
+    def send_file(self, path, size, mtime, content_type):
+        """The first `size` bytes of `path` with Range (206/416), ETag, If-None-Match,
+        If-Range and Last-Modified: the original video and its derivatives alike."""
         etag = '"%x-%x"' % (size, int(mtime * 1000))
         headers = {"Accept-Ranges": "bytes", "ETag": etag,
                    "Last-Modified": email.utils.formatdate(mtime, usegmt=True),
-                   "Content-Type": chunkstore.MEDIA_TYPES.get(ext, "application/octet-stream"),
-                   "Cache-Control": "no-cache"}
+                   "Content-Type": content_type, "Cache-Control": "no-cache"}
         if self.headers.get("If-None-Match") == etag:
             return self.send_plain(304, headers)
         start, end = 0, size - 1
