@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 import chunkstore
 import multipart
+import processing
 from apierror import ApiError
 from chunkstore import ChunkStore
 
@@ -130,6 +131,21 @@ OPTIONS = (
      "free disk space kept in reserve (507 when a chunk would eat into it)"),
     ("--allow-any-content", parse_flag, False,
      "accept a chunk 0 that is not WebM, MP4 or Ogg"),
+    # Video processing after an upload completes (processing.py, SPEC section 5).
+    ("--processing", processing.parse_mode, processing.DEFAULT_MODE,
+     "after upload: off, probe (metadata), remux (+ seekable copy and poster, no "
+     "re-encoding) or mp4 (+ H.264/AAC MP4)"),
+    ("--ffmpeg", str, processing.DEFAULT_FFMPEG, "ffmpeg program (name on PATH or path)"),
+    ("--ffprobe", str, processing.DEFAULT_FFPROBE,
+     "ffprobe program (name on PATH or path; default also looks beside ffmpeg)"),
+    ("--max-height", processing.parse_height, processing.DEFAULT_MAX_HEIGHT,
+     "most lines of the MP4 and the poster (never upscaled)"),
+    ("--mp4-crf", processing.parse_crf, processing.DEFAULT_MP4_CRF,
+     "MP4 quality, x264 CRF 0-51 (lower: better and bigger)"),
+    ("--processing-timeout", parse_seconds, processing.DEFAULT_JOB_TIMEOUT_S,
+     "seconds one processing job may take before ffmpeg is stopped and the job fails"),
+    ("--processing-workers", parse_count, processing.DEFAULT_WORKERS,
+     "processing jobs run at once"),
 )
 
 
@@ -184,6 +200,15 @@ class Config:
         self.min_free_disk_bytes = args.min_free_disk
         self.allow_any_content = args.allow_any_content
         self.crash_at = os.environ.get("M1_TEST_CRASH_AT")    # tests only, see chunkstore
+        self.processing = args.processing
+        self.ffmpeg = args.ffmpeg
+        self.ffprobe = args.ffprobe
+        self.max_height = args.max_height
+        self.mp4_crf = args.mp4_crf
+        self.processing_timeout = args.processing_timeout
+        self.processing_workers = args.processing_workers
+        # tests only: transcode at the input's own pace (ffmpeg -re), so a test can act on it
+        self.slow_transcode = os.environ.get("M1_TEST_SLOW_TRANSCODE") == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,8 +242,10 @@ class M1Server(ThreadingHTTPServer):
     def __init__(self, config, store):
         self.config = config
         self.store = store
-        self.routes = compile_routes(CORE_ROUTES)
+        self.processor = processing.Processor(config, store)
+        self.routes = compile_routes(CORE_ROUTES + processing.routes(self.processor))
         self.status_extras = []      # functions(upload) -> dict of extra status fields
+        self.status_extras.append(self.processor.status_fields)
         self.stopping = False
         self._connections = set()
         self._in_flight = 0
@@ -826,14 +853,17 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    server.processor.start()
     host, port = server.server_address[:2]
     shown = "[%s]" % host if ":" in host else host
     print("m1server %s serving http://%s:%d/ (uploads in %s)" % (VERSION, shown, port,
                                                                 config.dir), flush=True)
     server.serve_forever(poll_interval=0.25)
+    server.processor.stop()          # ffmpeg stopped now; its job runs again at the next start
     finished = server.wait_for_in_flight(SHUTDOWN_GRACE_S)
     server.server_close()
     store.close()
+    server.processor.close()
     sys.stderr.write("m1server stopped%s\n" % ("" if finished else
                                                " (some requests were still running)"))
     return 0
