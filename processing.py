@@ -248,7 +248,7 @@ class Processor:
             return
         for file_id, pid, marker in self.queue.left_running():
             if pid:
-                _kill_orphan(pid, marker)
+                _kill_orphan(pid, marker, (self.ffmpeg, self.ffprobe))
             if self.queue.requeue_after_crash(file_id, MAX_INTERRUPTIONS):
                 log.warning("processing %s: interrupted by a crash; queued again", file_id)
             else:
@@ -312,23 +312,23 @@ class Processor:
                 return {}                # completed before processing existed here
             return {"processing": {"state": "queued", "progress": 0.0}}
         state = job["state"]
-        processing = {"state": state, "progress": 1.0 if state == "done" else 0.0}
+        summary = {"state": state, "progress": 1.0 if state == "done" else 0.0}
         video = job["video"]
         with self._runs_lock:
             run = self._runs.get(upload.file_id)
         if state == "running" and run is not None:
-            processing["progress"] = round(run.progress, 3)
-            processing["stage"] = run.stage
+            summary["progress"] = round(run.progress, 3)
+            summary["stage"] = run.stage
             video = run.video
         if state in ("queued", "running") and not self.available:
-            processing["state"] = "unavailable"
-            processing["error"] = self.unavailable_reason
+            summary["state"] = "unavailable"
+            summary["error"] = self.unavailable_reason
         if job["error"]:
-            processing["error"] = job["error"]
+            summary["error"] = job["error"]
         for key, column in (("startedAt", "started_at"), ("finishedAt", "finished_at")):
-            if job[column] and (state != "queued"):
-                processing[key] = _utc_iso(job[column])
-        fields = {"processing": processing}
+            if job[column] and state != "queued":
+                summary[key] = _utc_iso(job[column])
+        fields = {"processing": summary}
         if video:
             fields["video"] = video
         if state == "done" and job["derivatives"]:
@@ -338,7 +338,8 @@ class Processor:
     def derivative_path(self, file_id, name):
         """Where derivative `name` of `file_id` is, or None unless a finished job made it.
         Only names of DERIVATIVE_TYPES are ever joined to a validated fileId."""
-        if name not in DERIVATIVE_TYPES or self.queue is None or not chunkstore.valid_file_id(file_id):
+        if name not in DERIVATIVE_TYPES or self.queue is None or \
+                not chunkstore.valid_file_id(file_id):
             return None
         job = self.queue.load(file_id)
         if job is None or job["state"] != "done" or name not in job["derivatives"].values():
@@ -359,7 +360,11 @@ class Processor:
                     if not self._stopping.is_set():
                         self._wakeup.wait(IDLE_POLL_S)
                 continue
-            self._run_job(file_id)
+            try:
+                self._run_job(file_id)
+            except Exception:            # the queue itself failed: keep the worker alive
+                log.exception("processing %s: could not record the outcome", file_id)
+                self._stopping.wait(IDLE_POLL_S)
 
     def _run_job(self, file_id):
         run = JobRun(self, file_id)
@@ -404,7 +409,7 @@ class Processor:
             run.forgotten = True
             raise JobInterrupted()
         source = self.store.media_path(upload)
-        run.prepare_folder()
+        run.prepare_folder(create=self.mode != "probe")
         info = run.probe(source)
         video = video_facts(info, upload.bytes_appended)
         run.video = video
@@ -470,13 +475,17 @@ class JobRun:
     def part_path(self, name):
         return os.path.join(self.folder, ".%s.%s.part" % (name, self.token))
 
-    def prepare_folder(self):
+    def prepare_folder(self, create):
         """Each run rebuilds the folder: whatever an earlier (crashed) run left goes."""
         if os.path.isdir(self.folder):
             for name in os.listdir(self.folder):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(self.folder, name))
-        os.makedirs(self.folder, exist_ok=True)
+            if not create:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.folder)
+        elif create:
+            os.makedirs(self.folder)
 
     def publish(self, name):
         """Make a finished part file the derivative `name`: fsync, rename, fsync the folder,
@@ -1011,11 +1020,13 @@ def _terminate(proc):
         proc.wait()
 
 
-def _kill_orphan(pid, marker):
+def _kill_orphan(pid, marker, programs):
     """Kill a program a crashed server left running, if `pid` is still that program (its
-    command line holds `marker`): the pid may have been reused by anything since."""
+    command line starts with one of `programs` and holds `marker`, the file it worked on):
+    the pid may have been reused by anything since."""
     command = _command_of(pid)
-    if command is None or not marker or marker not in command:
+    if command is None or not marker or marker not in command or \
+            not any(command.startswith(p) for p in programs if p):
         return
     log.warning("killing ffmpeg/ffprobe %d left running by a crash", pid)
     with contextlib.suppress(OSError):

@@ -371,7 +371,7 @@ def test_probe_mode_measures_a_live_webm_and_writes_no_derivatives(server_factor
     assert (data["video"]["width"], data["video"]["height"]) == SAMPLE_SIZE
     assert "derivatives" not in data and "playbackUrl" not in data
     assert session.get(srv.url + "/uploads/derived/%s/remux.webm" % file_id).status_code == 404
-    assert not os.listdir(os.path.join(srv.upload_dir, "derived", file_id))
+    assert not os.path.exists(os.path.join(srv.upload_dir, "derived", file_id))
 
 
 def test_processing_off_adds_nothing_and_earlier_uploads_stay_unprocessed(server_factory,
