@@ -600,7 +600,10 @@ class JobRun:
                 self.timed_out = True
             else:
                 log.info("processing %s: %s", self.file_id, _command_line(argv))
-                self._proc = _spawn(argv)
+                try:
+                    self._proc = _spawn(argv)
+                except OSError as error:
+                    raise JobFailed("cannot run %s: %s" % (program, error.strerror or error))
         if self.timed_out:
             raise JobFailed(self._timeout_message())
         proc = self._proc
@@ -716,15 +719,18 @@ class JobQueue:
             if version > SCHEMA_VERSION:
                 raise RuntimeError("%s has schema %d; this m1server knows up to %d"
                                    % (path, version, SCHEMA_VERSION))
-            self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")    # see the module docstring
-            self._db.executescript(_SCHEMA)
-            self._db.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
-            with self._write() as db:
-                db.execute("INSERT OR IGNORE INTO queue_info (key, value) VALUES (?, ?)",
-                           ("created_at", repr(time.time())))
-                self.created_at = float(db.execute(
-                    "SELECT value FROM queue_info WHERE key = 'created_at'").fetchone()[0])
+            if version < SCHEMA_VERSION:                      # new (0) or older: set it up
+                self._db.execute("PRAGMA journal_mode=WAL")  # persistent, once is enough
+                with self._write() as db:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute("INSERT OR IGNORE INTO queue_info (key, value) VALUES (?, ?)",
+                               ("created_at", repr(time.time())))
+                    db.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
+            self.created_at = float(self._db.execute(
+                "SELECT value FROM queue_info WHERE key = 'created_at'").fetchone()[0])
         except BaseException:
             self._db.close()
             raise
