@@ -67,27 +67,39 @@ def run(ctx):
         payload = open(path, "rb").read()
         for mode in modes:
             results = []
+            previous = None
             for number in range(rounds):
-                result = measure_mode(ctx, ws, mode, number, payload, seconds)
+                # Odd rounds run "by hand" first (the previous round's commands), so that
+                # neither side always runs second on a machine whose load drifts.
+                result = measure_mode(ctx, ws, mode, number, payload, seconds,
+                                      previous if number % 2 else None)
+                previous = result.pop("argvs")
                 results.append(result)
-                ctx.log("%-5s round %d: server %.2f s, by hand %.2f s (ratio %.2f); "
-                        "server RSS peak %.1f MiB" % (mode, number + 1, result["server_s"],
-                                                      result["by_hand_s"], result["ratio"],
-                                                      result["server_rss_peak_kib"] / 1024.0))
+                ctx.log("%-5s round %d: wall server %.2f s / by hand %.2f s = %.2f; ffmpeg CPU "
+                        "%.2f s / %.2f s = %.2f; server's own CPU %.2f s; RSS peak %.1f MiB"
+                        % (mode, number + 1, result["server_s"], result["by_hand_s"],
+                           result["ratio"], result["server_ffmpeg_cpu_s"],
+                           result["by_hand_cpu_s"], result["cpu_ratio"],
+                           result["server_own_cpu_s"], result["server_rss_peak_kib"] / 1024.0))
             summary = summarise(results)
             figures["modes"][mode] = {"rounds": results, "median": summary}
             rows.append([
                 "%s (%d round%s)" % (mode, rounds, "" if rounds == 1 else "s"),
                 "server %.2f s / by hand %.2f s = %.2f" % (
                     summary["server_s"], summary["by_hand_s"], summary["ratio"]),
+                "ffmpeg CPU %.2f s / %.2f s = %.2f; server's own CPU %.2f s; "
                 "server RSS peak %.1f MiB (HWM %.1f -> %.1f MiB); ffmpeg peak %.0f MiB; "
-                "%d command(s)" % (summary["server_rss_peak_kib"] / 1024.0,
+                "%d command(s)" % (summary["server_ffmpeg_cpu_s"], summary["by_hand_cpu_s"],
+                                   summary["cpu_ratio"], summary["server_own_cpu_s"],
+                                   summary["server_rss_peak_kib"] / 1024.0,
                                    summary["server_hwm_before_kib"] / 1024.0,
                                    summary["server_hwm_after_kib"] / 1024.0,
                                    summary["ffmpeg_rss_peak_kib"] / 1024.0,
                                    results[-1]["commands"])])
-            targets.append(c.target("%s: server / by hand (about 1)" % mode, summary["ratio"],
-                                    1.1, "lower", "x"))
+            targets.append(c.target("%s: server / by hand, wall (about 1)" % mode,
+                                    summary["ratio"], 1.1, "lower", "x"))
+            targets.append(c.target("%s: server / by hand, ffmpeg CPU (about 1)" % mode,
+                                    summary["cpu_ratio"], 1.1, "lower", "x"))
     notes.append("recording: %.1f MiB, %s, made in %.1f s" % (
         made["bytes"] / c.MIB, made["codec"], made["encode_s"]))
     return {"title": "processing: a %d s %s recording, server vs the same ffmpeg commands "
@@ -114,15 +126,20 @@ def make_recording(path, seconds, codec):
             "bytes": os.path.getsize(path), "encode_s": time.perf_counter() - started}
 
 
-def measure_mode(ctx, ws, mode, number, payload, seconds):
+def measure_mode(ctx, ws, mode, number, payload, seconds, hand_first):
     directory = ws.sub("%s-%d" % (mode, number))
     file_id = "bench_processing_%s_%d" % (mode, number)
+    scratch = ws.sub("%s-%d-by-hand" % (mode, number))
+    if hand_first:
+        by_hand_s, by_hand_cpu_s = replay(hand_first, scratch)
     server = c.ServerProcess("m1server", directory, ctx.python,
                              extra_args=["--processing", mode])
     with server.start():
         upload(server, file_id, payload, seconds)
         hwm_before = c.proc_status_kib(server.pid, "VmHWM") or 0
+        own_before, children_before = proc_cpu(server.pid)
         status, peak, ffmpeg_peak = wait_processed(server, file_id)
+        own_after, children_after = proc_cpu(server.pid)
         hwm_after = c.proc_status_kib(server.pid, "VmHWM") or 0
         log_text = server.log_text()
     processing = status["processing"]
@@ -131,9 +148,14 @@ def measure_mode(ctx, ws, mode, number, payload, seconds):
                                                            processing.get("error")))
     server_s = iso_seconds(processing["finishedAt"]) - iso_seconds(processing["startedAt"])
     commands = logged_commands(log_text, file_id)
-    by_hand_s = replay(commands, ws.sub("%s-%d-by-hand" % (mode, number)))
+    if not hand_first:
+        by_hand_s, by_hand_cpu_s = replay(commands, scratch)
+    server_ffmpeg_cpu_s = children_after - children_before
     return {"server_s": server_s, "by_hand_s": by_hand_s, "ratio": server_s / by_hand_s,
-            "commands": len(commands), "server_rss_peak_kib": peak,
+            "server_ffmpeg_cpu_s": server_ffmpeg_cpu_s, "by_hand_cpu_s": by_hand_cpu_s,
+            "cpu_ratio": server_ffmpeg_cpu_s / max(by_hand_cpu_s, 0.01),
+            "server_own_cpu_s": own_after - own_before, "hand_first": bool(hand_first),
+            "argvs": commands, "commands": len(commands), "server_rss_peak_kib": peak,
             "server_hwm_before_kib": hwm_before, "server_hwm_after_kib": hwm_after,
             "ffmpeg_rss_peak_kib": ffmpeg_peak, "video": status.get("video"),
             "derivative_bytes": derivative_sizes(directory, file_id)}
@@ -204,9 +226,23 @@ def logged_commands(log_text, file_id):
     return commands
 
 
+def proc_cpu(pid):
+    """(CPU seconds of `pid` itself, CPU seconds of its reaped children) from
+    /proc/<pid>/stat (utime+stime, cutime+cstime); (0, 0) off Linux."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0, 0.0
+    tick = float(os.sysconf("SC_CLK_TCK"))
+    return ((int(fields[11]) + int(fields[12])) / tick,
+            (int(fields[13]) + int(fields[14])) / tick)
+
+
 def replay(commands, scratch):
     """Run the server's commands again, outputs (and the later inputs that read them) moved
-    to `scratch`; returns the wall time from the first start to the last exit."""
+    to `scratch`; returns (wall seconds from the first start to the last exit, CPU seconds of
+    those processes)."""
     derived = {}
     argvs = []
     for argv in commands:
@@ -221,6 +257,8 @@ def replay(commands, scratch):
                 arg = derived.get(arg, arg)
             moved.append(arg)
         argvs.append(moved)
+    import resource
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     for argv in argvs:
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -228,7 +266,10 @@ def replay(commands, scratch):
         if done.returncode != 0:
             raise c.BenchError("by hand: %s failed: %s" % (" ".join(argv[:6]),
                                                           done.stderr.decode()[-300:]))
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (cpu_after.ru_utime - cpu_before.ru_utime +
+                  cpu_after.ru_stime - cpu_before.ru_stime)
 
 
 def derivative_sizes(directory, file_id):
@@ -239,7 +280,8 @@ def derivative_sizes(directory, file_id):
 
 
 def summarise(results):
-    keys = ("server_s", "by_hand_s", "ratio", "server_rss_peak_kib", "server_hwm_before_kib",
+    keys = ("server_s", "by_hand_s", "ratio", "server_ffmpeg_cpu_s", "by_hand_cpu_s",
+            "cpu_ratio", "server_own_cpu_s", "server_rss_peak_kib", "server_hwm_before_kib",
             "server_hwm_after_kib", "ffmpeg_rss_peak_kib")
     return dict((k, c.median([r[k] for r in results])) for k in keys)
 
