@@ -14,8 +14,12 @@ poster and its MP4, whichever the mode runs, plus the Python between them.
 
 "By hand" replays the very command lines the server logged for that job (so the flags, the
 `nice` prefix and the order are the same), each output written to a scratch folder instead of
-the server's, one after the other, timed from the first start to the last exit. The ratio
+the server's, one after the other, timed from the first start to the last exit (odd rounds run them before
+the server, with the previous round's commands, so neither side always goes second). The ratio
 server / by hand should be about 1: what the server adds is its bookkeeping, not ffmpeg work.
+On a shared machine wall time swings with other people's load, so the CPU seconds of the
+ffmpeg/ffprobe processes are compared too (server: its reaped children, /proc/<pid>/stat
+cutime+cstime; by hand: RUSAGE_CHILDREN), with the server's own CPU during the job.
 
 Memory: the server's RSS (VmRSS) is sampled every 20 ms while the job runs; the report gives
 the highest sample and the server's VmHWM before and after the job (the upload itself is in
