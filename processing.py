@@ -254,8 +254,9 @@ class Processor:
             else:
                 log.error("processing %s: failed after %d interrupted runs", file_id,
                           MAX_INTERRUPTIONS)
-        for file_id in self.store.completed_ids(since=self.queue.created_at):
-            self.queue.add(file_id)
+        added = self.queue.add_missing(self.store.completed_ids(since=self.queue.created_at))
+        if added:
+            log.info("processing: queued %d completed upload(s) that had no job yet", added)
         for number in range(self.workers):
             thread = threading.Thread(target=self._work, name="m1-processing-%d" % number,
                                       daemon=True)
@@ -760,6 +761,17 @@ class JobQueue:
         with self._write() as db:
             return db.execute("INSERT OR IGNORE INTO jobs (file_id, state, queued_at) "
                               "VALUES (?, 'queued', ?)", (file_id, time.time())).rowcount > 0
+
+    def add_missing(self, file_ids):
+        """Queue every upload of `file_ids` that has no job, in one transaction; returns how
+        many were added (start-up backfill: one query however many uploads there are)."""
+        with self._write() as db:
+            known = set(r[0] for r in db.execute("SELECT file_id FROM jobs"))
+            now = time.time()
+            missing = [f for f in file_ids if f not in known]
+            db.executemany("INSERT INTO jobs (file_id, state, queued_at) VALUES (?, 'queued', ?)",
+                           [(f, now + n * 1e-6) for n, f in enumerate(missing)])
+            return len(missing)
 
     def claim_next(self):
         """The oldest queued job, now marked running; None when nothing waits."""
