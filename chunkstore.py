@@ -590,6 +590,13 @@ class ChunkStore:
     def ledger_write(self):
         """A context manager: one committed (fsynced) transaction on a feature's own tables."""
         return self._ledger._write()
+    # -- added for features beside the core (read-only: the crash-safety argument holds) --
+
+    def completed_ids(self, since=0.0):
+        """fileIds of the uploads completed at or after `since` (a time.time()) whose sha256
+        is known, i.e. whose "completed" event was sent; oldest first. Processing uses it at
+        start-up to find uploads whose event it missed (a crash right after the event)."""
+        return self._ledger.completed_ids(since)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -823,6 +830,12 @@ class _Ledger:
                 self._pool.get_nowait().close()
             except queue.Empty:
                 return
+
+    def completed_ids(self, since):
+        with self._connection() as db:
+            return [r[0] for r in db.execute(
+                "SELECT file_id FROM uploads WHERE completed_at >= ? AND sha256 IS NOT NULL "
+                "ORDER BY completed_at", (since,))]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import chunkstore
 import cors
 import events
 import multipart
+import processing
 import tus
 import webclient
 import websocket
@@ -185,6 +186,21 @@ OPTIONS = (
      "longest tus Upload-Metadata header (431 beyond)"),
     ("--tus-max-partials", parse_count, tus.DEFAULT_MAX_PARTIALS,
      "most partial uploads one tus final upload may join (400 beyond)"),
+    # Video processing after an upload completes (processing.py, SPEC section 5).
+    ("--processing", processing.parse_mode, processing.DEFAULT_MODE,
+     "after upload: off, probe (metadata), remux (+ seekable copy and poster, no "
+     "re-encoding) or mp4 (+ H.264/AAC MP4)"),
+    ("--ffmpeg", str, processing.DEFAULT_FFMPEG, "ffmpeg program (name on PATH or path)"),
+    ("--ffprobe", str, processing.DEFAULT_FFPROBE,
+     "ffprobe program (name on PATH or path; default also looks beside ffmpeg)"),
+    ("--max-height", processing.parse_height, processing.DEFAULT_MAX_HEIGHT,
+     "most lines of the MP4 and the poster (never upscaled)"),
+    ("--mp4-crf", processing.parse_crf, processing.DEFAULT_MP4_CRF,
+     "MP4 quality, x264 CRF 0-51 (lower: better and bigger)"),
+    ("--processing-timeout", parse_seconds, processing.DEFAULT_JOB_TIMEOUT_S,
+     "seconds one processing job may take before ffmpeg is stopped and the job fails"),
+    ("--processing-workers", parse_count, processing.DEFAULT_WORKERS,
+     "processing jobs run at once"),
 )
 
 
@@ -255,6 +271,15 @@ class Config:
         self.tus_max_metadata_bytes = args.tus_max_metadata
         self.tus_max_partials = args.tus_max_partials
         self.crash_at = os.environ.get("M1_TEST_CRASH_AT")    # tests only, see chunkstore
+        self.processing = args.processing
+        self.ffmpeg = args.ffmpeg
+        self.ffprobe = args.ffprobe
+        self.max_height = args.max_height
+        self.mp4_crf = args.mp4_crf
+        self.processing_timeout = args.processing_timeout
+        self.processing_workers = args.processing_workers
+        # tests only: transcode at the input's own pace (ffmpeg -re), so a test can act on it
+        self.slow_transcode = os.environ.get("M1_TEST_SLOW_TRANSCODE") == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,9 +318,13 @@ class M1Server(ThreadingHTTPServer):
         self.metrics = Metrics()
         store.add_listener(self.metrics.on_store_event)
         self.tus = tus.TusEndpoint(config, store, _Body, IncompleteBody)
+        self.processor = processing.Processor(config, store)
         self.routes = compile_routes(CORE_ROUTES + webclient.routes(read_resource) +
-                                     events.routes() + tus.routes(self.tus))
-        self.status_extras = [self.tus.status_fields]   # functions(upload) -> dict of fields
+                                     events.routes() + tus.routes(self.tus) +
+                                     processing.routes(self.processor))
+        # functions(upload) -> dict of extra status fields
+        self.status_extras = [self.tus.status_fields, self.processor.status_fields]
+        self.processor.add_listener(self.forward_processing_event)
         self.cors_exposed_headers = cors.EXPOSED_HEADERS + tuple(tus.EXPOSED_HEADERS)
         self.stop_hooks = [self.events.close]    # run on SIGTERM before in-flight requests
         self.stopping = False
@@ -313,6 +342,11 @@ class M1Server(ThreadingHTTPServer):
             except Exception:
                 logging.getLogger("m1server").exception("stop hook %r failed", hook)
         self.shutdown()
+
+    def forward_processing_event(self, event):
+        """Processing's progress, ready and failed events go to event subscribers too."""
+        fields = {k: v for k, v in event.items() if k not in ("type", "fileId")}
+        self.events.publish(event["fileId"], event["type"], **fields)
 
     def process_request(self, request, client_address):
         """Refuse connections past --max-connections with a 503 instead of queueing them."""
@@ -606,14 +640,18 @@ class Handler(BaseHTTPRequestHandler):
             else None
         if upload is None or not dot or ext != upload.ext or upload.bytes_appended == 0:
             raise HttpError(404, "not_found", "no such video")
-        path = self.server.store.media_path(upload)
-        size = upload.bytes_appended          # the consistent prefix, even while it grows
-        mtime = upload.updated_at
+        # the consistent prefix, even while it grows
+        self.send_file(self.server.store.media_path(upload), upload.bytes_appended,
+                       upload.updated_at,
+                       chunkstore.MEDIA_TYPES.get(ext, "application/octet-stream"))
+
+    def send_file(self, path, size, mtime, content_type):
+        """The first `size` bytes of `path` with Range (206/416), ETag, If-None-Match,
+        If-Range and Last-Modified: the original video and its derivatives alike."""
         etag = '"%x-%x"' % (size, int(mtime * 1000))
         headers = {"Accept-Ranges": "bytes", "ETag": etag,
                    "Last-Modified": email.utils.formatdate(mtime, usegmt=True),
-                   "Content-Type": chunkstore.MEDIA_TYPES.get(ext, "application/octet-stream"),
-                   "Cache-Control": "no-cache"}
+                   "Content-Type": content_type, "Cache-Control": "no-cache"}
         if self.headers.get("If-None-Match") == etag:
             return self.send_plain(304, headers)
         start, end = 0, size - 1
@@ -1074,6 +1112,7 @@ def serve(argv):
     signal.signal(signal.SIGINT, stop)
     stopped = threading.Event()
     _start_sweeper(store, config, stopped)
+    server.processor.start()
     host, port = server.server_address[:2]
     shown = "[%s]" % host if ":" in host else host
     print("m1server %s serving http://%s:%d/ (uploads in %s)" % (VERSION, shown, port,
@@ -1081,10 +1120,12 @@ def serve(argv):
     server.serve_forever(poll_interval=0.25)
     stopped.set()
     server.tus.interrupt_all()           # open tus PATCHes store what they have and reply
+    server.processor.stop()          # ffmpeg stopped now; its job runs again at the next start
     finished = server.wait_for_in_flight(SHUTDOWN_GRACE_S)
     server.server_close()
     server.tus.close()
     store.close()
+    server.processor.close()
     sys.stderr.write("m1server stopped%s\n" % ("" if finished else
                                                " (some requests were still running)"))
     return 0

@@ -185,7 +185,11 @@ async function serverRecordings() {
     const items = Array.isArray(data) ? data : (data && (data.uploads || data.items)) || [];
     return items.filter((v) => v && v.fileId && v.url && v.state !== "uploading" &&
                                v.exists !== false)
-      .map((v) => ({ fileId: v.fileId, url: v.url, size: v.fileSize ?? v.size,
+      // Play the best derivative when processing made one (a seekable remux, or an MP4 that
+      // Safari plays); the download link keeps the original, byte for byte.
+      .map((v) => ({ fileId: v.fileId, url: v.url, playbackUrl: v.playbackUrl,
+                     poster: v.derivatives && v.derivatives.poster,
+                     size: v.fileSize ?? v.size,
                      createdAt: v.createdAt || v.lastModified, mimeType: v.mimeType }));
   } catch {
     return [];                                  // no listing on this server: ours only
@@ -194,7 +198,7 @@ async function serverRecordings() {
 
 async function renderRecordings() {
   const byId = new Map();
-  for (const video of [...remembered(), ...await serverRecordings()]) {
+  for (const video of [...await serverRecordings(), ...remembered()]) {  // the server knows more
     if (!byId.has(video.fileId)) byId.set(video.fileId, video);
   }
   const videos = [...byId.values()]
@@ -205,7 +209,8 @@ async function renderRecordings() {
     const player = document.createElement("video");
     player.controls = true;
     player.preload = "metadata";
-    player.src = video.url;                      // GET /uploads/<id>.<ext>, seekable (Range)
+    player.src = video.playbackUrl || video.url; // GET /uploads/..., seekable (Range)
+    if (video.poster) player.poster = video.poster;
     const meta = document.createElement("div");
     meta.className = "meta";
     const when = document.createElement("span");

@@ -292,7 +292,7 @@ def test_delete_removes_the_file_temp_chunks_derivatives_and_ledger_rows(
     file_id = new_id("del")
     make_complete(session, server, file_id, sample_webm)
     derived = os.path.join(server.upload_dir, "derived", file_id)
-    os.makedirs(derived)
+    os.makedirs(derived, exist_ok=True)       # processing may have made it
     with open(os.path.join(derived, "poster.jpg"), "wb") as f:
         f.write(b"\xff\xd8 fake poster")
     assert ledger_rows(server.upload_dir, file_id) == (1, 3)
