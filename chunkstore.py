@@ -195,7 +195,8 @@ class ChunkStore:
     def add_listener(self, listener):
         """Call `listener(event)` after each change, with event a dict such as
         {"type": "chunk", "fileId": ..., "index": 3, "size": ..., "bytesReceived": ...} or
-        {"type": "completed", "fileId": ..., "size": ..., "sha256": ..., "ext": ...}.
+        {"type": "completed", "fileId": ..., "size": ..., "sha256": ..., "ext": ...} or
+        {"type": "deleted", "fileId": ..., "reason": "requested"|"expired", "completed": bool}.
         "chunk" events of one upload come in the order the chunks were stored (they are sent
         under the upload's lock); "completed" follows once the file's sha256 is known.
         Listeners must return at once (queue the work); an exception is logged and ignored."""
@@ -415,8 +416,10 @@ class ChunkStore:
         """(uploads in progress, uploads completed)."""
         return self._ledger.counts()
 
-    def delete(self, file_id):
-        """Remove an upload and every trace of it; False when it is unknown.
+    def delete(self, file_id, reason="requested"):
+        """Remove an upload and every trace of it; False when it is unknown. The "deleted"
+        event says why (`reason`: "requested", or "expired" from `sweep`) and whether the
+        upload had completed.
 
         Crash-safe in three steps: (1) its file, temp chunks and derivatives are moved into
         temp/.deleting/<fileId>-<random>/ (which records the intent), (2) its ledger rows are
@@ -438,7 +441,7 @@ class ChunkStore:
             self._ledger.delete(file_id)
             shutil.rmtree(trash, ignore_errors=True)
         log.info("upload %s deleted", file_id)
-        self._emit("deleted", file_id)
+        self._emit("deleted", file_id, reason=reason, completed=upload.completed)
         return True
 
     def expired(self, now, incomplete_ttl=None, retention=None):
@@ -453,7 +456,7 @@ class ChunkStore:
         deleted = []
         for file_id in self.expired(time.time() if now is None else now, incomplete_ttl,
                                     retention):
-            if self.delete(file_id):
+            if self.delete(file_id, reason="expired"):
                 log.info("retention: removed %s", file_id)
                 deleted.append(file_id)
         return deleted
@@ -541,6 +544,14 @@ class ChunkStore:
     def close(self):
         self._hasher.stop()
         self._ledger.close()
+
+    # -- catching up (read-only) --------------------------------------------------------------
+
+    def completed_since(self, since):
+        """Uploads completed at or after `since` (unix time) whose sha256 is known, oldest
+        first: what a listener that must not miss a "completed" event (one a crash cut off
+        between recording the sha256 and emitting) catches up from at start-up."""
+        return [self._ledger.load(file_id) for file_id in self._ledger.completed_since(since)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -760,6 +771,12 @@ class _Ledger:
                 self._pool.get_nowait().close()
             except queue.Empty:
                 return
+
+    def completed_since(self, since):
+        with self._connection() as db:
+            return [r[0] for r in db.execute(
+                "SELECT file_id FROM uploads WHERE completed_at >= ? AND sha256 IS NOT NULL "
+                "ORDER BY completed_at", (since,))]
 
 
 # ---------------------------------------------------------------------------------------------
