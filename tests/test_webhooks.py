@@ -450,6 +450,27 @@ def test_expiry_sends_upload_failed_and_retention_upload_deleted(server_factory,
     assert found[("upload.failed", "wh_abandoned")]["data"]["reason"] == "incomplete_expired"
 
 
+def test_gc_queues_upload_failed_and_the_server_delivers_it(server_factory, receivers,
+                                                            session, tmp_path):
+    receiver = receivers()
+    directory = tmp_path / "gc"
+    plain = server_factory(upload_dir=directory)
+    upload(session, plain, "wh_gc_abandoned", chunks=1, finish=False)
+    plain.stop()
+    session.close()
+    result = subprocess.run([SERVER_PYTHON, SERVER_PROGRAM, "gc", "--dir", str(directory),
+                             "--incomplete-ttl", "0.01", "--webhook-url", receiver.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30,
+                            env=dict(os.environ, **ENV))
+    assert result.returncode == 0, result.stdout
+    assert b"wh_gc_abandoned" in result.stdout
+    assert receiver.received() == []                   # gc queues; it does not deliver
+    server_factory(args=["--webhook-url", receiver.url], env=ENV, upload_dir=directory)
+    wait_until(lambda: receiver.received(), timeout=WAIT_S, message="upload.failed")
+    assert [(e["type"], e["data"]["fileId"]) for e in receiver.events()] == \
+        [("upload.failed", "wh_gc_abandoned")]
+
+
 # ---------------------------------------------------------------------------------------------
 # The deliveries routes
 # ---------------------------------------------------------------------------------------------
