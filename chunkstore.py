@@ -197,7 +197,8 @@ class ChunkStore:
     def add_listener(self, listener):
         """Call `listener(event)` after each change, with event a dict such as
         {"type": "chunk", "fileId": ..., "index": 3, "size": ..., "bytesReceived": ...} or
-        {"type": "completed", "fileId": ..., "size": ..., "sha256": ..., "ext": ...}.
+        {"type": "completed", "fileId": ..., "size": ..., "sha256": ..., "ext": ...} or
+        {"type": "deleted", "fileId": ..., "reason": "requested"|"expired", "completed": bool}.
         "chunk" events of one upload come in the order the chunks were stored (they are sent
         under the upload's lock); "completed" follows once the file's sha256 is known.
         Listeners must return at once (queue the work); an exception is logged and ignored."""
@@ -424,9 +425,11 @@ class ChunkStore:
         """(uploads in progress, uploads completed)."""
         return self._ledger.counts()
 
-    def delete(self, file_id, unless=None):
+    def delete(self, file_id, unless=None, reason="requested"):
         """Remove an upload and every trace of it; False when it is unknown (or when
-        `unless(upload)`, checked under the upload's lock, says to keep it).
+        `unless(upload)`, checked under the upload's lock, says to keep it). The "deleted"
+        event says why (`reason`: "requested", or "expired" from `sweep`) and whether the
+        upload had completed.
 
         Crash-safe in three steps: (1) its file, temp chunks and derivatives are moved into
         temp/.deleting/<fileId>-<created_at>-<random>/ (which records the intent, and which
@@ -449,7 +452,7 @@ class ChunkStore:
             self._ledger.delete(file_id)
             shutil.rmtree(trash, ignore_errors=True)
         log.info("upload %s deleted", file_id)
-        self._emit("deleted", file_id)
+        self._emit("deleted", file_id, reason=reason, completed=upload.completed)
         return True
 
     def _traces(self, upload):
@@ -494,7 +497,7 @@ class ChunkStore:
                 [upload.file_id], *self._cutoffs(now, incomplete_ttl, retention))
 
         for file_id in self.expired(now, incomplete_ttl, retention):
-            if self.delete(file_id, unless=revived):
+            if self.delete(file_id, unless=revived, reason="expired"):
                 log.info("retention: removed %s", file_id)
                 deleted.append(file_id)
         return deleted
@@ -597,6 +600,12 @@ class ChunkStore:
         is known, i.e. whose "completed" event was sent; oldest first. Processing uses it at
         start-up to find uploads whose event it missed (a crash right after the event)."""
         return self._ledger.completed_ids(since)
+
+    def completed_since(self, since):
+        """Uploads completed at or after `since` (unix time) whose sha256 is known, oldest
+        first: what a listener that must not miss a "completed" event (one a crash cut off
+        between recording the sha256 and emitting) catches up from at start-up."""
+        return [self._ledger.load(file_id) for file_id in self._ledger.completed_ids(since)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ import multipart
 import processing
 import tus
 import webclient
+import webhooks
 import websocket
 from apierror import ApiError
 from metrics import Metrics
@@ -201,7 +202,19 @@ OPTIONS = (
      "seconds one processing job may take before ffmpeg is stopped and the job fails"),
     ("--processing-workers", parse_count, processing.DEFAULT_WORKERS,
      "processing jobs run at once"),
+    ("--webhook-url", webhooks.parse_urls, (),
+     "POST signed events (upload.completed, ...) to this http(s) URL; repeatable; @FILE reads "
+     "one URL a line; the env twin takes URLs separated by spaces"),
+    ("--webhook-secret", str, None, "key of the M1-Signature HMAC on every webhook (required "
+     "with --webhook-url; prefer the env twin: flags show in ps)"),
+    ("--webhook-timeout", parse_seconds, webhooks.DEFAULT_TIMEOUT_S,
+     "seconds one webhook attempt may take, connect to response"),
+    ("--webhook-retry-for", parse_duration, webhooks.DEFAULT_RETRY_FOR_S,
+     "retry a failing webhook with backoff for this long (0: one attempt)"),
+    ("--webhook-workers", webhooks.parse_workers, webhooks.DEFAULT_WORKERS,
+     "webhook attempts in flight at once per URL (threads, fixed at start-up)"),
 )
+SECRET_OPTIONS = ("--webhook-secret",)     # --help never shows their values
 
 
 def env_name(flag):
@@ -219,16 +232,32 @@ def build_parser(environ):
     for flag, kind, default, text in OPTIONS:
         name = env_name(flag)
         if name in environ:
-            default = kind(environ[name]) if kind is not parse_flag else parse_flag(
-                environ[name])
+            try:
+                default = kind(environ[name]) if kind is not parse_flag else parse_flag(
+                    environ[name])
+            except argparse.ArgumentTypeError as error:
+                parser.error("%s: %s" % (name, error))
         shown = _format_default(default)
+        if flag in SECRET_OPTIONS:
+            shown = "set" if default else "none"
         if kind is parse_flag:
             parser.add_argument(flag, action="store_true", default=default,
                                 help="%s [env %s=1]" % (text, name))
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, type=kind, action=_Repeated, default=default,
+                                help="%s [env %s]" % (text, name))
         else:
             parser.add_argument(flag, type=kind, default=default,
                                 help="%s [env %s, default %s]" % (text, name, shown))
     return parser
+
+
+class _Repeated(argparse.Action):
+    """A flag given any number of times (each value a tuple); the flags replace the env twin."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, (() if current is self.default else current) + values)
 
 
 def _format_default(value):
@@ -270,6 +299,11 @@ class Config:
         self.tus_piece_bytes = max(1, args.tus_piece_size)
         self.tus_max_metadata_bytes = args.tus_max_metadata
         self.tus_max_partials = args.tus_max_partials
+        self.webhook_urls = args.webhook_url
+        self.webhook_secret = args.webhook_secret
+        self.webhook_timeout = args.webhook_timeout
+        self.webhook_retry_for = args.webhook_retry_for
+        self.webhook_workers = args.webhook_workers
         self.crash_at = os.environ.get("M1_TEST_CRASH_AT")    # tests only, see chunkstore
         self.processing = args.processing
         self.ffmpeg = args.ffmpeg
@@ -315,13 +349,15 @@ class M1Server(ThreadingHTTPServer):
         self.store = store
         self.events = events.EventBus.from_config(config)
         store.add_listener(self.events.on_store_event)
+        self.webhooks = None         # webhooks.Webhooks, set by serve()
         self.metrics = Metrics()
         store.add_listener(self.metrics.on_store_event)
         self.tus = tus.TusEndpoint(config, store, _Body, IncompleteBody)
         self.processor = processing.Processor(config, store)
         self.routes = compile_routes(CORE_ROUTES + webclient.routes(read_resource) +
                                      events.routes() + tus.routes(self.tus) +
-                                     processing.routes(self.processor))
+                                     processing.routes(self.processor) +
+                                     tuple(webhooks.routes()))
         # functions(upload) -> dict of extra status fields
         self.status_extras = [self.tus.status_fields, self.processor.status_fields]
         self.processor.add_listener(self.forward_processing_event)
@@ -344,9 +380,12 @@ class M1Server(ThreadingHTTPServer):
         self.shutdown()
 
     def forward_processing_event(self, event):
-        """Processing's progress, ready and failed events go to event subscribers too."""
+        """Processing's progress, ready and failed events go to event subscribers too, and
+        ready/failed to webhooks as video.ready / video.failed."""
         fields = {k: v for k, v in event.items() if k not in ("type", "fileId")}
         self.events.publish(event["fileId"], event["type"], **fields)
+        if self.webhooks is not None and event["type"] in ("ready", "failed"):
+            self.webhooks.publish("video." + event["type"], event["fileId"], fields)
 
     def process_request(self, request, client_address):
         """Refuse connections past --max-connections with a 503 instead of queueing them."""
@@ -1080,6 +1119,10 @@ def serve(argv):
         config = Config(args)
     except ValueError as error:
         parser.error(str(error))
+    problem = webhooks.config_problem(config)
+    if problem:
+        sys.stderr.write("m1server: %s\n" % problem)
+        return 2
     _configure_logging()
     log = logging.getLogger("m1server")
     os.makedirs(config.dir, exist_ok=True)
@@ -1089,6 +1132,7 @@ def serve(argv):
         return 2
     store = ChunkStore(config.dir, allow_any_content=config.allow_any_content,
                        max_upload_bytes=config.max_upload_bytes, crash_at=config.crash_at)
+    hooks = webhooks.Webhooks(config, store)     # listens before repair: it misses nothing
     mended = store.repair()
     if mended:
         log.warning("repaired %d upload(s) after a crash", mended)
@@ -1098,7 +1142,9 @@ def serve(argv):
         sys.stderr.write("m1server: cannot listen on %s:%s: %s\n"
                          % (config.host, config.port, error.strerror or error))
         store.close()
+        hooks.close()
         return 2
+    server.webhooks = hooks
     if not _is_loopback(config.host):
         sys.stderr.write("WARNING: listening on %s with no authentication: anyone who can "
                          "reach this address can upload and read videos.\n" % config.host)
@@ -1113,6 +1159,7 @@ def serve(argv):
     stopped = threading.Event()
     _start_sweeper(store, config, stopped)
     server.processor.start()
+    hooks.start(config.webhook_workers)
     host, port = server.server_address[:2]
     shown = "[%s]" % host if ":" in host else host
     print("m1server %s serving http://%s:%d/ (uploads in %s)" % (VERSION, shown, port,
@@ -1126,6 +1173,7 @@ def serve(argv):
     server.tus.close()
     store.close()
     server.processor.close()
+    hooks.close()                # after the store: a late "completed" is still queued
     sys.stderr.write("m1server stopped%s\n" % ("" if finished else
                                                " (some requests were still running)"))
     return 0
@@ -1139,6 +1187,10 @@ def collect_garbage(argv):
                           "background sweep does), then exit. Refuses while a server uses "
                           "the folder: the server's own sweep does it then.")
     config = Config(parser.parse_args(argv))
+    problem = webhooks.config_problem(config)
+    if problem:
+        sys.stderr.write("m1server gc: %s\n" % problem)
+        return 2
     _configure_logging()
     if not os.path.isdir(config.dir):
         sys.stderr.write("m1server gc: %s does not exist\n" % config.dir)
@@ -1149,11 +1201,13 @@ def collect_garbage(argv):
                          "removes expired uploads\n" % config.dir)
         return 2
     store = ChunkStore(config.dir)
+    hooks = webhooks.Webhooks(config, store)     # queues the events; the server delivers them
     try:
         store.repair()
         deleted = store.sweep(config.incomplete_ttl, config.retention)
     finally:
         store.close()
+        hooks.close()
     print(json.dumps({"deleted": deleted}))
     return 0
 
