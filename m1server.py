@@ -64,6 +64,8 @@ SHUTDOWN_GRACE_S = 30.0                    # how long SIGTERM waits for in-fligh
 DEFAULT_INCOMPLETE_TTL_S = 7 * 86400       # an upload idle this long without finishing is removed
 DEFAULT_RETENTION_S = 0                    # 0: completed uploads are kept forever
 DEFAULT_SWEEP_INTERVAL_S = 600.0           # how often retention runs in the background
+DEFAULT_STORAGE = "local"                  # or s3://bucket/prefix (s3store.py)
+DEFAULT_S3_PART_BYTES = 8 << 20            # S3: size of every part of the assembled object
 DEFAULT_LIST_LIMIT = 50                    # GET /api/video page size
 MAX_LIST_LIMIT = 500
 LINGER_DRAIN_BYTES = 1 << 20               # unread body we swallow so the client sees errors
@@ -131,6 +133,27 @@ def parse_flag(text):
     return str(text).strip().lower() in ("1", "true", "yes", "on")
 
 
+def parse_storage(text):
+    value = str(text).strip()
+    if value != "local" and not value.startswith("s3://"):
+        raise argparse.ArgumentTypeError("storage is local or s3://bucket/prefix, not %r" % text)
+    return value
+
+
+def parse_addressing(text):
+    value = str(text).strip().lower()
+    if value not in ("auto", "path", "virtual"):
+        raise argparse.ArgumentTypeError("addressing is path, virtual or auto, not %r" % text)
+    return value
+
+
+def parse_part_size(text):
+    value = parse_size(text)
+    if value < 5 << 20:
+        raise argparse.ArgumentTypeError("S3 parts are at least 5M (S3's minimum)")
+    return value
+
+
 # (flag, type, default, help). The env twin of --max-chunk-size is M1_MAX_CHUNK_SIZE.
 OPTIONS = (
     ("--host", str, DEFAULT_HOST, "address to listen on (a public address prints a warning: "
@@ -156,6 +179,20 @@ OPTIONS = (
      "remove completed uploads this long after they completed (0 keeps them)"),
     ("--sweep-interval", parse_seconds, DEFAULT_SWEEP_INTERVAL_S,
      "seconds between background retention sweeps"),
+    ("--storage", parse_storage, DEFAULT_STORAGE,
+     "where videos live: local (in --dir) or s3://bucket/prefix on S3-compatible storage, "
+     "shared by every node (credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+     "AWS_SESSION_TOKEN)"),
+    ("--s3-endpoint", str, "", "S3 endpoint URL, e.g. http://127.0.0.1:8333 (default: AWS)"),
+    ("--s3-region", str, "", "region requests are signed for (default: AWS_REGION or "
+     "us-east-1)"),
+    ("--s3-addressing", parse_addressing, "auto",
+     "path (host/bucket/key) or virtual (bucket.host/key); auto: path with --s3-endpoint, "
+     "virtual on AWS"),
+    ("--s3-presign", parse_flag, False,
+     "serve videos by redirecting to a presigned S3 URL instead of proxying the bytes"),
+    ("--s3-part-size", parse_part_size, DEFAULT_S3_PART_BYTES,
+     "size of every part of an assembled S3 object but the last (at least 5M)"),
 )
 
 
@@ -214,6 +251,12 @@ class Config:
         self.incomplete_ttl = args.incomplete_ttl or None      # None: keep
         self.retention = args.retention or None
         self.sweep_interval = args.sweep_interval
+        self.storage = args.storage
+        self.s3_endpoint = args.s3_endpoint
+        self.s3_region = args.s3_region
+        self.s3_addressing = args.s3_addressing
+        self.s3_presign = args.s3_presign
+        self.s3_part_size = args.s3_part_size
         self.crash_at = os.environ.get("M1_TEST_CRASH_AT")    # tests only, see chunkstore
 
 
@@ -540,15 +583,17 @@ class Handler(BaseHTTPRequestHandler):
     # -- GET /uploads/<fileId>.<ext> : the assembled video, with Range ---------------------
 
     def get_media(self, name):
+        store = self.server.store
         file_id, dot, ext = name.rpartition(".")
-        upload = self.server.store.status(file_id) if chunkstore.valid_file_id(file_id) \
+        upload = store.status(file_id) if chunkstore.valid_file_id(file_id) else None
+        media = store.open_media(upload) if upload is not None and dot and ext == upload.ext \
             else None
-        if upload is None or not dot or ext != upload.ext or upload.bytes_appended == 0:
+        if media is None:
             raise HttpError(404, "not_found", "no such video")
-        path = self.server.store.media_path(upload)
-        size = upload.bytes_appended          # the consistent prefix, even while it grows
-        mtime = upload.updated_at
-        etag = '"%x-%x"' % (size, int(mtime * 1000))
+        if media.redirect_url:                # --s3-presign: the store serves it
+            return self.send_plain(307, {"Location": media.redirect_url,
+                                         "Cache-Control": "no-store"})
+        size, mtime, etag = media.size, media.mtime, media.etag
         headers = {"Accept-Ranges": "bytes", "ETag": etag,
                    "Last-Modified": email.utils.formatdate(mtime, usegmt=True),
                    "Content-Type": chunkstore.MEDIA_TYPES.get(ext, "application/octet-stream"),
@@ -569,11 +614,13 @@ class Handler(BaseHTTPRequestHandler):
                 status = 206
                 headers["Content-Range"] = "bytes %d-%d/%d" % (start, end, size)
         headers["Content-Length"] = str(end - start + 1)
+        # Opened before the status line: a store that cannot serve it still gets a JSON error.
+        body = media.open_range(start, end - start + 1) if self.command != "HEAD" else None
         self.send_response(status)
         self.send_headers(headers)
-        if self.command != "HEAD":
-            with open(path, "rb") as f:
-                _send_file_range(self.connection, self.wfile, f, start, end - start + 1)
+        if body is not None:
+            with body:
+                body.send(self.connection, self.wfile)
 
     # -- GET /healthz, OPTIONS ----------------------------------------------------------------
 
@@ -582,8 +629,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(200, {"success": True, "data": {"status": "ok", "version": VERSION}})
 
     def get_ready(self):
-        """Readiness: the upload folder is writable, free disk is above the reserve, and the
-        metadata store answers. 503 with the failed checks otherwise."""
+        """Readiness: the upload folder is writable, free disk is above the reserve, the
+        metadata store and the storage backend answer. 503 with the failed checks otherwise."""
         checks = readiness_checks(self.server.config, self.server.store)
         ready = all(check["ok"] for check in checks.values())
         self.send_json(200 if ready else 503, {"success": ready, "data": {
@@ -782,6 +829,10 @@ def readiness_checks(config, store):
         checks["metadataStore"] = {"ok": True}
     except Exception as error:            # reported, not raised: readiness says why
         checks["metadataStore"] = {"ok": False, "error": str(error)}
+    try:
+        checks["storage"] = store.check_storage()
+    except Exception as error:
+        checks["storage"] = {"ok": False, "error": str(error)}
     return checks
 
 
@@ -859,21 +910,6 @@ class _Body:
 
 def _multipart_http_error(error):
     return HttpError(error.status, MULTIPART_CODES.get(error.code, error.code), error.message)
-
-
-def _send_file_range(sock, wfile, f, offset, count):
-    """Send `count` bytes of `f` from `offset`: sendfile(2) where the OS has it."""
-    wfile.flush()
-    try:
-        sock.sendfile(f, offset, count)
-    except (AttributeError, NotImplementedError):
-        f.seek(offset)
-        while count > 0:
-            block = f.read(min(count, 1 << 20))
-            if not block:
-                break
-            wfile.write(block)
-            count -= len(block)
 
 
 def _refuse_connection(sock, status, code, message, retry_after=None):
@@ -971,8 +1007,9 @@ def serve(argv):
     if dir_lock is None:
         sys.stderr.write("m1server: another m1server is using %s\n" % config.dir)
         return 2
-    store = ChunkStore(config.dir, allow_any_content=config.allow_any_content,
-                       max_upload_bytes=config.max_upload_bytes, crash_at=config.crash_at)
+    store = open_store(config)
+    if store is None:
+        return 2
     mended = store.repair()
     if mended:
         log.warning("repaired %d upload(s) after a crash", mended)
@@ -1027,7 +1064,9 @@ def collect_garbage(argv):
         sys.stderr.write("m1server gc: a server is running on %s; its background sweep "
                          "removes expired uploads\n" % config.dir)
         return 2
-    store = ChunkStore(config.dir)
+    store = open_store(config)
+    if store is None:
+        return 2
     try:
         store.repair()
         deleted = store.sweep(config.incomplete_ttl, config.retention)
@@ -1035,6 +1074,21 @@ def collect_garbage(argv):
         store.close()
     print(json.dumps({"deleted": deleted}))
     return 0
+
+
+def open_store(config):
+    """The storage backend --storage names: the local folder, or S3 (s3store.py). None, with
+    the reason on stderr, when the settings cannot work."""
+    if config.storage == "local":
+        return ChunkStore(config.dir, allow_any_content=config.allow_any_content,
+                          max_upload_bytes=config.max_upload_bytes, crash_at=config.crash_at)
+    import s3client                       # only S3 mode needs http.client, hmac, xml
+    import s3store
+    try:
+        return s3store.open_store(config)
+    except s3client.S3ConfigError as error:
+        sys.stderr.write("m1server: --storage %s: %s\n" % (config.storage, error))
+        return None
 
 
 def _start_sweeper(store, config, stopped):
