@@ -1100,6 +1100,9 @@ def _start_sweeper(store, config, stopped):
         while True:
             try:
                 store.sweep(config.incomplete_ttl, config.retention)
+            except ApiError as error:          # e.g. the object store is down: say so, retry
+                logging.getLogger("m1server").warning("retention sweep failed: %s",
+                                                      error.message)
             except Exception:
                 logging.getLogger("m1server").exception("retention sweep failed")
             if stopped.wait(config.sweep_interval):

@@ -285,8 +285,9 @@ class ObjectStream:
         self.status = response.status
         self.headers = {k.lower(): v for k, v in response.getheaders()}
 
-    def read(self, size=-1):
-        return self._response.read(size)
+    def read(self, size=None):
+        """Up to `size` bytes (all that is left when None); b"" at the end."""
+        return self._response.read(None if size is None or size < 0 else size)
 
     def readinto(self, buffer):
         return self._response.readinto(buffer)

@@ -701,6 +701,9 @@ class S3Store:
                 worked = self.finish_abandoned()
                 if worked:
                     log.warning("repair: took over %d upload(s) left unfinished", worked)
+            except StoreError as error:            # the store is down or refuses us
+                log.warning("repair: cannot scan the bucket (the sweep will retry): %s",
+                            error.message)
             except Exception:
                 log.exception("repair: scanning the bucket failed (the sweep will retry)")
 

@@ -67,14 +67,16 @@ class WeedServer:
         kw.setdefault("credentials", s3client.Credentials(ACCESS_KEY, SECRET_KEY))
         return s3client.S3Client(bucket, endpoint=self.endpoint, region=REGION, **kw)
 
-    def start(self):
+    def start(self, port=None):
+        """Start on a free port range (or on `port` again, to restart it: same data)."""
         os.makedirs(self.dir, exist_ok=True)
         config = os.path.join(self.dir, "s3.json")
         with open(config, "w", encoding="utf-8") as f:
             json.dump({"identities": [{"name": "m1test", "credentials": [
                 {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                 "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}, f)
-        for _ in range(20):
+        base = port
+        for _ in range(20 if port is None else 0):
             base = random.randrange(20000, 45000)
             if _ports_free(base):
                 break
