@@ -49,6 +49,7 @@ import queue
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import s3client
 from chunkstore import (DEFAULT_EXTENSION, INCOMING_DIR_NAME, MEDIA_TYPES, SIGNATURE_BYTES,
@@ -80,6 +81,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 SHA256_META = "sha256"                 # x-amz-meta-sha256 on every chunk object
 RECORD_CACHE_SIZE = 256                # fold records kept in memory (they never change)
+PARALLEL_REQUESTS = 4                  # chunk GETs / DELETEs of one fold in flight at once
 
 # What an S3 error means for the client of m1server (apierror envelope).
 DENIED_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
@@ -365,10 +367,18 @@ class S3Store:
         if is_last:
             manifest = self._record_last_index(manifest, chunks, index)
         progress = _Progress(manifest, chunks)
+        if manifest.last_index is not None and not progress.complete(manifest) and \
+                not manifest.completed:
+            # Another node may have stored the last missing chunk while we stored ours, each
+            # listing before the other's PUT: listing again after our PUT means that of two
+            # such racing nodes, at least the later one sees every chunk and finishes.
+            chunks = self._chunks(manifest)
+            chunks.setdefault(index, s3client.ObjectInfo("", size, None, time.time()))
+            progress = _Progress(manifest, chunks)
         if manifest.completed:
             upload = self._state(manifest, None)
         elif progress.complete(manifest):
-            upload = self._state(self._finish(file_id), None)
+            upload = self._finished_state(file_id)
         else:
             if progress.bytes - manifest.cursor >= manifest.part_bytes:
                 self._folder.submit(file_id)
@@ -484,9 +494,23 @@ class S3Store:
             if manifest.completed:
                 return self._state(manifest, None)
             progress = _Progress(manifest, chunks)
-            if progress.complete(manifest):
-                return self._state(self._finish(file_id), None)
-            return self._state(manifest, progress)
+            if not progress.complete(manifest):
+                return self._state(manifest, progress)
+            try:
+                return self._finished_state(file_id)
+            except StoreError as error:
+                if error.code == "upload_gone":
+                    return None
+                raise
+
+    def _finished_state(self, file_id):
+        """Finish an upload whose chunks are all in; its state afterwards."""
+        manifest = self._finish(file_id)
+        if manifest is None or manifest.deleting:
+            raise StoreError(409, "upload_gone", "upload %s was deleted meanwhile" % file_id)
+        if manifest.completed:
+            return self._state(manifest, None)
+        return self._snapshot(manifest)       # not whole after all (a chunk vanished?)
 
     def _state(self, m, progress):
         if m.completed:
@@ -591,8 +615,8 @@ class S3Store:
             except S3Error as error:
                 if error.status != 404:
                     raise
-        for info in list(self.client.iter_objects(self._generation_prefix(m))):
-            self._delete_quietly(info.key)
+        _in_parallel(self._delete_quietly,
+                     [info.key for info in self.client.iter_objects(self._generation_prefix(m))])
         self._delete_quietly(self._index_key(m.created_ms, m.file_id))
         self._delete_quietly(self._done_key(m.file_id))
         try:
@@ -649,18 +673,22 @@ class S3Store:
                         self._hasher.submit(m.file_id)
                         worked += 1
                     continue
-                progress = _Progress(m, self._chunks(m))
-                if progress.complete(m):
-                    self._finish(m.file_id)
-                    worked += 1
-                elif progress.bytes - m.cursor >= m.part_bytes:
-                    self._folder.submit(m.file_id)
-                    worked += 1
+                try:
+                    progress = _Progress(m, self._chunks(m))
+                    if progress.complete(m):
+                        self._finish(m.file_id)
+                        worked += 1
+                    elif progress.bytes - m.cursor >= m.part_bytes:
+                        self._folder.submit(m.file_id)
+                        worked += 1
+                except (S3Error, StoreError) as error:     # one upload must not stop the rest
+                    log.warning("finishing %s failed (retried later): %s", m.file_id, error)
         return worked
 
     def collect_orphans(self, now):
-        """Objects of generations no manifest names (a deletion raced by a chunk upload) and
-        multipart uploads no manifest names, older than ORPHAN_GRACE_S, are removed."""
+        """Objects of generations no manifest names (a deletion raced by a chunk upload),
+        chunk objects of completed uploads (a node died before its cleanup) and multipart
+        uploads no manifest names, older than ORPHAN_GRACE_S, are removed."""
         prefix = self._key("uploads") + "/"
         manifests = {}
         removed = 0
@@ -672,7 +700,8 @@ class S3Store:
             if file_id not in manifests:
                 manifests[file_id] = self._load(file_id) if valid_file_id(file_id) else None
             m = manifests[file_id]
-            if m is None or m.generation != generation:
+            if m is None or m.generation != generation or \
+                    (m.completed and len(rest) == 4 and rest[2] == "c"):
                 self._delete_quietly(info.key)
                 removed += 1
         for key, upload_id, initiated in self.client.list_multipart_uploads(prefix):
@@ -997,8 +1026,8 @@ class S3Store:
             etag = self.client.upload_part_copy(key, m.upload_id, number, info.key,
                                                 (start - offset, end - offset - 1))
         else:
-            data = bytearray()
-            for index, offset, info in pieces:
+            def read(piece):
+                index, offset, info = piece
                 lo, hi = max(start, offset), min(end, offset + info.size)
                 whole = lo == offset and hi == offset + info.size
                 response = self.client.get_object(info.key, None if whole else
@@ -1009,11 +1038,12 @@ class S3Store:
                         raise StoreError(500, "storage_inconsistent", "chunk object %s does "
                                          "not hold the bytes it was stored with" % info.key)
                     hashes[index] = digest
-                data += response.body
+                return response.body
+            data = b"".join(_in_parallel(read, pieces))
             if len(data) != end - start:
                 raise StoreError(500, "storage_inconsistent", "part %d of %s: read %d bytes, "
                                  "expected %d" % (number, m.file_id, len(data), end - start))
-            etag = self.client.upload_part(key, m.upload_id, number, bytes(data),
+            etag = self.client.upload_part(key, m.upload_id, number, data,
                                            sha256=hashlib.sha256(data).hexdigest())
         self._crash.passed("part_uploaded")
         first = m.folded_chunks
@@ -1043,9 +1073,8 @@ class S3Store:
             return True
         recorded = self._update(m, change)
         self._crash.passed("part_recorded")
-        for index, _, info in folded:               # bytes in a recorded part: objects may go
-            if index < recorded.folded_chunks:
-                self._delete_quietly(info.key)
+        _in_parallel(self._delete_quietly, [info.key for index, _, info in folded
+                                            if index < recorded.folded_chunks])
 
     def _start_multipart(self, m):
         key = self._final_key(m)
@@ -1115,8 +1144,8 @@ class S3Store:
     def _after_completion(self, m, emit):
         self._crash.passed("completion_recorded")
         self.client.put_object(self._done_key(m.file_id), b"")
-        for info in list(self.client.iter_objects(self._chunk_prefix(m))):
-            self._delete_quietly(info.key)
+        _in_parallel(self._delete_quietly,
+                     [info.key for info in self.client.iter_objects(self._chunk_prefix(m))])
         log.info("upload %s completed: %d chunks, %d bytes", m.file_id, m.last_index + 1,
                  m.size)
         if emit:
@@ -1236,6 +1265,16 @@ def choose_part_bytes(wanted, max_upload_bytes):
         needed = -(-int(max_upload_bytes) // MAX_PARTS)
         part = max(part, -(-needed // (1 << 20)) << 20)
     return part
+
+
+def _in_parallel(work, items):
+    """[work(item) for item in items], up to PARALLEL_REQUESTS at a time (many small GETs or
+    DELETEs are latency, not bandwidth); the first exception is raised."""
+    items = list(items)
+    if len(items) <= 1:
+        return [work(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(PARALLEL_REQUESTS, len(items))) as pool:
+        return list(pool.map(work, items))
 
 
 def _mark_deleting(data):
