@@ -332,7 +332,7 @@ class S3Client:
         if addressing not in ("path", "virtual"):
             raise S3ConfigError("addressing must be path or virtual, not %r" % addressing)
         self.bucket = bucket
-        self.region = region or DEFAULT_REGION
+        self.region = region or os.environ.get("AWS_REGION") or DEFAULT_REGION
         self.credentials = credentials or Credentials.from_environ()
         self.endpoint = (endpoint or default_endpoint(self.region)).rstrip("/")
         parts = urlsplit(self.endpoint)
