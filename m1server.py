@@ -257,6 +257,7 @@ class Config:
         self.s3_addressing = args.s3_addressing
         self.s3_presign = args.s3_presign
         self.s3_part_size = args.s3_part_size
+        self.one_shot = False              # `gc`: one sweep, then exit
         self.crash_at = os.environ.get("M1_TEST_CRASH_AT")    # tests only, see chunkstore
 
 
@@ -1055,6 +1056,7 @@ def collect_garbage(argv):
                           "background sweep does), then exit. Refuses while a server uses "
                           "the folder: the server's own sweep does it then.")
     config = Config(parser.parse_args(argv))
+    config.one_shot = True
     _configure_logging()
     if not os.path.isdir(config.dir):
         sys.stderr.write("m1server gc: %s does not exist\n" % config.dir)

@@ -75,7 +75,7 @@ PRESIGN_EXPIRES_S = 900                # --s3-presign: how long a redirect URL w
 READY_TIMEOUT_S = 5.0                  # the readiness probe's own timeout (one attempt)
 STREAM_BLOCK_BYTES = 256 << 10         # media proxying: bytes per read from the store
 ORPHAN_GRACE_S = 3600.0                # gc leaves unreferenced objects younger than this
-ORPHAN_SCAN_INTERVAL_S = 3600.0        # a sweep looks for orphans at most this often
+ORPHAN_SCAN_INTERVAL_S = 86400.0       # a sweep looks for orphans (a full listing) this often
 INDEX_SPAN_MS = 10 ** 13               # index keys: INDEX_SPAN_MS - 1 - created ms, 13 digits
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -118,7 +118,8 @@ def open_store(config):
                                addressing=addressing)
     return S3Store(client, prefix, config.dir, allow_any_content=config.allow_any_content,
                    max_upload_bytes=config.max_upload_bytes, part_bytes=config.s3_part_size,
-                   presign=config.s3_presign, crash_at=config.crash_at)
+                   presign=config.s3_presign, crash_at=config.crash_at,
+                   scan_orphans_first=config.one_shot)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +220,8 @@ class S3Store:
     """Chunks of many uploads into one object each, on a bucket shared by many nodes."""
 
     def __init__(self, client, prefix, root, allow_any_content=False, max_upload_bytes=None,
-                 part_bytes=DEFAULT_PART_BYTES, presign=False, crash_at=None):
+                 part_bytes=DEFAULT_PART_BYTES, presign=False, crash_at=None,
+                 scan_orphans_first=False):
         self.client = client
         self.bucket = client.bucket
         self.prefix = prefix.strip("/")
@@ -243,7 +245,8 @@ class S3Store:
         self._records = {}                    # fold record cache: key -> [(size, sha256)]
         self._records_lock = threading.Lock()
         self._counts = (0.0, None)
-        self._last_orphan_scan = 0.0
+        # A full listing of the bucket: not at every node's start-up, only in a one-shot gc.
+        self._last_orphan_scan = None if scan_orphans_first else time.monotonic()
         self._folder = _Workers("m1-fold", FOLD_WORKERS, self._fold_in_background)
         self._hasher = _Workers("m1-s3-hash", 1, self._hash_in_background)
 
@@ -649,7 +652,8 @@ class S3Store:
 
     def sweep(self, incomplete_ttl=None, retention=None, now=None):
         """Delete expired uploads, finish what crashed nodes left (every node may run this:
-        each step is safe to repeat), and now and then remove orphaned objects."""
+        each step is safe to repeat), and once every ORPHAN_SCAN_INTERVAL_S remove orphaned
+        objects (at once in `m1server.py gc`)."""
         now = time.time() if now is None else now
         deleted = []
         for file_id in self.expired(now, incomplete_ttl, retention):
@@ -657,8 +661,8 @@ class S3Store:
                 log.info("retention: removed %s", file_id)
                 deleted.append(file_id)
         self.finish_abandoned()
-        if time.monotonic() - self._last_orphan_scan > ORPHAN_SCAN_INTERVAL_S or \
-                self._last_orphan_scan == 0.0:
+        if self._last_orphan_scan is None or \
+                time.monotonic() - self._last_orphan_scan > ORPHAN_SCAN_INTERVAL_S:
             self._last_orphan_scan = time.monotonic()
             with self._storage_errors():
                 self.collect_orphans(now)
