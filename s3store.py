@@ -119,7 +119,7 @@ def open_store(config):
     return S3Store(client, prefix, config.dir, allow_any_content=config.allow_any_content,
                    max_upload_bytes=config.max_upload_bytes, part_bytes=config.s3_part_size,
                    presign=config.s3_presign, crash_at=config.crash_at,
-                   scan_orphans_first=config.one_shot)
+                   one_shot=config.one_shot)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ class S3Store:
 
     def __init__(self, client, prefix, root, allow_any_content=False, max_upload_bytes=None,
                  part_bytes=DEFAULT_PART_BYTES, presign=False, crash_at=None,
-                 scan_orphans_first=False):
+                 one_shot=False):
         self.client = client
         self.bucket = client.bucket
         self.prefix = prefix.strip("/")
@@ -245,8 +245,9 @@ class S3Store:
         self._records = {}                    # fold record cache: key -> [(size, sha256)]
         self._records_lock = threading.Lock()
         self._counts = (0.0, None)
+        self.one_shot = one_shot              # `gc`: one sweep does everything, then exit
         # A full listing of the bucket: not at every node's start-up, only in a one-shot gc.
-        self._last_orphan_scan = None if scan_orphans_first else time.monotonic()
+        self._last_orphan_scan = None if one_shot else time.monotonic()
         self._folder = _Workers("m1-fold", FOLD_WORKERS, self._fold_in_background)
         self._hasher = _Workers("m1-s3-hash", 1, self._hash_in_background)
 
@@ -731,6 +732,8 @@ class S3Store:
         background (starting must stay fast) for uploads a dead node left unfinished."""
         for name in os.listdir(self.incoming_dir):
             self.discard(os.path.join(self.incoming_dir, name))
+        if self.one_shot:
+            return 0                              # gc's sweep scans, in the foreground
 
         def scan():
             try:
