@@ -84,7 +84,7 @@ class WeedServer:
         data = os.path.join(self.dir, "data")
         os.makedirs(data, exist_ok=True)
         command = [
-            self.weed, "mini", "-dir=" + data, "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            self.weed, "-logdir=" + data, "mini", "-dir=" + data, "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-s3.port=%d" % base, "-s3.config=" + config, "-master.port=%d" % (base + 1),
             "-volume.port=%d" % (base + 2), "-filer.port=%d" % (base + 3),
             "-admin.port=%d" % (base + 4), "-webdav=false", "-admin.ui=false",
