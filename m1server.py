@@ -71,6 +71,8 @@ SHUTDOWN_GRACE_S = 30.0                    # how long SIGTERM waits for in-fligh
 DEFAULT_INCOMPLETE_TTL_S = 7 * 86400       # an upload idle this long without finishing is removed
 DEFAULT_RETENTION_S = 0                    # 0: completed uploads are kept forever
 DEFAULT_SWEEP_INTERVAL_S = 600.0           # how often retention runs in the background
+DEFAULT_STORAGE = "local"                  # or s3://bucket/prefix (s3store.py)
+DEFAULT_S3_PART_BYTES = 8 << 20            # S3: size of every part of the assembled object
 DEFAULT_LIST_LIMIT = 50                    # GET /api/video page size
 MAX_LIST_LIMIT = 500
 LINGER_DRAIN_BYTES = 1 << 20               # unread body we swallow so the client sees errors
@@ -136,6 +138,27 @@ def parse_port(text):
 
 def parse_flag(text):
     return str(text).strip().lower() in ("1", "true", "yes", "on")
+
+
+def parse_storage(text):
+    value = str(text).strip()
+    if value != "local" and not value.startswith("s3://"):
+        raise argparse.ArgumentTypeError("storage is local or s3://bucket/prefix, not %r" % text)
+    return value
+
+
+def parse_addressing(text):
+    value = str(text).strip().lower()
+    if value not in ("auto", "path", "virtual"):
+        raise argparse.ArgumentTypeError("addressing is path, virtual or auto, not %r" % text)
+    return value
+
+
+def parse_part_size(text):
+    value = parse_size(text)
+    if value < 5 << 20:
+        raise argparse.ArgumentTypeError("S3 parts are at least 5M (S3's minimum)")
+    return value
 
 
 # (flag, type, default, help). The env twin of --max-chunk-size is M1_MAX_CHUNK_SIZE.
@@ -213,6 +236,20 @@ OPTIONS = (
      "retry a failing webhook with backoff for this long (0: one attempt)"),
     ("--webhook-workers", webhooks.parse_workers, webhooks.DEFAULT_WORKERS,
      "webhook attempts in flight at once per URL (threads, fixed at start-up)"),
+    ("--storage", parse_storage, DEFAULT_STORAGE,
+     "where videos live: local (in --dir) or s3://bucket/prefix on S3-compatible storage, "
+     "shared by every node (credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+     "AWS_SESSION_TOKEN)"),
+    ("--s3-endpoint", str, "", "S3 endpoint URL, e.g. http://127.0.0.1:8333 (default: AWS)"),
+    ("--s3-region", str, "", "region requests are signed for (default: AWS_REGION or "
+     "us-east-1)"),
+    ("--s3-addressing", parse_addressing, "auto",
+     "path (host/bucket/key) or virtual (bucket.host/key); auto: path with --s3-endpoint, "
+     "virtual on AWS"),
+    ("--s3-presign", parse_flag, False,
+     "serve videos by redirecting to a presigned S3 URL instead of proxying the bytes"),
+    ("--s3-part-size", parse_part_size, DEFAULT_S3_PART_BYTES,
+     "size of every part of an assembled S3 object but the last (at least 5M)"),
 )
 SECRET_OPTIONS = ("--webhook-secret",)     # --help never shows their values
 
@@ -304,8 +341,21 @@ class Config:
         self.webhook_timeout = args.webhook_timeout
         self.webhook_retry_for = args.webhook_retry_for
         self.webhook_workers = args.webhook_workers
+        self.storage = args.storage
+        self.s3_endpoint = args.s3_endpoint
+        self.s3_region = args.s3_region
+        self.s3_addressing = args.s3_addressing
+        self.s3_presign = args.s3_presign
+        self.s3_part_size = args.s3_part_size
+        self.one_shot = False              # `gc`: one sweep, then exit
         self.crash_at = os.environ.get("M1_TEST_CRASH_AT")    # tests only, see chunkstore
         self.processing = args.processing
+        if self.storage != "local" and self.processing != "off":
+            # processing keeps its queue and derivatives in the local folder: not on S3 yet
+            logging.getLogger("m1server").warning(
+                "--processing %s is not available with --storage s3 yet; it is off",
+                self.processing)
+            self.processing = "off"
         self.ffmpeg = args.ffmpeg
         self.ffprobe = args.ffprobe
         self.max_height = args.max_height
@@ -352,14 +402,19 @@ class M1Server(ThreadingHTTPServer):
         self.webhooks = None         # webhooks.Webhooks, set by serve()
         self.metrics = Metrics()
         store.add_listener(self.metrics.on_store_event)
-        self.tus = tus.TusEndpoint(config, store, _Body, IncompleteBody)
+        # tus keeps its state beside the local ledger: on S3 it is not offered yet, and says so
+        # (501) instead of half-working; processing is off there too (see Config).
+        local = config.storage == "local"
+        self.tus = tus.TusEndpoint(config, store, _Body, IncompleteBody) if local else None
         self.processor = processing.Processor(config, store)
         self.routes = compile_routes(CORE_ROUTES + webclient.routes(read_resource) +
-                                     events.routes() + tus.routes(self.tus) +
+                                     events.routes() +
+                                     (tus.routes(self.tus) if local else TUS_ON_S3_ROUTES) +
                                      processing.routes(self.processor) +
                                      tuple(webhooks.routes()))
         # functions(upload) -> dict of extra status fields
-        self.status_extras = [self.tus.status_fields, self.processor.status_fields]
+        self.status_extras = ([self.tus.status_fields] if local else []) + [
+            self.processor.status_fields]
         self.processor.add_listener(self.forward_processing_event)
         self.cors_exposed_headers = cors.EXPOSED_HEADERS + tuple(tus.EXPOSED_HEADERS)
         self.stop_hooks = [self.events.close]    # run on SIGTERM before in-flight requests
@@ -674,20 +729,26 @@ class Handler(BaseHTTPRequestHandler):
     # -- GET /uploads/<fileId>.<ext> : the assembled video, with Range ---------------------
 
     def get_media(self, name):
+        store = self.server.store
         file_id, dot, ext = name.rpartition(".")
-        upload = self.server.store.status(file_id) if chunkstore.valid_file_id(file_id) \
+        upload = store.status(file_id) if chunkstore.valid_file_id(file_id) else None
+        media = store.open_media(upload) if upload is not None and dot and ext == upload.ext \
             else None
-        if upload is None or not dot or ext != upload.ext or upload.bytes_appended == 0:
+        if media is None:
             raise HttpError(404, "not_found", "no such video")
-        # the consistent prefix, even while it grows
-        self.send_file(self.server.store.media_path(upload), upload.bytes_appended,
-                       upload.updated_at,
-                       chunkstore.MEDIA_TYPES.get(ext, "application/octet-stream"))
+        if media.redirect_url:                # --s3-presign: the store serves it
+            return self.send_plain(307, {"Location": media.redirect_url,
+                                         "Cache-Control": "no-store"})
+        self.send_media(media, chunkstore.MEDIA_TYPES.get(ext, "application/octet-stream"))
 
     def send_file(self, path, size, mtime, content_type):
-        """The first `size` bytes of `path` with Range (206/416), ETag, If-None-Match,
-        If-Range and Last-Modified: the original video and its derivatives alike."""
-        etag = '"%x-%x"' % (size, int(mtime * 1000))
+        """The first `size` bytes of a local file (processing's derivatives)."""
+        self.send_media(chunkstore.FileMedia(path, size, mtime), content_type)
+
+    def send_media(self, media, content_type):
+        """A stored video with Range (206/416), ETag, If-None-Match, If-Range and
+        Last-Modified: the original and its derivatives alike, from disk or S3."""
+        size, mtime, etag = media.size, media.mtime, media.etag
         headers = {"Accept-Ranges": "bytes", "ETag": etag,
                    "Last-Modified": email.utils.formatdate(mtime, usegmt=True),
                    "Content-Type": content_type, "Cache-Control": "no-cache"}
@@ -707,11 +768,13 @@ class Handler(BaseHTTPRequestHandler):
                 status = 206
                 headers["Content-Range"] = "bytes %d-%d/%d" % (start, end, size)
         headers["Content-Length"] = str(end - start + 1)
+        # Opened before the status line: a store that cannot serve it still gets a JSON error.
+        body = media.open_range(start, end - start + 1) if self.command != "HEAD" else None
         self.send_response(status)
         self.send_headers(headers)
-        if self.command != "HEAD":
-            with open(path, "rb") as f:
-                _send_file_range(self.connection, self.wfile, f, start, end - start + 1)
+        if body is not None:
+            with body:
+                body.send(self.connection, self.wfile)
 
     # -- GET /healthz, OPTIONS ----------------------------------------------------------------
 
@@ -724,8 +787,8 @@ class Handler(BaseHTTPRequestHandler):
                        "maxUploadBytes": config.max_upload_bytes}}})
 
     def get_ready(self):
-        """Readiness: the upload folder is writable, free disk is above the reserve, and the
-        metadata store answers. 503 with the failed checks otherwise."""
+        """Readiness: the upload folder is writable, free disk is above the reserve, the
+        metadata store and the storage backend answer. 503 with the failed checks otherwise."""
         checks = readiness_checks(self.server.config, self.server.store)
         failed = sorted(name for name, check in checks.items() if not check["ok"])
         data = {"status": "not_ready" if failed else "ready", "checks": checks}
@@ -847,6 +910,15 @@ CORE_ROUTES = (
 )
 
 
+def _not_on_s3(handler, *path_groups):
+    raise HttpError(501, "not_available_on_s3",
+                    "tus uploads need --storage local for now; use POST /api/video/upload")
+
+
+TUS_ON_S3_ROUTES = ((r"/files/?", {m: _not_on_s3 for m in tus.HTTP_METHODS}),
+                    (r"/files/(.+)", {m: _not_on_s3 for m in tus.HTTP_METHODS}))
+
+
 def compile_routes(rows):
     """(regex, methods, label); the label names the route in metrics: /api/video/status/:1"""
     compiled = []
@@ -933,6 +1005,10 @@ def readiness_checks(config, store):
         checks["metadataStore"] = {"ok": True}
     except Exception as error:            # reported, not raised: readiness says why
         checks["metadataStore"] = {"ok": False, "error": str(error)}
+    try:
+        checks["storage"] = store.check_storage()
+    except Exception as error:
+        checks["storage"] = {"ok": False, "error": str(error)}
     return checks
 
 
@@ -1010,21 +1086,6 @@ class _Body:
 
 def _multipart_http_error(error):
     return HttpError(error.status, MULTIPART_CODES.get(error.code, error.code), error.message)
-
-
-def _send_file_range(sock, wfile, f, offset, count):
-    """Send `count` bytes of `f` from `offset`: sendfile(2) where the OS has it."""
-    wfile.flush()
-    try:
-        sock.sendfile(f, offset, count)
-    except (AttributeError, NotImplementedError):
-        f.seek(offset)
-        while count > 0:
-            block = f.read(min(count, 1 << 20))
-            if not block:
-                break
-            wfile.write(block)
-            count -= len(block)
 
 
 def _refuse_connection(sock, status, code, message, retry_after=None):
@@ -1130,8 +1191,9 @@ def serve(argv):
     if dir_lock is None:
         sys.stderr.write("m1server: another m1server is using %s\n" % config.dir)
         return 2
-    store = ChunkStore(config.dir, allow_any_content=config.allow_any_content,
-                       max_upload_bytes=config.max_upload_bytes, crash_at=config.crash_at)
+    store = open_store(config)
+    if store is None:
+        return 2
     hooks = webhooks.Webhooks(config, store)     # listens before repair: it misses nothing
     mended = store.repair()
     if mended:
@@ -1166,11 +1228,13 @@ def serve(argv):
                                                                 config.dir), flush=True)
     server.serve_forever(poll_interval=0.25)
     stopped.set()
-    server.tus.interrupt_all()           # open tus PATCHes store what they have and reply
+    if server.tus:
+        server.tus.interrupt_all()       # open tus PATCHes store what they have and reply
     server.processor.stop()          # ffmpeg stopped now; its job runs again at the next start
     finished = server.wait_for_in_flight(SHUTDOWN_GRACE_S)
     server.server_close()
-    server.tus.close()
+    if server.tus:
+        server.tus.close()
     store.close()
     server.processor.close()
     hooks.close()                # after the store: a late "completed" is still queued
@@ -1191,6 +1255,7 @@ def collect_garbage(argv):
     if problem:
         sys.stderr.write("m1server gc: %s\n" % problem)
         return 2
+    config.one_shot = True
     _configure_logging()
     if not os.path.isdir(config.dir):
         sys.stderr.write("m1server gc: %s does not exist\n" % config.dir)
@@ -1200,7 +1265,9 @@ def collect_garbage(argv):
         sys.stderr.write("m1server gc: a server is running on %s; its background sweep "
                          "removes expired uploads\n" % config.dir)
         return 2
-    store = ChunkStore(config.dir)
+    store = open_store(config)
+    if store is None:
+        return 2
     hooks = webhooks.Webhooks(config, store)     # queues the events; the server delivers them
     try:
         store.repair()
@@ -1212,6 +1279,21 @@ def collect_garbage(argv):
     return 0
 
 
+def open_store(config):
+    """The storage backend --storage names: the local folder, or S3 (s3store.py). None, with
+    the reason on stderr, when the settings cannot work."""
+    if config.storage == "local":
+        return ChunkStore(config.dir, allow_any_content=config.allow_any_content,
+                          max_upload_bytes=config.max_upload_bytes, crash_at=config.crash_at)
+    import s3client                       # only S3 mode needs http.client, hmac, xml
+    import s3store
+    try:
+        return s3store.open_store(config)
+    except s3client.S3ConfigError as error:
+        sys.stderr.write("m1server: --storage %s: %s\n" % (config.storage, error))
+        return None
+
+
 def _start_sweeper(store, config, stopped):
     """Retention in the background: once at start, then every --sweep-interval seconds."""
     if config.incomplete_ttl is None and config.retention is None:
@@ -1221,6 +1303,9 @@ def _start_sweeper(store, config, stopped):
         while True:
             try:
                 store.sweep(config.incomplete_ttl, config.retention)
+            except ApiError as error:          # e.g. the object store is down: say so, retry
+                logging.getLogger("m1server").warning("retention sweep failed: %s",
+                                                      error.message)
             except Exception:
                 logging.getLogger("m1server").exception("retention sweep failed")
             if stopped.wait(config.sweep_interval):

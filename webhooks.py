@@ -308,7 +308,8 @@ class Webhooks:
         since = max(self._queue.created_at, time.time() - self._retry_for)
         # An event is published after its upload completed, so its created_at >= since.
         known = self._queue.event_ids("upload.completed", since)
-        for upload in self._store.completed_since(since):
+        completed_since = getattr(self._store, "completed_since", None)
+        for upload in completed_since(since) if completed_since else ():   # not on S3 yet
             if new_event_id("upload.completed", upload.file_id,
                             repr(upload.completed_at)) not in known:
                 log.warning("webhooks: catching up on upload.completed for %s", upload.file_id)

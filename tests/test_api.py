@@ -1,8 +1,9 @@
 """Black-box tests of the seed upload API (SPEC §1) and the limits and flags of SPEC §8.
 
 Each test starts its own m1server on a free port with its own upload directory and talks to it
-over HTTP exactly as a client would. Files on disk are checked only where the contract names
-them (uploads/<fileId>.<ext>, uploads/temp/<fileId>/).
+over HTTP exactly as a client would. Stored bytes are checked only where the contract names
+them (uploads/<fileId>.<ext>, uploads/temp/<fileId>/), through `srv.storage` (conftest), which
+reads the bucket instead when the suite runs in S3 mode (M1_TEST_STORAGE=s3, `make test-s3`).
 """
 from __future__ import annotations
 
@@ -41,20 +42,10 @@ def new_id(tag="t"):
     return "upload_%s_%s" % (tag, os.urandom(6).hex())
 
 
-def media_path(srv, file_id, ext="webm"):
-    return os.path.join(srv.upload_dir, "%s.%s" % (file_id, ext))
-
-
-def read_file(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def file_size(path):
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return None
+def stored_media(srv, file_id, ext="webm"):
+    """The assembled file as stored (local: uploads/<id>.<ext>; S3: the completed object),
+    or None."""
+    return srv.storage.media(file_id, ext)
 
 
 def ok_data(response):
@@ -106,13 +97,13 @@ def wait_for_sha256(session, srv, file_id):
 
 
 def temp_dir_empty(srv, file_id):
-    path = os.path.join(srv.upload_dir, "temp", file_id)
-    return not os.path.isdir(path) or not os.listdir(path)
+    """No chunk waits for earlier ones (local: uploads/temp/<id>/; S3: chunk objects)."""
+    return not srv.storage.early_chunks(file_id)
 
 
 def assert_assembled(session, srv, file_id, expected, ext="webm"):
     """The assembled file equals `expected` on disk, over HTTP and in the status."""
-    assert read_file(media_path(srv, file_id, ext)) == expected
+    assert stored_media(srv, file_id, ext) == expected
     served = session.get("%s/uploads/%s.%s" % (srv.url, file_id, ext), timeout=30)
     assert served.status_code == 200
     assert served.content == expected
@@ -189,7 +180,6 @@ def test_webm_in_order_grows_while_uploading_and_assembles_byte_exact(server, se
                                                                       sample_webm):
     file_id = new_id("webm")
     chunks = split_chunks(sample_webm, 8)
-    path = media_path(server, file_id)
     appended = 0
     for index, chunk in enumerate(chunks):
         last = index == len(chunks) - 1
@@ -199,7 +189,9 @@ def test_webm_in_order_grows_while_uploading_and_assembles_byte_exact(server, se
         assert data["chunkIndex"] == index
         assert data["status"] == ("completed" if last else "uploading")
         assert data["bytesReceived"] == appended
-        assert file_size(path) == appended, "file must grow as chunks arrive in order"
+        if server.storage.grows_in_place:
+            assert len(stored_media(server, file_id)) == appended, \
+                "file must grow as chunks arrive in order"
         assert temp_dir_empty(server, file_id), "an in-order chunk must not stay in temp/"
     assert_assembled(session, server, file_id, sample_webm)
 
@@ -210,7 +202,7 @@ def test_mp4_with_mime_type_assembles_an_mp4_file(server, session, sample_mp4):
                       mime_type="video/mp4")
     assert data["status"] == "completed"
     assert_assembled(session, server, file_id, sample_mp4, ext="mp4")
-    assert not os.path.exists(media_path(server, file_id, "webm"))
+    assert stored_media(server, file_id, "webm") is None
 
 
 def test_mime_type_with_codecs_parameter_picks_webm(server, session, sample_webm):
@@ -247,7 +239,7 @@ def test_same_index_with_other_bytes_is_a_conflict(server, session, sample_webm)
     ok_data(send_chunk(session, server.url, file_id, 0, chunks[0]))
     ok_data(send_chunk(session, server.url, file_id, 1, chunks[1]))
     ok_data(send_chunk(session, server.url, file_id, 4, chunks[4]))       # waits in temp/
-    before_file = read_file(media_path(server, file_id))
+    before_file = stored_media(server, file_id)
     before_status = status_data(session, server, file_id)
 
     other = bytes(b ^ 0xFF for b in chunks[1])
@@ -257,7 +249,7 @@ def test_same_index_with_other_bytes_is_a_conflict(server, session, sample_webm)
     assert_error(send_chunk(session, server.url, file_id, 4, chunks[4][:-1]), 409,
                  "chunk_conflict")
 
-    assert read_file(media_path(server, file_id)) == before_file
+    assert stored_media(server, file_id) == before_file
     after_status = status_data(session, server, file_id)
     for key in ("fileSize", "nextChunkIndex", "state", "chunksReceived"):
         assert after_status.get(key) == before_status.get(key), key
@@ -321,7 +313,7 @@ def test_wrong_checksum_is_refused_and_nothing_is_stored(server, session, sample
     assert_error(send_chunk(session, server.url, file_id, 0, chunk, checksum=wrong), 400,
                  "checksum_mismatch")
     assert status_data(session, server, file_id)["exists"] is False
-    assert not os.path.exists(media_path(server, file_id))
+    assert stored_media(server, file_id) is None
     assert temp_dir_empty(server, file_id)
     # an early chunk with a wrong checksum is not stashed either
     assert_error(send_chunk(session, server.url, file_id, 3, b"abc",
@@ -331,7 +323,8 @@ def test_wrong_checksum_is_refused_and_nothing_is_stored(server, session, sample
     data = ok_data(send_chunk(session, server.url, file_id, 0, chunk,
                               checksum="sha256:" + sha256(chunk)))
     assert not data.get("duplicate")
-    assert read_file(media_path(server, file_id)) == chunk
+    if server.storage.grows_in_place:
+        assert stored_media(server, file_id) == chunk
 
 
 @pytest.mark.parametrize("checksum", [
@@ -480,7 +473,13 @@ def test_sigterm_during_uploads_exits_0_and_keeps_acknowledged_chunks(server_fac
     assert kept >= len(acknowledged), (status, len(acknowledged))
     expected = b"".join(chunks[:kept])
     assert status["fileSize"] == len(expected)
-    assert read_file(media_path(srv, file_id)) == expected
+    if srv.storage.grows_in_place:
+        assert stored_media(srv, file_id) == expected
+    with requests.Session() as session:       # the rest completes it, byte-exact
+        for index in range(kept, len(chunks)):
+            ok_data(send_chunk(session, srv.url, file_id, index, chunks[index],
+                               status="completed" if index == len(chunks) - 1 else "uploading"))
+        assert_assembled(session, srv, file_id, media)
 
 
 # --- limits ---------------------------------------------------------------------------------
@@ -498,7 +497,7 @@ def test_max_chunk_size_accepts_exactly_the_limit_and_refuses_one_byte_more(serv
         assert temp_dir_empty(srv, file_id)
         ok_data(send_chunk(session, srv.url, file_id, 1, sample_webm[1024:2048],
                            status="completed"))
-        assert read_file(media_path(srv, file_id)) == sample_webm[:2048]
+        assert stored_media(srv, file_id) == sample_webm[:2048]
 
 
 def test_max_chunk_size_env_twin(server_factory, sample_webm):
@@ -520,7 +519,7 @@ def test_max_upload_size_accepts_the_limit_and_refuses_past_it(server_factory, s
         # early chunks count too
         assert_error(send_chunk(session, srv.url, file_id, 5, b"y"), 413, "upload_too_large")
         ok_data(send_chunk(session, srv.url, file_id, 2, b"", status="completed"))
-        assert read_file(media_path(srv, file_id)) == sample_webm[:4096]
+        assert stored_media(srv, file_id) == sample_webm[:4096]
         # the limit is per upload, not per server
         other = new_id("uplim2")
         ok_data(send_chunk(session, srv.url, other, 0, sample_webm[:4096], status="completed"))
@@ -610,7 +609,7 @@ def test_allow_any_content_accepts_a_chunk_0_without_a_media_signature(server_fa
         file_id = new_id("any")
         ok_data(send_chunk(session, srv.url, file_id, 0, b"plain text, not a video",
                            status="completed"))
-        assert read_file(media_path(srv, file_id)) == b"plain text, not a video"
+        assert stored_media(srv, file_id) == b"plain text, not a video"
 
 
 def test_chunk_0_without_a_media_signature_is_refused_by_default(server, session):
@@ -747,7 +746,7 @@ def test_valid_multipart_spellings_are_accepted(server, session, content_type, w
         "POST", "/api/video/upload", headers, body))
     assert response.status == 200, response
     assert response.json()["data"]["status"] == "completed"
-    assert read_file(media_path(server, file_id)) == data
+    assert stored_media(server, file_id) == data
 
 
 def test_sigterm_mid_body_finishes_that_chunk_then_exits_0(server_factory, sample_webm):
@@ -795,4 +794,4 @@ def test_timeout_is_per_read_so_a_slow_but_moving_upload_succeeds(server_factory
     finally:
         sock.close()
     assert response.status == 200, response
-    assert read_file(media_path(srv, file_id)) == sample_webm[:60000]
+    assert stored_media(srv, file_id) == sample_webm[:60000]

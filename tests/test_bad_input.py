@@ -52,12 +52,13 @@ def completed_upload(bad_server, sample_webm):
 
 @pytest.fixture(scope="module")
 def stashed_chunk(bad_server):
-    """An early chunk waiting in uploads/temp/<fileId>/ (chunk 0 never sent)."""
+    """An early chunk waiting in uploads/temp/<fileId>/ (S3 mode: as a chunk object) with
+    chunk 0 never sent."""
     file_id = "bad_input_stash"
     with requests.Session() as session:
         response = send_chunk(session, bad_server.url, file_id, 1, b"early chunk bytes")
         assert response.status_code == 200, response.text
-    assert os.path.isfile(os.path.join(bad_server.upload_dir, "temp", file_id, "1.chunk"))
+    assert bad_server.storage.early_chunks(file_id) == [1]
     return file_id
 
 
@@ -67,8 +68,7 @@ def server_survives(bad_server, completed_upload, sample_webm):
     assert bad_server.alive(), bad_server.log()
     health = requests.get(bad_server.url + "/healthz", timeout=10)
     assert health.status_code == 200, health.text
-    with open(os.path.join(bad_server.upload_dir, completed_upload + ".webm"), "rb") as f:
-        assert f.read() == sample_webm
+    assert bad_server.storage.media(completed_upload) == sample_webm
 
 
 def test_completed_upload_is_served_before_any_bad_input(bad_server, completed_upload,

@@ -1,0 +1,1345 @@
+"""s3store.py - the chunk store on S3-compatible object storage, shared by any number of nodes.
+
+The same interface as chunkstore.ChunkStore (what m1server.py calls on `store`), with no state
+but the bucket: every node answers every request from what the bucket holds, so several
+m1server processes behind a load balancer need no sticky sessions. docs/s3.md has the whole
+design; in short, for an upload <id> under the prefix P:
+
+  P/uploads/<id>/manifest.json       the upload's metadata; created with If-None-Match: *,
+                                     changed only by compare-and-swap (If-Match: <etag>)
+  P/uploads/<id>/<gen>/c/<index>     one object per chunk, created with If-None-Match: *,
+                                     its sha256 in x-amz-meta-sha256
+  P/uploads/<id>/<gen>/f/<a>-<b>     the (size, sha256) of chunks a..b-1 once folded, so a
+                                     duplicate is still recognised after its object is gone
+  P/uploads/<id>/<gen>/<id>.<ext>    the assembled video (a multipart upload until complete)
+  P/uploads/<id>/<gen>/derived/...   derivatives of processing
+  P/index/<inverted ms>-<id>         empty; lists uploads newest first
+  P/done/<id>                        empty; counts completed uploads
+
+<gen> is a random generation named in the manifest: a deleted upload's stray objects can never
+be mistaken for a later upload with the same id.
+
+What it guarantees (SPEC section 1 over S3):
+  * A chunk is acknowledged only after its object exists (S3 answered 200 to the PUT).
+  * Duplicates and conflicts are decided from the bucket: the chunk object's sha256, or the fold
+    record once the object is gone.
+  * Contiguous bytes are folded in the background, by whichever node sees them, into parts of a
+    fixed size P (>= 5 MiB, S3's minimum) cut at byte offsets, not at chunk boundaries: two
+    nodes folding the same part upload the same bytes. A part that lies inside one chunk is
+    copied inside the store (UploadPartCopy); other parts are read and uploaded.
+  * A chunk object is deleted only after the manifest records the part that holds its bytes.
+  * When the last chunk is in, finishing is the tail part (< P bytes) and the completion:
+    constant time, whatever the length. Small uploads (<= P) are one PutObject instead.
+  * Every step can be repeated by any node, in any order after a crash: the next request for
+    the upload (a chunk, a status) or the sweep finishes what a dead node left.
+
+What it does not do: serve an upload's bytes before it is complete (a multipart upload cannot
+be read until it is completed); pass events between nodes (each node emits the events of what
+it did); the local ledger (m1.sqlite3) is not used at all. Part files stay local temp files.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import s3client
+from chunkstore import (DEFAULT_EXTENSION, INCOMING_DIR_NAME, MEDIA_TYPES, SIGNATURE_BYTES,
+                        TEMP_DIR_NAME, ChunkResult, StoreError, UploadState, _CrashPoint,
+                        _KeyedLocks, _sha256_file, extension_for, has_media_signature,
+                        valid_file_id, MAX_CHUNK_INDEX)
+from s3client import FileRegion, S3ConnectionError, S3Error
+
+log = logging.getLogger("m1server.s3store")
+
+# ---------------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------------
+
+MIN_PART_BYTES = 5 << 20               # S3's smallest part (all but the last)
+DEFAULT_PART_BYTES = 8 << 20           # P: the size of every part but the last
+MAX_PARTS = 10000                      # S3's most parts per upload
+FOLD_WORKERS = 2                       # background threads folding chunks into parts
+CAS_ATTEMPTS = 30                      # compare-and-swap tries before giving up (503)
+COUNTS_TTL_S = 10.0                    # /metrics and /readyz reuse a count this long
+HASH_GRACE_S = 30.0                    # another node may still be hashing an upload it finished
+PRESIGN_EXPIRES_S = 900                # --s3-presign: how long a redirect URL works
+READY_TIMEOUT_S = 5.0                  # the readiness probe's own timeout (one attempt)
+STREAM_BLOCK_BYTES = 256 << 10         # media proxying: bytes per read from the store
+ORPHAN_GRACE_S = 3600.0                # gc leaves unreferenced objects younger than this
+ORPHAN_SCAN_INTERVAL_S = 86400.0       # a sweep looks for orphans (a full listing) this often
+INDEX_SPAN_MS = 10 ** 13               # index keys: INDEX_SPAN_MS - 1 - created ms, 13 digits
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+SHA256_META = "sha256"                 # x-amz-meta-sha256 on every chunk object
+RECORD_CACHE_SIZE = 256                # fold records kept in memory (they never change)
+PARALLEL_REQUESTS = 4                  # chunk GETs / DELETEs of one fold in flight at once
+
+# What an S3 error means for the client of m1server (apierror envelope).
+DENIED_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                "InvalidToken", "ExpiredToken", "AllAccessDisabled", "AuthorizationHeaderMalformed")
+
+
+def storage_error(error, bucket):
+    """Translate an S3Error into the StoreError the HTTP edge sends (never a traceback)."""
+    if isinstance(error, S3ConnectionError) or error.status is None or error.status >= 500 or \
+            error.status == 429:
+        return StoreError(503, "storage_unavailable",
+                          "the object store did not answer (%s); try again shortly"
+                          % error.code, {"Retry-After": "5"})
+    if error.status == 403 or error.code in DENIED_CODES:
+        return StoreError(502, "storage_denied", "the object store refused m1server's "
+                          "credentials for bucket %s (%s)" % (bucket, error.code))
+    if error.code == "NoSuchBucket":
+        return StoreError(502, "storage_bucket_missing",
+                          "the object store has no bucket %s" % bucket)
+    return StoreError(502, "storage_error", "the object store answered %s %s"
+                      % (error.status, error.code))
+
+
+def open_store(config):
+    """The S3Store m1server's Config asks for (--storage s3://bucket/prefix and --s3-*)."""
+    bucket, prefix = s3client.split_storage_url(config.storage)
+    region = config.s3_region or os.environ.get("AWS_REGION") or \
+        os.environ.get("AWS_DEFAULT_REGION") or s3client.DEFAULT_REGION
+    addressing = config.s3_addressing
+    if addressing == "auto":
+        addressing = "path" if config.s3_endpoint else "virtual"
+    client = s3client.S3Client(bucket, endpoint=config.s3_endpoint or None, region=region,
+                               credentials=s3client.Credentials.from_environ(),
+                               addressing=addressing)
+    return S3Store(client, prefix, config.dir, allow_any_content=config.allow_any_content,
+                   max_upload_bytes=config.max_upload_bytes, part_bytes=config.s3_part_size,
+                   presign=config.s3_presign, crash_at=config.crash_at,
+                   one_shot=config.one_shot)
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest: one JSON object per upload, changed only by compare-and-swap
+# ---------------------------------------------------------------------------------------------
+
+class Manifest:
+    """A manifest as read (its data and the ETag it had). Fields, all JSON:
+    fileId, generation, createdAt (seconds, whole ms), updatedAt, mimeType, ext, partBytes,
+    uploadId (the multipart upload, once the first part is folded), parts [{n, etag, from, to,
+    end, endOffset}] (part n holds bytes [from, to); chunks < end are wholly in parts and chunk
+    `end` starts at byte endOffset), records [[a, b]] (fold records written), lastIndex,
+    completedAt, size, etag (the final object's), sha256, deleting."""
+
+    def __init__(self, data, etag):
+        self.data = data
+        self.etag = etag
+
+    file_id = property(lambda self: self.data["fileId"])
+    generation = property(lambda self: self.data["generation"])
+    created_at = property(lambda self: self.data["createdAt"])
+    updated_at = property(lambda self: self.data["updatedAt"])
+    mime_type = property(lambda self: self.data.get("mimeType"))
+    ext = property(lambda self: self.data["ext"])
+    part_bytes = property(lambda self: self.data["partBytes"])
+    upload_id = property(lambda self: self.data.get("uploadId"))
+    parts = property(lambda self: self.data.get("parts", []))
+    records = property(lambda self: self.data.get("records", []))
+    last_index = property(lambda self: self.data.get("lastIndex"))
+    completed_at = property(lambda self: self.data.get("completedAt"))
+    size = property(lambda self: self.data.get("size"))
+    final_etag = property(lambda self: self.data.get("etag"))
+    sha256 = property(lambda self: self.data.get("sha256"))
+    deleting = property(lambda self: bool(self.data.get("deleting")))
+
+    @property
+    def completed(self):
+        return self.completed_at is not None
+
+    @property
+    def folded_chunks(self):
+        """Chunks 0 .. folded_chunks-1 are wholly in recorded parts (their objects may go)."""
+        return self.parts[-1]["end"] if self.parts else 0
+
+    @property
+    def folded_offset(self):
+        """Where chunk `folded_chunks` starts in the assembled file."""
+        return self.parts[-1]["endOffset"] if self.parts else 0
+
+    @property
+    def cursor(self):
+        """Bytes already in parts."""
+        return self.parts[-1]["to"] if self.parts else 0
+
+    @property
+    def created_ms(self):
+        return int(round(self.created_at * 1000))
+
+
+class ObjectUploadState(UploadState):
+    """chunkstore's UploadState, with the manifest it was read from."""
+
+    def __init__(self, row, stashed, manifest):
+        UploadState.__init__(self, row, stashed)
+        self.manifest = manifest
+
+
+class _Progress:
+    """What the bucket holds for an incomplete upload: the contiguous run of chunk objects
+    after the folded ones, and the chunks waiting beyond it."""
+
+    def __init__(self, manifest, chunks):
+        last = manifest.last_index
+        index, offset = manifest.folded_chunks, manifest.folded_offset
+        self.run = []                     # [(index, offset, ObjectInfo)] from folded_chunks on
+        while index in chunks and (last is None or index <= last):
+            self.run.append((index, offset, chunks[index]))
+            offset += chunks[index].size
+            index += 1
+        self.next_index = index
+        self.bytes = offset               # bytes of chunks 0 .. next_index-1
+        self.stashed = sorted(i for i in chunks
+                              if i > index and (last is None or i <= last))
+        self.stashed_bytes = sum(chunks[i].size for i in self.stashed)
+        self.highest = max([index - 1] + self.stashed)
+        self.updated_at = max([manifest.updated_at] + [info.last_modified
+                                                       for info in chunks.values()])
+
+    def complete(self, manifest):
+        return manifest.last_index is not None and self.next_index == manifest.last_index + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------------
+
+class S3Store:
+    """Chunks of many uploads into one object each, on a bucket shared by many nodes."""
+
+    def __init__(self, client, prefix, root, allow_any_content=False, max_upload_bytes=None,
+                 part_bytes=DEFAULT_PART_BYTES, presign=False, crash_at=None,
+                 one_shot=False):
+        self.client = client
+        self.bucket = client.bucket
+        self.prefix = prefix.strip("/")
+        self.root = os.path.abspath(root)
+        self.temp_dir = os.path.join(self.root, TEMP_DIR_NAME)
+        self.incoming_dir = os.path.join(self.temp_dir, INCOMING_DIR_NAME)
+        for path in (self.root, self.temp_dir, self.incoming_dir):
+            os.makedirs(path, exist_ok=True)
+        self.allow_any_content = allow_any_content
+        self.max_upload_bytes = max_upload_bytes
+        self.part_bytes = choose_part_bytes(part_bytes, max_upload_bytes)
+        self.presign = presign
+        self._probe = s3client.S3Client(
+            client.bucket, endpoint=client.endpoint, region=client.region,
+            credentials=client.credentials, addressing=client.addressing,
+            timeout=READY_TIMEOUT_S, attempts=1)
+        self._crash = _CrashPoint(crash_at)
+        self._locks = _KeyedLocks()           # one upload's chunk decisions on this node
+        self._fold_locks = _KeyedLocks()      # one upload's folding on this node
+        self._listeners = []
+        self._records = {}                    # fold record cache: key -> [(size, sha256)]
+        self._records_lock = threading.Lock()
+        self._counts = (0.0, None)
+        self.one_shot = one_shot              # `gc`: one sweep does everything, then exit
+        # A full listing of the bucket: not at every node's start-up, only in a one-shot gc.
+        self._last_orphan_scan = None if one_shot else time.monotonic()
+        self._folder = _Workers("m1-fold", FOLD_WORKERS, self._fold_in_background)
+        self._hasher = _Workers("m1-s3-hash", 1, self._hash_in_background)
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def _key(self, *parts):
+        return "/".join(([self.prefix] if self.prefix else []) + list(parts))
+
+    def _manifest_key(self, file_id):
+        return self._key("uploads", file_id, MANIFEST_NAME)
+
+    def _generation_prefix(self, m):
+        return self._key("uploads", m.file_id, m.generation) + "/"
+
+    def _chunk_prefix(self, m):
+        return self._generation_prefix(m) + "c/"
+
+    def _chunk_key(self, m, index):
+        return self._chunk_prefix(m) + "%07d" % index
+
+    def _record_key(self, m, first, end):
+        return self._generation_prefix(m) + "f/%07d-%07d" % (first, end)
+
+    def _final_key(self, m):
+        return self._generation_prefix(m) + "%s.%s" % (m.file_id, m.ext)
+
+    def _derived_key(self, m, name):
+        return self._generation_prefix(m) + "derived/" + name
+
+    def _index_key(self, created_ms, file_id):
+        return self._key("index", "%013d-%s" % (INDEX_SPAN_MS - 1 - created_ms, file_id))
+
+    def _done_key(self, file_id):
+        return self._key("done", file_id)
+
+    # -- events -----------------------------------------------------------------------------
+
+    def add_listener(self, listener):
+        """As ChunkStore.add_listener; events of what this node did."""
+        self._listeners.append(listener)
+
+    def _emit(self, event_type, file_id, **data):
+        event = dict(data, type=event_type, fileId=file_id)
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("event listener failed on %s", event_type)
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def new_part_file(self):
+        path = os.path.join(self.incoming_dir, uuid.uuid4().hex + ".part")
+        return path, open(path, "w+b")
+
+    def discard(self, path):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+    def put_chunk(self, file_id, index, part_path, size, is_last, mime_type=None,
+                  checksum=None):
+        """Store chunk `index` of `file_id` from `part_path` (removed afterwards). Returns a
+        ChunkResult once the chunk object exists in the bucket; raises StoreError."""
+        try:
+            digest = self._check_request(file_id, index, part_path, mime_type, checksum)
+            with self._storage_errors(), self._locks.held(file_id):
+                return self._put_locked(file_id, index, part_path, size, digest, is_last,
+                                        mime_type)
+        finally:
+            self.discard(part_path)
+
+    def _check_request(self, file_id, index, part_path, mime_type, checksum):
+        """The checks ChunkStore makes before it stores anything; returns the chunk's sha256."""
+        if not valid_file_id(file_id):
+            raise StoreError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
+        if not 0 <= index <= MAX_CHUNK_INDEX:
+            raise StoreError(400, "invalid_chunk_index",
+                             "chunkIndex must be 0..%d" % MAX_CHUNK_INDEX)
+        extension_for(mime_type)
+        if index == 0 and not self.allow_any_content:
+            with open(part_path, "rb") as f:
+                if not has_media_signature(f.read(SIGNATURE_BYTES)):
+                    raise StoreError(415, "unsupported_media_type",
+                                     "chunk 0 does not start with a WebM, MP4 or Ogg signature")
+        digest = _sha256_file(part_path)
+        if checksum is not None:
+            algorithm, _, expected = checksum.partition(":")
+            if algorithm != "sha256" or len(expected) != 64 or \
+                    any(c not in "0123456789abcdefABCDEF" for c in expected):
+                raise StoreError(400, "invalid_checksum", "checksum must be sha256:<64 hex>")
+            if digest != expected.lower():
+                raise StoreError(400, "checksum_mismatch",
+                                 "the chunk's sha256 differs from the checksum field")
+        return digest
+
+    def _put_locked(self, file_id, index, part_path, size, digest, is_last, mime_type):
+        manifest = self._load_live(file_id)
+        if manifest is None:
+            self._check_upload_size(0, size)
+            manifest = self._create(file_id, mime_type)
+        chunks = self._chunks(manifest)
+        progress = _Progress(manifest, chunks)
+        known = self._known_chunk(manifest, chunks, index)
+        duplicate = known is not None
+        if duplicate and known != (size, digest):
+            raise StoreError(409, "chunk_conflict",
+                             "chunk %d was already received with other bytes" % index)
+        self._check_completion(manifest, progress, index, is_last)
+        manifest = self._check_mime_type(manifest, progress, mime_type)
+        if not duplicate:
+            self._check_upload_size(progress.bytes + progress.stashed_bytes, size)
+            duplicate = self._store_chunk(manifest, index, part_path, size, digest)
+            chunks[index] = s3client.ObjectInfo(self._chunk_key(manifest, index), size, None,
+                                                time.time())
+        self._crash.passed("chunk_stored")
+        # Read the manifest again after the chunk PUT: a fold by another node may have moved
+        # on meanwhile; the listing taken before this read is then consistent with it.
+        manifest = self._reload(manifest)
+        if index < manifest.folded_chunks and not duplicate:
+            duplicate = self._settle_folded_chunk(manifest, index, size, digest)
+        if is_last:
+            manifest = self._record_last_index(manifest, chunks, index)
+        progress = _Progress(manifest, chunks)
+        if manifest.last_index is not None and not progress.complete(manifest) and \
+                not manifest.completed:
+            # Another node may have stored the last missing chunk while we stored ours, each
+            # listing before the other's PUT: listing again after our PUT means that of two
+            # such racing nodes, at least the later one sees every chunk and finishes.
+            chunks = self._chunks(manifest)
+            chunks.setdefault(index, s3client.ObjectInfo("", size, None, time.time()))
+            progress = _Progress(manifest, chunks)
+        if manifest.completed:
+            upload = self._state(manifest, None)
+        elif progress.complete(manifest):
+            upload = self._finished_state(file_id)
+        else:
+            if progress.bytes - manifest.cursor >= manifest.part_bytes:
+                self._folder.submit(file_id)
+            upload = self._state(manifest, progress)
+        if not duplicate:
+            self._emit("chunk", file_id, index=index, size=size,
+                       bytesReceived=upload.bytes_appended, nextChunkIndex=upload.next_index)
+        return ChunkResult(file_id, index, duplicate, upload)
+
+    def _store_chunk(self, m, index, part_path, size, digest):
+        """PUT the chunk object If-None-Match: *; returns True when it was there already with
+        the same bytes (a duplicate that raced us), False when we stored it."""
+        for _ in range(CAS_ATTEMPTS):
+            try:
+                self.client.put_object(self._chunk_key(m, index), FileRegion(part_path, 0, size),
+                                       content_type="application/octet-stream",
+                                       metadata={SHA256_META: digest}, if_none_match=True,
+                                       sha256=digest)
+                return False
+            except S3Error as error:
+                if error.status not in (409, 412):
+                    raise
+            stored = self._head_chunk(m, index)
+            if stored is None:
+                continue                    # a racing write did not commit: try again
+            if stored != (size, digest):
+                raise StoreError(409, "chunk_conflict",
+                                 "chunk %d was already received with other bytes" % index)
+            return True
+        raise StoreError(503, "storage_contention", "chunk %d: too many racing writes" % index)
+
+    def _settle_folded_chunk(self, m, index, size, digest):
+        """Chunk `index` was folded while we stored it. Either the fold took our object (it is
+        gone: we were first), or it took an earlier copy whose object was deleted before our
+        PUT (ours is a stray: a duplicate, or a conflict). The fold record decides."""
+        if self._folded_chunk(m, index) != (size, digest):
+            self._delete_quietly(self._chunk_key(m, index))
+            raise StoreError(409, "chunk_conflict",
+                             "chunk %d was already received with other bytes" % index)
+        if self._head_chunk(m, index) is None:
+            return False
+        self._delete_quietly(self._chunk_key(m, index))
+        return True
+
+    # -- decisions (as ChunkStore makes them, from what the bucket holds) -------------------
+
+    def _check_completion(self, m, progress, index, is_last):
+        last = m.last_index
+        if last is not None and index > last:
+            raise StoreError(409, "completion_conflict",
+                             "chunk %d is past the last chunk %d" % (index, last))
+        if is_last and last is not None and index != last:
+            raise StoreError(409, "completion_conflict",
+                             "the last chunk is already %d, not %d" % (last, index))
+        if is_last and last is None and progress.highest > index:
+            raise StoreError(409, "completion_conflict",
+                             "chunk %d cannot be the last: chunk %d was received"
+                             % (index, progress.highest))
+
+    def _check_mime_type(self, m, progress, mime_type):
+        wanted = extension_for(mime_type)
+        if wanted is None or (wanted == m.ext and m.mime_type is not None):
+            return m
+        if wanted != m.ext and not (m.mime_type is None and progress.next_index == 0):
+            raise StoreError(409, "mime_type_conflict",
+                             "upload is %s, this chunk says %s" % (m.ext, mime_type))
+
+        def change(data):
+            # The extension names the final object: it may change only before any byte of
+            # that object exists (no multipart upload, no part, not complete).
+            started = data.get("uploadId") or data.get("parts") or data.get("completedAt")
+            if wanted != data["ext"] and (data.get("mimeType") is not None or started):
+                raise StoreError(409, "mime_type_conflict", "upload is %s, this chunk says %s"
+                                 % (data["ext"], mime_type))
+            if data.get("mimeType") is not None:
+                return False
+            data["mimeType"], data["ext"] = mime_type, wanted
+            return True
+        return self._update(m, change)
+
+    def _check_upload_size(self, so_far, size):
+        if self.max_upload_bytes is not None and so_far + size > self.max_upload_bytes:
+            raise StoreError(413, "upload_too_large", "upload would be %d bytes; the limit is "
+                             "%d" % (so_far + size, self.max_upload_bytes))
+
+    def _record_last_index(self, m, chunks, index):
+        def change(data):
+            last = data.get("lastIndex")
+            if last == index:
+                return False
+            if last is not None:
+                raise StoreError(409, "completion_conflict",
+                                 "the last chunk is already %d, not %d" % (last, index))
+            data["lastIndex"] = index
+            return True
+        return self._update(m, change)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def status(self, file_id):
+        """The upload's state from the bucket (None when unknown). An upload whose chunks
+        are all in but that is not assembled yet (its node died) is finished here."""
+        if not valid_file_id(file_id):
+            return None
+        with self._storage_errors():
+            manifest = self._load_live(file_id)
+            if manifest is None:
+                return None
+            if manifest.completed:
+                self._hash_if_forgotten(manifest)
+                return self._state(manifest, None)
+            chunks = self._chunks(manifest)
+            manifest = self._reload(manifest)
+            if manifest is None:
+                return None
+            if manifest.completed:
+                return self._state(manifest, None)
+            progress = _Progress(manifest, chunks)
+            if not progress.complete(manifest):
+                return self._state(manifest, progress)
+            try:
+                return self._finished_state(file_id)
+            except StoreError as error:
+                if error.code == "upload_gone":
+                    return None
+                raise
+
+    def _finished_state(self, file_id):
+        """Finish an upload whose chunks are all in; its state afterwards."""
+        manifest = self._finish(file_id)
+        if manifest is None or manifest.deleting:
+            raise StoreError(409, "upload_gone", "upload %s was deleted meanwhile" % file_id)
+        if manifest.completed:
+            return self._state(manifest, None)
+        return self._snapshot(manifest)       # not whole after all (a chunk vanished?)
+
+    def _state(self, m, progress):
+        if m.completed:
+            next_index, size, stashed = m.last_index + 1, m.size, []
+            updated = m.completed_at
+        else:
+            next_index, size, stashed = progress.next_index, progress.bytes, progress.stashed
+            updated = progress.updated_at
+        row = (m.file_id, m.mime_type, m.ext, next_index, size, m.last_index, m.created_at,
+               updated, m.completed_at, m.sha256)
+        return ObjectUploadState(row, stashed, m)
+
+    def open_media(self, upload):
+        """The assembled video to serve (or a redirect to it); None while it is incomplete
+        or empty: an unfinished multipart upload cannot be read."""
+        m = getattr(upload, "manifest", None)
+        if m is None or not m.completed or not m.size:
+            return None
+        key = self._final_key(m)
+        redirect = self.client.presigned_url(key, PRESIGN_EXPIRES_S) if self.presign else None
+        return ObjectMedia(self, key, m.size, m.final_etag, m.completed_at, redirect)
+
+    def list_uploads(self, limit, after=None):
+        """Up to `limit` uploads, newest first, after the (created_at, file_id) cursor."""
+        with self._storage_errors():
+            start = None
+            if after is not None:
+                start = self._index_key(int(round(after[0] * 1000)), after[1])
+            found = []
+            for manifest in self._indexed_uploads(start):
+                found.append(self._snapshot(manifest))
+                if len(found) >= limit:
+                    break
+            return found
+
+    def _snapshot(self, m):
+        if m.completed:
+            return self._state(m, None)
+        return self._state(m, _Progress(m, self._chunks(m)))
+
+    def _indexed_uploads(self, start_after=None, stale=None):
+        """The manifests the index names, newest first; index entries that name no upload
+        (a creation that lost its race, a deletion cut short) go to `stale`."""
+        prefix = self._key("index") + "/"
+        for info in self.client.iter_objects(prefix, start_after=start_after):
+            name = info.key[len(prefix):]
+            inverted, _, file_id = name.partition("-")
+            manifest = self._load(file_id) if valid_file_id(file_id) else None
+            if manifest is None or manifest.deleting or \
+                    INDEX_SPAN_MS - 1 - manifest.created_ms != int(inverted or -1):
+                if stale is not None:
+                    stale.append((info, manifest))
+                continue
+            yield manifest
+
+    def counts(self):
+        """(uploads in progress, uploads completed) in the bucket, at most COUNTS_TTL_S old."""
+        taken, value = self._counts
+        if value is not None and time.monotonic() - taken < COUNTS_TTL_S:
+            return value
+        with self._storage_errors():
+            total = sum(1 for _ in self.client.iter_objects(self._key("index") + "/"))
+            done = sum(1 for _ in self.client.iter_objects(self._key("done") + "/"))
+        value = (max(0, total - done), done)
+        self._counts = (time.monotonic(), value)
+        return value
+
+    def check_storage(self):
+        """Readiness: the bucket answers a signed listing with these credentials."""
+        try:
+            self._probe.list_objects(self._key("index") + "/", max_keys=1)
+            return {"ok": True, "backend": "s3", "bucket": self.bucket}
+        except S3Error as error:
+            translated = storage_error(error, self.bucket)
+            return {"ok": False, "backend": "s3", "bucket": self.bucket,
+                    "code": translated.code, "error": translated.message}
+
+    # -- deletion, retention ----------------------------------------------------------------
+
+    def delete(self, file_id):
+        """Remove an upload everywhere; False when unknown. Crash-safe: the manifest is first
+        marked `deleting` (the intent), then the multipart upload is aborted and every object
+        of its generation deleted, then the index entries, the manifest last. Whoever reads a
+        `deleting` manifest finishes the deletion."""
+        if not valid_file_id(file_id):
+            return False
+        with self._storage_errors(), self._locks.held(file_id):
+            manifest = self._load(file_id)
+            if manifest is None:
+                return False
+            if not manifest.deleting:
+                manifest = self._update(manifest, _mark_deleting)
+            self._finish_delete(manifest)
+        log.info("upload %s deleted", file_id)
+        self._emit("deleted", file_id)
+        return True
+
+    def _finish_delete(self, m):
+        if m.upload_id:
+            try:
+                self.client.abort_multipart_upload(self._final_key(m), m.upload_id)
+            except S3Error as error:
+                if error.status != 404:
+                    raise
+        _in_parallel(self._delete_quietly,
+                     [info.key for info in self.client.iter_objects(self._generation_prefix(m))])
+        self._delete_quietly(self._index_key(m.created_ms, m.file_id))
+        self._delete_quietly(self._done_key(m.file_id))
+        try:
+            self.client.delete_object(self._manifest_key(m.file_id), if_match=m.etag)
+        except S3Error as error:
+            if error.status not in (404, 412):    # gone, or a newer upload: not ours to delete
+                raise
+
+    def expired(self, now, incomplete_ttl=None, retention=None):
+        with self._storage_errors():
+            ids = []
+            stale = []
+            for m in self._indexed_uploads(stale=stale):
+                if m.completed:
+                    if retention is not None and m.completed_at < now - retention:
+                        ids.append(m.file_id)
+                elif incomplete_ttl is not None:
+                    if _Progress(m, self._chunks(m)).updated_at < now - incomplete_ttl:
+                        ids.append(m.file_id)
+            for info, manifest in stale:
+                if manifest is None or manifest.deleting:
+                    if manifest is not None:
+                        self._finish_delete(manifest)
+                    elif info.last_modified < now - ORPHAN_GRACE_S:
+                        self._delete_quietly(info.key)   # its upload never got a manifest
+            return ids
+
+    def sweep(self, incomplete_ttl=None, retention=None, now=None):
+        """Delete expired uploads, finish what crashed nodes left (every node may run this:
+        each step is safe to repeat), and once every ORPHAN_SCAN_INTERVAL_S remove orphaned
+        objects (at once in `m1server.py gc`)."""
+        now = time.time() if now is None else now
+        deleted = []
+        for file_id in self.expired(now, incomplete_ttl, retention):
+            if self.delete(file_id):
+                log.info("retention: removed %s", file_id)
+                deleted.append(file_id)
+        self.finish_abandoned()
+        if self._last_orphan_scan is None or \
+                time.monotonic() - self._last_orphan_scan > ORPHAN_SCAN_INTERVAL_S:
+            self._last_orphan_scan = time.monotonic()
+            with self._storage_errors():
+                self.collect_orphans(now)
+        return deleted
+
+    def finish_abandoned(self):
+        """Every upload with all chunks in but not assembled is finished; backlogs of unfolded
+        bytes are folded; completed uploads without a sha256 are hashed. Returns a count of
+        the uploads it had to work on."""
+        worked = 0
+        with self._storage_errors():
+            for m in list(self._indexed_uploads()):
+                if m.completed:
+                    if m.sha256 is None:
+                        self._hasher.submit(m.file_id)
+                        worked += 1
+                    continue
+                try:
+                    progress = _Progress(m, self._chunks(m))
+                    if progress.complete(m):
+                        self._finish(m.file_id)
+                        worked += 1
+                    elif progress.bytes - m.cursor >= m.part_bytes:
+                        self._folder.submit(m.file_id)
+                        worked += 1
+                except (S3Error, StoreError) as error:     # one upload must not stop the rest
+                    log.warning("finishing %s failed (retried later): %s", m.file_id, error)
+        return worked
+
+    def collect_orphans(self, now):
+        """Objects of generations no manifest names (a deletion raced by a chunk upload),
+        chunk objects of completed uploads (a node died before its cleanup) and multipart
+        uploads no manifest names, older than ORPHAN_GRACE_S, are removed."""
+        prefix = self._key("uploads") + "/"
+        manifests = {}
+        removed = 0
+        for info in list(self.client.iter_objects(prefix)):
+            rest = info.key[len(prefix):].split("/")
+            if len(rest) < 3 or info.last_modified > now - ORPHAN_GRACE_S:
+                continue
+            file_id, generation = rest[0], rest[1]
+            if file_id not in manifests:
+                manifests[file_id] = self._load(file_id) if valid_file_id(file_id) else None
+            m = manifests[file_id]
+            if m is None or m.generation != generation or \
+                    (m.completed and len(rest) == 4 and rest[2] == "c"):
+                self._delete_quietly(info.key)
+                removed += 1
+        for key, upload_id, initiated in self.client.list_multipart_uploads(prefix):
+            rest = key[len(prefix):].split("/")
+            if initiated > now - ORPHAN_GRACE_S or not rest or not valid_file_id(rest[0]):
+                continue
+            m = manifests.get(rest[0]) or self._load(rest[0])
+            if m is None or m.upload_id != upload_id or m.completed:
+                with contextlib.suppress(S3Error):
+                    self.client.abort_multipart_upload(key, upload_id)
+                    removed += 1
+        if removed:
+            log.warning("gc: removed %d orphaned object(s) or multipart upload(s)", removed)
+        return removed
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def repair(self):
+        """Start-up: part files of requests cut short are removed; the bucket is scanned in the
+        background (starting must stay fast) for uploads a dead node left unfinished."""
+        for name in os.listdir(self.incoming_dir):
+            self.discard(os.path.join(self.incoming_dir, name))
+        if self.one_shot:
+            return 0                              # gc's sweep scans, in the foreground
+
+        def scan():
+            try:
+                worked = self.finish_abandoned()
+                if worked:
+                    log.warning("repair: took over %d upload(s) left unfinished", worked)
+            except StoreError as error:            # the store is down or refuses us
+                log.warning("repair: cannot scan the bucket (the sweep will retry): %s",
+                            error.message)
+            except Exception:
+                log.exception("repair: scanning the bucket failed (the sweep will retry)")
+
+        threading.Thread(target=scan, name="m1-s3-repair", daemon=True).start()
+        return 0
+
+    def close(self):
+        self._folder.stop()
+        self._hasher.stop()
+        self.client.close()
+        self._probe.close()
+
+    # -- processing (the interface the processing module uses in both modes) ----------------
+
+    @contextlib.contextmanager
+    def media_file(self, upload):
+        """A local file holding the assembled video, for tools such as ffprobe: here a
+        download into the temp folder, removed afterwards."""
+        media = self.open_media(upload)
+        if media is None:
+            raise StoreError(404, "not_found", "upload %s is not complete" % upload.file_id)
+        path = os.path.join(self.temp_dir, "%s.%s.download" % (uuid.uuid4().hex, upload.ext))
+        try:
+            with self._storage_errors(), \
+                    self.client.open_object(media.key) as stream, open(path, "wb") as f:
+                while True:
+                    block = stream.read(STREAM_BLOCK_BYTES)
+                    if not block:
+                        break
+                    f.write(block)
+            yield path
+        finally:
+            self.discard(path)
+
+    def put_derivative(self, upload, name, path, content_type=None):
+        """Store a derivative (poster.jpg, remux.webm, ...) of a completed upload."""
+        with self._storage_errors():
+            self.client.put_object(self._derived_key(upload.manifest, _derived_name(name)),
+                                   FileRegion(path), content_type=content_type)
+
+    def open_derivative(self, upload, name):
+        """A derivative to serve, like open_media; None when there is none."""
+        key = self._derived_key(upload.manifest, _derived_name(name))
+        with self._storage_errors():
+            try:
+                head = self.client.head_object(key)
+            except S3Error as error:
+                if error.status == 404:
+                    return None
+                raise
+        size = int(head.header("content-length") or 0)
+        redirect = self.client.presigned_url(key, PRESIGN_EXPIRES_S) if self.presign else None
+        return ObjectMedia(self, key, size, head.header("etag"), upload.manifest.completed_at,
+                           redirect)
+
+    # -- the manifest: load, create, compare-and-swap ---------------------------------------
+
+    def _load(self, file_id):
+        try:
+            response = self.client.get_object(self._manifest_key(file_id))
+        except S3Error as error:
+            if error.status == 404 and error.code in ("NoSuchKey", "NotFound"):
+                return None
+            raise
+        return Manifest(json.loads(response.body.decode("utf-8")), response.header("etag"))
+
+    def _load_live(self, file_id):
+        """The manifest, or None; a deletion found cut short is finished first."""
+        manifest = self._load(file_id)
+        if manifest is not None and manifest.deleting:
+            self._finish_delete(manifest)
+            return None
+        return manifest
+
+    def _reload(self, manifest):
+        return self._load(manifest.file_id) or manifest
+
+    def _create(self, file_id, mime_type):
+        """A new upload: its index entry, then its manifest (If-None-Match: *). When another
+        node created it first, theirs is used and our index entry removed (it would name a
+        creation time no manifest has)."""
+        created_ms = int(time.time() * 1000)
+        ext = extension_for(mime_type) or DEFAULT_EXTENSION
+        data = {"version": MANIFEST_VERSION, "fileId": file_id,
+                "generation": uuid.uuid4().hex[:16], "createdAt": created_ms / 1000.0,
+                "updatedAt": created_ms / 1000.0, "mimeType": mime_type, "ext": ext,
+                "partBytes": self.part_bytes, "uploadId": None, "parts": [], "records": [],
+                "lastIndex": None, "completedAt": None, "size": None, "etag": None,
+                "sha256": None}
+        index_key = self._index_key(created_ms, file_id)
+        self.client.put_object(index_key, b"")
+        try:
+            etag = self.client.put_object(self._manifest_key(file_id), _json(data),
+                                          content_type="application/json", if_none_match=True)
+            return Manifest(data, etag)
+        except S3Error as error:
+            if error.status not in (409, 412):
+                raise
+        self._delete_quietly(index_key)
+        manifest = self._load_live(file_id)
+        if manifest is None:
+            return self._create(file_id, mime_type)
+        return manifest
+
+    def _update(self, manifest, change):
+        """Compare-and-swap: `change(data)` edits a copy and returns True to write it (False:
+        nothing to do). A lost race re-reads and asks `change` again, so every change must be
+        written as "make it so" against whatever is there."""
+        for _ in range(CAS_ATTEMPTS):
+            if manifest is None:
+                raise StoreError(409, "upload_gone", "the upload was deleted meanwhile")
+            data = copy.deepcopy(manifest.data)
+            if not change(data):
+                return manifest
+            data["updatedAt"] = round(time.time(), 3)
+            try:
+                etag = self.client.put_object(self._manifest_key(manifest.file_id),
+                                              _json(data), content_type="application/json",
+                                              if_match=manifest.etag)
+                return Manifest(data, etag)
+            except S3Error as error:
+                if error.status not in (409, 412):
+                    raise
+            manifest = self._load(manifest.file_id)
+        raise StoreError(503, "storage_contention", "too many nodes changed upload %s at once"
+                         % manifest.file_id)
+
+    # -- chunk objects and fold records -----------------------------------------------------
+
+    def _chunks(self, m):
+        """index -> ObjectInfo of the chunk objects of the upload's generation."""
+        prefix = self._chunk_prefix(m)
+        found = {}
+        for info in self.client.iter_objects(prefix):
+            name = info.key[len(prefix):]
+            if name.isdigit():
+                found[int(name)] = info
+        return found
+
+    def _head_chunk(self, m, index):
+        """(size, sha256) of a chunk object, None when it does not exist."""
+        try:
+            head = self.client.head_object(self._chunk_key(m, index))
+        except S3Error as error:
+            if error.status == 404:
+                return None
+            raise
+        return int(head.header("content-length") or 0), head.metadata.get(SHA256_META)
+
+    def _known_chunk(self, m, chunks, index):
+        """(size, sha256) of chunk `index` as the bucket knows it, or None."""
+        if index < m.folded_chunks or (m.completed and index <= m.last_index):
+            return self._folded_chunk(m, index)
+        if index in chunks:
+            known = self._head_chunk(m, index)
+            if known is not None:
+                return known
+            fresh = self._reload(m)                 # folded and deleted since our listing
+            if index < fresh.folded_chunks:
+                return self._folded_chunk(fresh, index)
+        return None
+
+    def _folded_chunk(self, m, index):
+        for first, end in m.records:
+            if first <= index < end:
+                return tuple(self._record(m, first, end)[index - first])
+        raise StoreError(500, "storage_inconsistent",
+                         "upload %s: no fold record holds chunk %d" % (m.file_id, index))
+
+    def _record(self, m, first, end):
+        key = self._record_key(m, first, end)
+        with self._records_lock:
+            if key in self._records:
+                return self._records[key]
+        entries = json.loads(self.client.get_object(key).body.decode("utf-8"))
+        with self._records_lock:
+            if len(self._records) >= RECORD_CACHE_SIZE:
+                self._records.pop(next(iter(self._records)))
+            self._records[key] = entries
+        return entries
+
+    def _write_record(self, m, first, end, entries):
+        """The sizes and hashes of chunks first..end-1, before their objects may go. The same
+        (first, end) always gets the same content, so a second write is harmless."""
+        self.client.put_object(self._record_key(m, first, end), _json(entries),
+                               content_type="application/json")
+
+    def _delete_quietly(self, key):
+        try:
+            self.client.delete_object(key)
+        except S3Error as error:
+            if error.status != 404:
+                raise
+
+    # -- folding: chunk objects -> fixed-size parts -> the assembled object -----------------
+
+    def _fold_in_background(self, file_id):
+        try:
+            self._fold(file_id, finish=False)
+        except (S3Error, StoreError) as error:
+            log.warning("folding %s stopped (the next chunk or the sweep resumes it): %s",
+                        file_id, error)
+
+    def _finish(self, file_id):
+        """Fold everything that is left, tail included, and complete the object (inline:
+        the client is told `completed` only once the video exists)."""
+        return self._fold(file_id, finish=True)
+
+    def _fold(self, file_id, finish):
+        """Fold whole parts while there are enough contiguous bytes; with `finish`, also the
+        tail and the completion. Each pass re-reads the bucket, so any node may run it at any
+        time, even twice at once: every write is conditional or idempotent."""
+        with self._fold_locks.held(file_id):
+            while True:
+                manifest = self._load(file_id)
+                if manifest is None or manifest.deleting or manifest.completed:
+                    return manifest
+                chunks = self._chunks(manifest)
+                manifest = self._reload(manifest)
+                if manifest.completed or manifest.deleting:
+                    continue
+                self._drop_folded_objects(manifest, chunks)
+                progress = _Progress(manifest, chunks)
+                cursor, part = manifest.cursor, manifest.part_bytes
+                whole = progress.complete(manifest)
+                if finish and whole and not manifest.parts and progress.bytes <= part:
+                    self._put_whole(manifest, progress)
+                elif progress.bytes - cursor >= part:
+                    self._fold_part(manifest, progress, cursor, cursor + part)
+                elif finish and whole and progress.bytes > cursor:
+                    self._fold_part(manifest, progress, cursor, progress.bytes)
+                elif finish and whole:
+                    self._complete(manifest, progress)
+                else:
+                    return manifest
+
+    def _drop_folded_objects(self, m, chunks):
+        """Chunk objects a fold recorded but did not get to delete (a crash)."""
+        for index in [i for i in chunks if i < m.folded_chunks]:
+            self._delete_quietly(chunks.pop(index).key)
+
+    def _put_whole(self, m, progress):
+        """A small upload (<= P bytes): one PutObject of all its chunks, If-None-Match."""
+        entries, pieces = [], []
+        for index, _, info in progress.run:
+            response = self.client.get_object(info.key)
+            digest = hashlib.sha256(response.body).hexdigest()
+            if digest != response.metadata.get(SHA256_META):
+                raise StoreError(500, "storage_inconsistent", "chunk object %s does not hold "
+                                 "the bytes it was stored with" % info.key)
+            entries.append([len(response.body), digest])
+            pieces.append(response.body)
+        body = b"".join(pieces)
+        last = m.last_index
+        self._write_record(m, 0, last + 1, entries)
+        key = self._final_key(m)
+        try:
+            etag = self.client.put_object(key, body, content_type=MEDIA_TYPES.get(m.ext),
+                                          if_none_match=True)
+        except S3Error as error:
+            if error.status not in (409, 412):
+                raise
+            etag = self._existing_final(m, len(body))
+        self._crash.passed("object_written")
+        sha256 = hashlib.sha256(body).hexdigest()
+
+        def change(data):
+            if data.get("completedAt") is not None or data["generation"] != m.generation:
+                return False
+            data.update(completedAt=round(time.time(), 3), size=len(body), etag=etag,
+                        sha256=sha256, records=[[0, last + 1]])
+            return True
+        done = self._update(m, change)
+        self._after_completion(done, emit=done.sha256 == sha256 and done.etag == etag)
+
+    def _fold_part(self, m, progress, start, end):
+        """Part n = bytes [start, end) of the upload, from the chunk objects holding them."""
+        number = len(m.parts) + 1
+        if number > MAX_PARTS:
+            raise StoreError(413, "upload_too_large", "upload needs more than %d parts"
+                             % MAX_PARTS)
+        if not m.upload_id:
+            m = self._start_multipart(m)
+            return                                  # the manifest changed: look again
+        key = self._final_key(m)
+        pieces = [(i, off, info) for i, off, info in progress.run
+                  if off < end and off + info.size > start]
+        hashes = {}
+        if len(pieces) == 1 and pieces[0][2].size > 0:
+            index, offset, info = pieces[0]
+            etag = self.client.upload_part_copy(key, m.upload_id, number, info.key,
+                                                (start - offset, end - offset - 1))
+        else:
+            def read(piece):
+                index, offset, info = piece
+                lo, hi = max(start, offset), min(end, offset + info.size)
+                whole = lo == offset and hi == offset + info.size
+                response = self.client.get_object(info.key, None if whole else
+                                                  (lo - offset, hi - offset - 1))
+                if whole:
+                    digest = hashlib.sha256(response.body).hexdigest()
+                    if digest != response.metadata.get(SHA256_META):
+                        raise StoreError(500, "storage_inconsistent", "chunk object %s does "
+                                         "not hold the bytes it was stored with" % info.key)
+                    hashes[index] = digest
+                return response.body
+            data = b"".join(_in_parallel(read, pieces))
+            if len(data) != end - start:
+                raise StoreError(500, "storage_inconsistent", "part %d of %s: read %d bytes, "
+                                 "expected %d" % (number, m.file_id, len(data), end - start))
+            etag = self.client.upload_part(key, m.upload_id, number, data,
+                                           sha256=hashlib.sha256(data).hexdigest())
+        self._crash.passed("part_uploaded")
+        first = m.folded_chunks
+        folded = [(i, off, info) for i, off, info in progress.run if off + info.size <= end]
+        new_end = folded[-1][0] + 1 if folded else first
+        end_offset = folded[-1][1] + folded[-1][2].size if folded else m.folded_offset
+        if new_end > first:
+            entries = []
+            for index, _, info in folded:
+                digest = hashes.get(index)
+                if digest is None:
+                    stored = self._head_chunk(m, index)
+                    if stored is None:
+                        return                      # folded by another node meanwhile
+                    digest = stored[1]
+                entries.append([info.size, digest])
+            self._write_record(m, first, new_end, entries)
+        entry = {"n": number, "etag": etag, "from": start, "to": end, "end": new_end,
+                 "endOffset": end_offset}
+
+        def change(data):
+            if data.get("uploadId") != m.upload_id or len(data.get("parts", [])) != number - 1:
+                return False                        # another node recorded this part first
+            data["parts"] = data.get("parts", []) + [entry]
+            if new_end > first:
+                data["records"] = data.get("records", []) + [[first, new_end]]
+            return True
+        recorded = self._update(m, change)
+        self._crash.passed("part_recorded")
+        _in_parallel(self._delete_quietly, [info.key for index, _, info in folded
+                                            if index < recorded.folded_chunks])
+
+    def _start_multipart(self, m):
+        key = self._final_key(m)
+        upload_id = self.client.create_multipart_upload(key, content_type=MEDIA_TYPES.get(m.ext))
+
+        def change(data):
+            if data.get("uploadId"):
+                return False
+            data["uploadId"] = upload_id
+            return True
+        updated = self._update(m, change)
+        if updated.upload_id != upload_id:          # another node's won: ours is not needed
+            with contextlib.suppress(S3Error):
+                self.client.abort_multipart_upload(key, upload_id)
+        return updated
+
+    def _complete(self, m, progress):
+        """Every byte is in a part: complete the multipart upload (If-None-Match: *), record
+        it, then remove what is no longer needed."""
+        key, total, last = self._final_key(m), progress.bytes, m.last_index
+        first = m.folded_chunks
+        if first <= last:                           # trailing empty chunks: no part holds them
+            entries = []
+            for index in range(first, last + 1):
+                stored = self._head_chunk(m, index)
+                if stored is None:
+                    return                          # another node completed and cleaned up
+                entries.append(list(stored))
+            self._write_record(m, first, last + 1, entries)
+        parts = [(part["n"], part["etag"]) for part in m.parts]
+        try:
+            etag = self.client.complete_multipart_upload(key, m.upload_id, parts,
+                                                         if_none_match=True)
+        except S3Error as error:
+            if error.status not in (404, 409, 412):
+                raise
+            etag = self._existing_final(m, total)   # completed already (by us or another)
+        self._crash.passed("object_completed")
+
+        def change(data):
+            if data.get("completedAt") is not None or data["generation"] != m.generation:
+                return False
+            data.update(completedAt=round(time.time(), 3), size=total, etag=etag)
+            if first <= last:
+                data["records"] = data.get("records", []) + [[first, last + 1]]
+            return True
+        done = self._update(m, change)
+        self._after_completion(done, emit=False)
+        self._hasher.submit(m.file_id)
+
+    def _existing_final(self, m, size):
+        """The final object a conditional write found: it must be this upload's."""
+        try:
+            head = self.client.head_object(self._final_key(m))
+        except S3Error as error:
+            if error.status == 404:
+                raise StoreError(503, "storage_unavailable", "upload %s: the object store "
+                                 "lost the multipart upload before it was complete"
+                                 % m.file_id, {"Retry-After": "5"})
+            raise
+        if int(head.header("content-length") or -1) != size:
+            raise StoreError(500, "storage_inconsistent", "upload %s: the assembled object "
+                             "has %s bytes, expected %d" % (m.file_id,
+                                                            head.header("content-length"), size))
+        return head.header("etag")
+
+    def _after_completion(self, m, emit):
+        self._crash.passed("completion_recorded")
+        self.client.put_object(self._done_key(m.file_id), b"")
+        _in_parallel(self._delete_quietly,
+                     [info.key for info in self.client.iter_objects(self._chunk_prefix(m))])
+        log.info("upload %s completed: %d chunks, %d bytes", m.file_id, m.last_index + 1,
+                 m.size)
+        if emit:
+            self._emit_completed(m)
+
+    def _emit_completed(self, m):
+        self._emit("completed", m.file_id, size=m.size, sha256=m.sha256, ext=m.ext,
+                   mimeType=m.mime_type)
+
+    # -- the assembled file's sha256, computed after completion -----------------------------
+
+    def _hash_if_forgotten(self, m):
+        if m.sha256 is None and time.time() - m.completed_at > HASH_GRACE_S:
+            self._hasher.submit(m.file_id)
+
+    def _hash_in_background(self, file_id):
+        try:
+            m = self._load(file_id)
+            if m is None or not m.completed or m.sha256 is not None:
+                return
+            digest = hashlib.sha256()
+            with self.client.open_object(self._final_key(m)) as stream:
+                while True:
+                    block = stream.read(STREAM_BLOCK_BYTES)
+                    if not block:
+                        break
+                    digest.update(block)
+            value = digest.hexdigest()
+
+            def change(data):
+                if data.get("sha256") or data["generation"] != m.generation:
+                    return False
+                data["sha256"] = value
+                return True
+            done = self._update(m, change)
+            if done.sha256 == value:
+                self._emit_completed(done)
+        except (S3Error, StoreError) as error:
+            log.warning("hashing %s failed (retried on a later status): %s", file_id, error)
+
+    # -- errors -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _storage_errors(self):
+        """S3's failures, as the StoreError the HTTP edge answers with (one place)."""
+        try:
+            yield
+        except S3Error as error:
+            log.warning("object store: %s", error)
+            raise storage_error(error, self.bucket)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving the assembled object
+# ---------------------------------------------------------------------------------------------
+
+class ObjectMedia:
+    """A completed upload's object: size, ETag, mtime for the headers; `open_range` streams
+    bytes from the store, or `redirect_url` sends the client to a presigned URL instead."""
+
+    def __init__(self, store, key, size, etag, mtime, redirect_url=None):
+        self.store = store
+        self.key = key
+        self.size = size
+        self.etag = '"%s"' % (etag or "").strip('"')
+        self.mtime = mtime
+        self.redirect_url = redirect_url
+
+    def open_range(self, start, count):
+        """Start reading bytes [start, start+count) (errors come out here, before any header
+        is sent); the returned reader's send() copies them to the client."""
+        with self.store._storage_errors():
+            stream = self.store.client.open_object(self.key, (start, start + count - 1))
+        return _StreamRange(stream, count, self.key)
+
+
+class _StreamRange:
+    def __init__(self, stream, count, key):
+        self._stream = stream
+        self._count = count
+        self._key = key
+
+    def send(self, sock, wfile):
+        remaining = self._count
+        while remaining > 0:
+            try:
+                block = self._stream.read(min(remaining, STREAM_BLOCK_BYTES))
+            except OSError as error:
+                block = b""
+                log.warning("object store stopped sending %s: %s", self._key, error)
+            if not block:
+                # the status line is out: all we can do is cut the connection short
+                raise ConnectionAbortedError("object store sent %d bytes less than promised"
+                                             % remaining)
+            wfile.write(block)
+            remaining -= len(block)
+
+    def close(self):
+        self._stream.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def choose_part_bytes(wanted, max_upload_bytes):
+    """P: at least S3's minimum, and large enough that MAX_PARTS parts hold the largest
+    upload (rounded up to whole MiB)."""
+    part = max(int(wanted or DEFAULT_PART_BYTES), MIN_PART_BYTES)
+    if max_upload_bytes:
+        needed = -(-int(max_upload_bytes) // MAX_PARTS)
+        part = max(part, -(-needed // (1 << 20)) << 20)
+    return part
+
+
+def _in_parallel(work, items):
+    """[work(item) for item in items], up to PARALLEL_REQUESTS at a time (many small GETs or
+    DELETEs are latency, not bandwidth); the first exception is raised."""
+    items = list(items)
+    if len(items) <= 1:
+        return [work(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(PARALLEL_REQUESTS, len(items))) as pool:
+        return list(pool.map(work, items))
+
+
+def _mark_deleting(data):
+    if data.get("deleting"):
+        return False
+    data["deleting"] = True
+    return True
+
+
+def _derived_name(name):
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise StoreError(400, "invalid_name", "not a derivative name: %r" % name)
+    return name
+
+
+def _json(data):
+    return json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+class _Workers:
+    """A few daemon threads working through file ids; an id already waiting is not queued
+    twice."""
+
+    def __init__(self, name, count, work):
+        self._work = work
+        self._queue = queue.Queue()
+        self._pending = set()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, name="%s-%d" % (name, n),
+                                          daemon=True) for n in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, file_id):
+        with self._lock:
+            if file_id in self._pending:
+                return
+            self._pending.add(file_id)
+        self._queue.put(file_id)
+
+    def _run(self):
+        while True:
+            file_id = self._queue.get()
+            if file_id is None:
+                return
+            with self._lock:
+                self._pending.discard(file_id)
+            try:
+                self._work(file_id)
+            except Exception:
+                log.exception("background work on %s failed", file_id)
+
+    def stop(self, timeout=5.0):
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
