@@ -177,26 +177,9 @@ class UploadState:
 # The store
 # ---------------------------------------------------------------------------------------------
 
-class ChunkStore:
-    """Chunks of many uploads into one file each, crash-safe. Thread-safe."""
-
-    def __init__(self, root, allow_any_content=False, max_upload_bytes=None, crash_at=None):
-        self.root = os.path.abspath(root)
-        self.temp_dir = os.path.join(self.root, TEMP_DIR_NAME)
-        self.incoming_dir = os.path.join(self.temp_dir, INCOMING_DIR_NAME)
-        self.deleting_dir = os.path.join(self.temp_dir, DELETING_DIR_NAME)
-        self.derived_dir = os.path.join(self.root, DERIVED_DIR_NAME)
-        self.allow_any_content = allow_any_content
-        self.max_upload_bytes = max_upload_bytes
-        self._crash = _CrashPoint(crash_at)
-        self._locks = _KeyedLocks()
-        for path in (self.root, self.temp_dir, self.incoming_dir, self.deleting_dir):
-            os.makedirs(path, exist_ok=True)
-        self._ledger = _Ledger(os.path.join(self.root, LEDGER_NAME))
-        self._listeners = []
-        self._hasher = _BackgroundHasher(self)
-
-    # -- events ---------------------------------------------------------------------------
+class EventSource:
+    """What stores have in common for listeners (ChunkStore here, S3Store in s3store.py);
+    a store sets self._listeners = [] in its __init__."""
 
     def add_listener(self, listener):
         """Call `listener(event)` after each change, with event a dict such as
@@ -215,6 +198,26 @@ class ChunkStore:
                 listener(event)
             except Exception:
                 log.exception("event listener failed on %s", event_type)
+
+
+class ChunkStore(EventSource):
+    """Chunks of many uploads into one file each, crash-safe. Thread-safe."""
+
+    def __init__(self, root, allow_any_content=False, max_upload_bytes=None, crash_at=None):
+        self.root = os.path.abspath(root)
+        self.temp_dir = os.path.join(self.root, TEMP_DIR_NAME)
+        self.incoming_dir = os.path.join(self.temp_dir, INCOMING_DIR_NAME)
+        self.deleting_dir = os.path.join(self.temp_dir, DELETING_DIR_NAME)
+        self.derived_dir = os.path.join(self.root, DERIVED_DIR_NAME)
+        self.allow_any_content = allow_any_content
+        self.max_upload_bytes = max_upload_bytes
+        self._crash = _CrashPoint(crash_at)
+        self._locks = _KeyedLocks()
+        for path in (self.root, self.temp_dir, self.incoming_dir, self.deleting_dir):
+            os.makedirs(path, exist_ok=True)
+        self._ledger = _Ledger(os.path.join(self.root, LEDGER_NAME))
+        self._listeners = []
+        self._hasher = _BackgroundHasher(self)
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -354,7 +357,7 @@ class ChunkStore:
         finally:
             os.close(fd)
         if created:
-            _fsync_dir(self.root)        # the file's name must survive a power cut too
+            fsync_dir(self.root)        # the file's name must survive a power cut too
         self._crash.passed("appended")
         self._ledger.record_append(upload.file_id, index, size, offset, last_index)
         self._crash.passed("append_recorded")
@@ -368,9 +371,9 @@ class ChunkStore:
         folder = os.path.join(self.temp_dir, file_id)
         if not os.path.isdir(folder):
             os.makedirs(folder, exist_ok=True)
-            _fsync_dir(self.temp_dir)    # the folder's name must survive a power cut too
+            fsync_dir(self.temp_dir)    # the folder's name must survive a power cut too
         os.replace(part_path, self._stash_path(file_id, index))
-        _fsync_dir(folder)
+        fsync_dir(folder)
         self._crash.passed("stashed")
         self._ledger.record_stash(file_id, index, size, last_index)
         self._crash.passed("stash_recorded")
@@ -448,11 +451,11 @@ class ChunkStore:
             trash = os.path.join(self.deleting_dir, "%s-%r-%s" % (
                 file_id, upload.created_at, os.urandom(8).hex()))
             os.makedirs(trash)
-            _fsync_dir(self.deleting_dir)
+            fsync_dir(self.deleting_dir)
             for name, path in self._traces(upload):
                 if os.path.lexists(path):
                     os.replace(path, os.path.join(trash, name))
-            _fsync_dir(trash)
+            fsync_dir(trash)
             self._ledger.delete(file_id)
             shutil.rmtree(trash, ignore_errors=True)
         log.info("upload %s deleted", file_id)
@@ -638,7 +641,7 @@ class ChunkStore:
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(path, os.path.join(folder, name))
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
     def open_derivative(self, upload, name):
         """A derivative to serve, like open_media; None when there is none."""
@@ -1033,7 +1036,7 @@ def _same_region(path, offset, part_path, size):
     return True
 
 
-def _fsync_dir(path):
+def fsync_dir(path):
     """Make a rename durable (POSIX). Windows cannot open directories; NTFS journals renames."""
     if os.name != "posix":
         return

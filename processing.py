@@ -499,7 +499,7 @@ class JobRun:
         with open(part, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(part, self.path(name))
-        _fsync_dir(self.folder)
+        chunkstore.fsync_dir(self.folder)
 
     def remove_parts(self):
         if os.path.isdir(self.folder):
@@ -1093,16 +1093,6 @@ def _clean_stderr(lines, folders):
 
 def _command_line(argv):
     return " ".join(shlex.quote(a) for a in argv)
-
-
-def _fsync_dir(path):
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _utc_iso(timestamp):

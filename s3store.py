@@ -52,6 +52,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import s3client
+import chunkstore
 from chunkstore import (DEFAULT_EXTENSION, INCOMING_DIR_NAME, MEDIA_TYPES, SIGNATURE_BYTES,
                         TEMP_DIR_NAME, ChunkResult, StoreError, UploadState, _CrashPoint,
                         _KeyedLocks, _sha256_file, extension_for, has_media_signature,
@@ -216,7 +217,7 @@ class _Progress:
 # The store
 # ---------------------------------------------------------------------------------------------
 
-class S3Store:
+class S3Store(chunkstore.EventSource):
     """Chunks of many uploads into one object each, on a bucket shared by many nodes."""
 
     def __init__(self, client, prefix, root, allow_any_content=False, max_upload_bytes=None,
@@ -282,20 +283,6 @@ class S3Store:
 
     def _done_key(self, file_id):
         return self._key("done", file_id)
-
-    # -- events -----------------------------------------------------------------------------
-
-    def add_listener(self, listener):
-        """As ChunkStore.add_listener; events of what this node did."""
-        self._listeners.append(listener)
-
-    def _emit(self, event_type, file_id, **data):
-        event = dict(data, type=event_type, fileId=file_id)
-        for listener in self._listeners:
-            try:
-                listener(event)
-            except Exception:
-                log.exception("event listener failed on %s", event_type)
 
     # -- receiving --------------------------------------------------------------------------
 
