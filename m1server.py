@@ -263,8 +263,13 @@ def build_parser(environ):
         prog="m1server.py",
         description="Video chunk upload server (standard library only). Every option can "
                     "also be set with the environment variable shown beside it.",
-        epilog="Sizes take a byte count or a K, M, G suffix (powers of 1024). "
-               "Example: python3 m1server.py --port 3001 --dir ./uploads --max-chunk-size 64M")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Sizes take a byte count or a K, M, G suffix (powers of 1024); durations take "
+               "seconds or an s, m, h, d suffix.\n"
+               "Example: python3 m1server.py --port 3001 --dir ./uploads --max-chunk-size 64M\n\n"
+               "Tools in the same file (each has --help):\n"
+               "  m1server.py upload FILE --server URL   resumable command-line uploader\n"
+               "  m1server.py gc [--dir DIR ...]          one retention sweep, server stopped")
     parser.add_argument("--version", action="version", version="m1server " + VERSION)
     for flag, kind, default, text in OPTIONS:
         name = env_name(flag)
