@@ -882,7 +882,7 @@ function clientEventsFromStatus(serverUrl, status) {
 /** The `ready` detail, from a ready event or a status reply (both carry these fields). */
 function readyDetail(serverUrl, fileId, source) {
   const absolute = (url) => (!url || /^https?:/.test(url) ? url || null : serverUrl + url);
-  const derivatives = source.derivatives || {};
+  const derivatives = source.derivatives || source.urls || {};   // urls: events.ready()
   return { fileId, playbackUrl: absolute(source.playbackUrl),
            poster: absolute(derivatives.poster), derivatives, video: source.video || null };
 }
