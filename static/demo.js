@@ -13,7 +13,13 @@ const ui = {
   upload: $("upload"), progress: $("progress"), fill: $("bar-fill"), text: $("upload-text"),
   message: $("message"), pending: $("pending"), pendingList: $("pending-list"),
   recordings: $("recordings"), noRecordings: $("no-recordings"),
+  server: $("server"), serverText: $("server-text"), processing: $("processing"),
+  processingFill: $("processing-fill"), processingText: $("processing-text"),
 };
+
+// The server's story of an upload, in order; the panel never moves backwards (a status
+// refresh may repeat an earlier step after a later event).
+const PHASES = ["waiting", "uploading", "saved", "processing", "ready", "failed"];
 
 let recorder = null;
 let clock = null;
@@ -25,6 +31,7 @@ ui.record.addEventListener("click", async () => {
   showMessage("");
   recorder = new M1Recorder({ serverUrl: SERVER_URL,
                               uploadWhileRecording: !ui.afterStop.checked });
+  resetServerPanel();
   watch(recorder);
   try {
     ui.preview.srcObject = await recorder.openCamera();
@@ -78,6 +85,15 @@ function watch(source) {
     renderRecordings();
   });
   source.addEventListener("warning", (event) => showMessage(event.detail.message, "info"));
+  // What the server reports (m1client follows its events, or polls its status).
+  source.addEventListener("serverprogress", (event) => showServerProgress(event.detail));
+  source.addEventListener("processing", (event) => showProcessing(event.detail));
+  source.addEventListener("ready", (event) => showReady(event.detail));
+  source.addEventListener("processingfailed", (event) => {
+    if (!setPhase("failed")) return;
+    ui.processingText.textContent = `Processing failed: ${event.detail.reason}. The original ` +
+                                    "recording is saved and plays as it is.";
+  });
   source.addEventListener("error", (event) => {
     const error = event.detail.error;
     showMessage(`Upload failed: ${error.message || error}`, "error");
@@ -100,6 +116,68 @@ function showProgress(p) {
                    `(${p.chunksAcknowledged} chunks)`;
   ui.text.textContent = p.state === "completed"
     ? `Upload complete: ${onServer}.` : `${recorded} · ${onServer} · ${percent}%`;
+}
+
+// --- the server's side: bytes it has stored, then processing -----------------------------------
+
+function resetServerPanel() {
+  ui.server.hidden = true;
+  for (const name of ["phase", "phases", "via", "bytesReceived", "playbackUrl"]) {
+    delete ui.server.dataset[name];
+  }
+  ui.server.dataset.phase = "waiting";
+  ui.serverText.textContent = "Saved on server: 0 B";
+  showProcessingBar(0);
+  ui.processingText.textContent = "Processing starts once the upload is complete.";
+}
+
+/** Move the panel to `phase` unless it is already further; data-phases keeps the steps seen
+ * (for a reader, and for the browser tests). Returns whether the phase is now `phase`. */
+function setPhase(phase) {
+  const current = ui.server.dataset.phase || "waiting";
+  if (PHASES.indexOf(phase) < PHASES.indexOf(current)) return false;
+  if (phase !== current) {
+    ui.server.dataset.phase = phase;
+    ui.server.dataset.phases = [ui.server.dataset.phases, phase].filter(Boolean).join(" ");
+  }
+  ui.server.hidden = false;
+  return true;
+}
+
+function showServerProgress(p) {
+  ui.server.dataset.via = p.via;                       // websocket, sse or polling
+  const bytes = Math.max(Number(ui.server.dataset.bytesReceived || 0), p.bytesReceived);
+  ui.server.dataset.bytesReceived = String(bytes);
+  ui.serverText.textContent = `Saved on server: ${formatBytes(bytes)}` +
+    (p.state === "completed" ? " (complete)" : "") +
+    (p.via === "polling" ? " · checked every 2 s" : " · live");
+  setPhase(p.state === "completed" ? "saved" : "uploading");
+}
+
+function showProcessing(p) {
+  if (!setPhase("processing")) return;
+  showProcessingBar(p.progress);
+  ui.processingText.textContent = `Processing on the server` +
+    (p.stage ? ` (${p.stage})` : "") + `: ${Math.round(p.progress * 100)}%`;
+}
+
+function showReady(video) {
+  if (!setPhase("ready")) return;
+  showProcessingBar(1);
+  ui.server.dataset.playbackUrl = video.playbackUrl || "";
+  ui.processingText.textContent = video.playbackUrl
+    ? "Ready: a seekable copy and a poster were made; the list below plays it."
+    : "Ready.";
+  if (video.playbackUrl) {
+    remember({ fileId: video.fileId, playbackUrl: video.playbackUrl, poster: video.poster });
+    renderRecordings();
+  }
+}
+
+function showProcessingBar(fraction) {
+  const percent = Math.round(Math.max(0, Math.min(1, fraction || 0)) * 100);
+  ui.processingFill.style.width = percent + "%";
+  ui.processing.setAttribute("aria-valuenow", String(percent));
 }
 
 function showMessage(text, kind = "") {
@@ -138,6 +216,7 @@ async function offerPending() {
     const finish = button("Finish upload", "finish-pending", async () => {
       finish.disabled = discard.disabled = true;
       showMessage("Finishing the earlier upload…");
+      resetServerPanel();
       const upload = await resumePendingUpload(item.fileId);
       watch(upload);
       upload.done.then(() => li.remove(), () => { finish.disabled = discard.disabled = false; })
@@ -171,8 +250,12 @@ function remembered() {
   try { return JSON.parse(localStorage.getItem(RECORDINGS_KEY)) || []; } catch { return []; }
 }
 
+/** Add what is known of a recording (the upload's result, later its playbackUrl and poster)
+ * to what was known before: the two arrive in either order. */
 function remember(video) {
-  const list = [video, ...remembered().filter((v) => v.fileId !== video.fileId)];
+  const earlier = remembered().find((v) => v.fileId === video.fileId) || {};
+  const list = [{ ...earlier, ...video },
+                ...remembered().filter((v) => v.fileId !== video.fileId)];
   localStorage.setItem(RECORDINGS_KEY, JSON.stringify(list.slice(0, MAX_REMEMBERED)));
 }
 
@@ -196,9 +279,19 @@ async function serverRecordings() {
   }
 }
 
-async function renderRecordings() {
+// One render at a time, in order: a render started later must not be overwritten by an
+// earlier one that finishes after it (each fetches the server's listing first).
+let rendering = Promise.resolve();
+
+function renderRecordings() {
+  rendering = rendering.then(renderRecordingsNow, renderRecordingsNow);
+  return rendering;
+}
+
+async function renderRecordingsNow() {
   const byId = new Map();
-  for (const video of [...await serverRecordings(), ...remembered()]) {  // the server knows more
+  const known = remembered().filter((v) => v.url);     // a playbackUrl may come before the url
+  for (const video of [...await serverRecordings(), ...known]) {  // the server knows more
     if (!byId.has(video.fileId)) byId.set(video.fileId, video);
   }
   const videos = [...byId.values()]

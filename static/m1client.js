@@ -40,6 +40,15 @@
  *   error      the upload gave up: { error }  (an M1UploadError; the chunks stay stashed)
  *   warning    IndexedDB refused a chunk; uploading goes on from memory: { error, message }
  *   start, stop  (M1Recorder only) recording started / MediaRecorder stopped
+ *
+ * What the *server* reports (from its real-time events, see watchUpload() below; off with
+ * watchServer: false):
+ *   serverprogress  bytes the server has durably stored: { fileId, state, bytesReceived,
+ *                   chunksReceived, via }  (state: "uploading" or "completed";
+ *                   via: "websocket", "sse" or "polling")
+ *   processing      the server is processing the video: { fileId, progress (0..1), stage }
+ *   ready           processing is done: { fileId, playbackUrl, poster, derivatives, video }
+ *   processingfailed  processing failed: { fileId, reason }  (the original is still playable)
  */
 
 export const VERSION = "0.1.0";
@@ -75,6 +84,9 @@ const DB_NAME = "m1client";
 const DB_VERSION = 1;
 const LOCK_PREFIX = "m1client-upload:";        // Web Locks: which tab is sending an upload
 const LOCK_WAIT_MS = 1000;       // how long to wait for a lock a reloaded page still holds
+export const STATUS_POLL_INTERVAL_MS = 2000;   // watchUpload without events: status this often
+const EVENTS_RECONNECT_MS = 1000;  // a dropped WebSocket is reopened after this long
+const SERVER_EVENT_TYPES = ["serverprogress", "processing", "ready", "processingfailed"];
 
 // ------------------------------------------------------------------------------------------
 // Public helpers
@@ -114,8 +126,10 @@ export class M1Recorder extends EventTarget {
    * pickMimeType()), uploadWhileRecording (true; false uploads everything after stop, as the
    * seed did), constraints (for getUserMedia), stream (record this instead of the camera),
    * fileId, retry ({ baseDelayMs, maxDelayMs, maxAttempts }), requestTimeoutMs, headers (e.g.
-   * { Authorization: "Bearer ..." }), videoBitsPerSecond, audioBitsPerSecond, and callbacks
-   * onProgress, onChunk, onRetry, onState, onCompleted, onError, onWarning, onStart, onStop.
+   * { Authorization: "Bearer ..." }), videoBitsPerSecond, audioBitsPerSecond, watchServer
+   * (true: follow the server's events, see watchUpload), and callbacks onProgress, onChunk,
+   * onRetry, onState, onCompleted, onError, onWarning, onStart, onStop, onServerprogress,
+   * onProcessing, onReady, onProcessingfailed.
    */
   constructor(options = {}) {
     super();
@@ -170,11 +184,11 @@ export class M1Recorder extends EventTarget {
     }
     const mediaRecorder = new MediaRecorder(stream, recorderOptions);
     const { serverUrl, fileId, uploadWhileRecording, retry, requestTimeoutMs, headers,
-            checksum } = this.options;
+            checksum, watchServer } = this.options;
     const upload = new M1Upload({ serverUrl, fileId, mimeType, uploadWhileRecording, retry,
-                                  requestTimeoutMs, headers, checksum });
+                                  requestTimeoutMs, headers, checksum, watchServer });
     for (const type of ["progress", "chunk", "retry", "state", "completed", "error",
-                        "warning"]) {
+                        "warning", ...SERVER_EVENT_TYPES]) {
       upload.addEventListener(type, (event) => this.emit(type, event.detail));
     }
     await upload.open();
@@ -231,7 +245,9 @@ export class M1Recorder extends EventTarget {
 export class M1Upload extends EventTarget {
   /** options: serverUrl, fileId, mimeType, uploadWhileRecording, retry, requestTimeoutMs,
    * headers, checksum (send each chunk's sha256; default true where crypto.subtle exists),
-   * and callbacks onProgress, onChunk, onRetry, onState, onCompleted, onError. */
+   * watchServer (default true: follow the server's events from start(), see watchUpload),
+   * and callbacks onProgress, onChunk, onRetry, onState, onCompleted, onError,
+   * onServerprogress, onProcessing, onReady, onProcessingfailed. */
   constructor(options = {}) {
     super();
     this.serverUrl = String(options.serverUrl || "").replace(/\/+$/, "");
@@ -244,6 +260,8 @@ export class M1Upload extends EventTarget {
       : typeof crypto !== "undefined" && !!crypto.subtle;
     this.state = "idle";
     this.result = null;
+    this.watchServer = options.watchServer !== false;
+    this._stopWatching = null;     // ends the server watch (see _watchServer)
 
     this._queue = [];              // chunks not yet acknowledged, by index: { index, blob, stored }
     this._nextIndex = 0;           // the index the next recorded chunk gets
@@ -293,6 +311,8 @@ export class M1Upload extends EventTarget {
         .catch(() => {});
     }
     this._setState("uploading");
+    // Before chunk 0 leaves, so that its event is not missed (docs/events.md).
+    if (this.watchServer) this._watchServer();
     this._run();
     return this.done;
   }
@@ -328,6 +348,7 @@ export class M1Upload extends EventTarget {
   cancel() {
     if (this._isOver()) return;
     this._setState("cancelled");
+    this._unwatchServer();
     if (this._xhr) this._xhr.abort();
     if (this._stash) this._stash.forget(this.fileId).catch(() => {});
     this._reject(new M1UploadError("upload cancelled", { code: "cancelled", status: -1 }));
@@ -497,9 +518,47 @@ export class M1Upload extends EventTarget {
   _fail(error) {
     if (this._isOver()) return;
     this._setState("failed");      // the chunks stay stashed: findPendingUploads() offers them
+    this._unwatchServer();
     this.emit("error", { error });
     this._reject(error);
     this._wake();
+  }
+
+  // -- what the server reports (watchUpload -> serverprogress, processing, ready) -----------
+
+  _watchServer() {
+    const emitServer = (fields) => this.emit("serverprogress", { fileId: this.fileId, ...fields });
+    this._stopWatching = watchUpload(this.serverUrl, this.fileId, (event, via) => {
+      switch (event.type) {
+        case "state":       // a full refresh: the same shape as GET /api/video/status
+          for (const [type, detail] of clientEventsFromStatus(this.serverUrl, event.status)) {
+            this.emit(type, { fileId: this.fileId, ...detail, via });
+          }
+          break;
+        case "chunk":       // bytesReceived: stored and fsynced, not merely sent
+          emitServer({ state: "uploading", bytesReceived: event.bytesReceived,
+                       chunksReceived: event.nextChunkIndex, via });
+          break;
+        case "completed":
+          emitServer({ state: "completed", bytesReceived: event.size, via });
+          break;
+        case "processing":
+          this.emit("processing", { fileId: this.fileId, progress: event.progress,
+                                    stage: event.stage || null });
+          break;
+        case "ready":
+          this.emit("ready", readyDetail(this.serverUrl, this.fileId, event));
+          break;
+        case "failed":
+          this.emit("processingfailed", { fileId: this.fileId, reason: event.reason });
+          break;
+      }
+    }, { headers: this.headers });
+  }
+
+  _unwatchServer() {
+    if (this._stopWatching) this._stopWatching();
+    this._stopWatching = null;
   }
 
   // -- small pieces -----------------------------------------------------------------------
@@ -678,6 +737,159 @@ function errorFromReply(status, body, retryAfter) {
 
 function parseJson(text) {
   try { return JSON.parse(text); } catch (error) { return null; }
+}
+
+// ------------------------------------------------------------------------------------------
+// Following an upload on the server: events (WebSocket, then SSE), else polling
+// ------------------------------------------------------------------------------------------
+//
+// GET /api/video/events/:fileId (docs/events.md) tells what the server did with an upload:
+// a `state` first (the status reply, as a full refresh), then `chunk` {bytesReceived} for every
+// chunk stored, `completed`, and, when the server processes videos, `processing` {progress,
+// stage}, then `ready` {playbackUrl, derivatives} or `failed` {reason}. One URL serves a
+// WebSocket and Server-Sent Events. When neither is possible (503: the server's subscriber cap
+// is reached; a proxy that blocks both; an older server), GET /api/video/status every
+// STATUS_POLL_INTERVAL_MS tells the same story with less detail, as `state` events.
+
+/**
+ * Follow `fileId` on the server: onEvent(event, via) gets the server's events as they come
+ * (via: "websocket", "sse" or "polling"; polling delivers `state` events only). The watch ends
+ * by itself when the story does (ready, failed, deleted; or completed when the server does not
+ * process videos, see storyEnded). Returns stop(), to end it sooner.
+ * options: headers (for polling only: a WebSocket or EventSource cannot send headers),
+ * pollIntervalMs.
+ */
+export function watchUpload(serverUrl, fileId, onEvent, options = {}) {
+  const base = String(serverUrl || "").replace(/\/+$/, "");
+  const path = "/api/video/events/" + encodeURIComponent(fileId);
+  const { headers = {}, pollIntervalMs = STATUS_POLL_INTERVAL_MS } = options;
+  let lastId = null;             // the newest event id seen: where a reconnect resumes
+  let stopped = false;
+  let socket = null, source = null, pollTimer = null, retryTimer = null;
+
+  function stop() {
+    if (stopped) return;
+    stopped = true;
+    if (socket) socket.close(1000);
+    if (source) source.close();
+    clearTimeout(pollTimer);
+    clearTimeout(retryTimer);
+  }
+
+  function deliver(event, via) {
+    if (stopped) return;
+    if (event.id) lastId = event.id;
+    onEvent(event, via);
+    if (event.type === "missed") refresh(via);          // fell behind: get the whole state
+    else if (event.type === "completed") refresh(via);  // does processing follow? ask
+    else if (storyEnded(event)) stop();
+  }
+
+  // The status once more, as a `state` event: it says whether processing follows `completed`.
+  function refresh(via) {
+    getStatus(base, fileId, headers)
+      .then((status) => deliver({ type: "state", fileId, status }, via))
+      .catch(() => {});            // the stream goes on; its next event says more
+  }
+
+  function resumeQuery() {
+    return lastId ? "?lastEventId=" + encodeURIComponent(lastId) : "";
+  }
+
+  // 1. WebSocket. Refused before it opened (503, blocked): try SSE. Dropped after it opened
+  //    (a server restart): open it again, resuming after the last event seen.
+  function openWebSocket() {
+    if (typeof WebSocket === "undefined") return openEventSource();
+    let opened = false;
+    try {
+      socket = new WebSocket(websocketUrl(base) + path + resumeQuery());
+    } catch (error) {
+      return openEventSource();    // e.g. a page whose policy forbids ws:
+    }
+    socket.onopen = () => { opened = true; };
+    socket.onmessage = (message) => deliver(parseJson(message.data) || {}, "websocket");
+    socket.onclose = () => {
+      socket = null;
+      if (stopped) return;
+      if (!opened) openEventSource();
+      else retryTimer = setTimeout(openWebSocket, EVENTS_RECONNECT_MS);
+    };
+  }
+
+  // 2. Server-Sent Events. EventSource reconnects by itself (Last-Event-ID); it gives up, and
+  //    we poll, only when an answer is not a 200 text/event-stream (503, 404 of an old server).
+  function openEventSource() {
+    if (stopped) return;
+    if (typeof EventSource === "undefined") return poll();
+    source = new EventSource(base + path + resumeQuery());
+    source.onmessage = (message) => deliver(parseJson(message.data) || {}, "sse");
+    source.onerror = () => {
+      if (source && source.readyState === EventSource.CLOSED) {
+        source = null;
+        poll();
+      }
+    };
+  }
+
+  // 3. Polling: the status reply is exactly what a `state` event carries.
+  function poll() {
+    if (stopped) return;
+    getStatus(base, fileId, headers)
+      .then((status) => deliver({ type: "state", fileId, status }, "polling"))
+      .catch(() => {})             // no answer this time: ask again at the next tick
+      .then(() => { if (!stopped) pollTimer = setTimeout(poll, pollIntervalMs); });
+  }
+
+  openWebSocket();
+  return stop;
+}
+
+/** Whether nothing more will happen to the upload after `event`: processing ended (ready,
+ * failed), the upload was deleted, or a state shows it completed with no processing to
+ * follow (a server without processing, or with --processing off, or without ffmpeg). */
+export function storyEnded(event) {
+  if (event.type === "ready" || event.type === "failed" || event.type === "deleted") {
+    return true;
+  }
+  if (event.type !== "state" || !event.status) return false;
+  const { state, processing } = event.status;
+  if (state !== "completed") return false;
+  return !processing || ["done", "failed", "unavailable"].includes(processing.state);
+}
+
+/** A status reply (a `state` event, or polling) as the client events it amounts to. */
+function clientEventsFromStatus(serverUrl, status) {
+  if (!status || !status.exists) return [];
+  const events = [["serverprogress", {
+    state: status.state === "completed" ? "completed" : "uploading",
+    bytesReceived: status.fileSize || 0,
+    chunksReceived: status.nextChunkIndex !== undefined ? status.nextChunkIndex
+                                                        : status.chunksReceived || 0,
+  }]];
+  const processing = status.state === "completed" && status.processing;
+  if (!processing) return events;
+  if (processing.state === "done") {
+    events.push(["ready", readyDetail(serverUrl, status.fileId, status)]);
+  } else if (processing.state === "failed") {
+    events.push(["processingfailed", { reason: processing.error || "processing failed" }]);
+  } else if (processing.state === "queued" || processing.state === "running") {
+    events.push(["processing", { progress: processing.progress || 0,
+                                 stage: processing.stage || null }]);
+  }
+  return events;
+}
+
+/** The `ready` detail, from a ready event or a status reply (both carry these fields). */
+function readyDetail(serverUrl, fileId, source) {
+  const absolute = (url) => (!url || /^https?:/.test(url) ? url || null : serverUrl + url);
+  const derivatives = source.derivatives || source.urls || {};   // urls: events.ready()
+  return { fileId, playbackUrl: absolute(source.playbackUrl),
+           poster: absolute(derivatives.poster), derivatives, video: source.video || null };
+}
+
+function websocketUrl(base) {
+  if (/^https?:/.test(base)) return base.replace(/^http/, "ws");
+  return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + base;
 }
 
 // ------------------------------------------------------------------------------------------
