@@ -30,6 +30,14 @@ EBML = b"\x1a\x45\xdf\xa3"
 TRANSPORTS = ["websocket", "sse"]
 
 
+@pytest.fixture(autouse=True)
+def processing_off(monkeypatch):
+    """These tests count events: processing (on by default) would add its own after
+    `completed` (random chunks are not video, so a `failed`). Its events are tested in
+    test_browser_events.py and test_processing.py. (Servers copy the environment.)"""
+    monkeypatch.setenv("M1_PROCESSING", "off")
+
+
 def make_chunks(count, size=4096, seed=b""):
     """`count` chunks whose first starts with the WebM signature, distinct per seed."""
     chunks = []
