@@ -27,7 +27,7 @@ SERVER_PYTHON = os.environ.get("M1_TEST_PYTHON") or sys.executable
 SERVER_PROGRAM = os.environ.get("M1_TEST_SERVER") or os.path.join(ROOT, "m1server.py")
 IN_CI = os.environ.get("CI") == "true"
 START_DEADLINE_S = 20.0
-URL_LINE = re.compile(r"serving (http://\S+?)/?(\s|$)")
+URL_LINE = re.compile(r"serving (https?://\S+?)/?(\s|$)")
 
 
 def need(condition, reason):
