@@ -317,3 +317,27 @@ def test_api_key_from_a_file(server_factory, tmp_path):
     assert requests.get(srv.url + "/api/video", timeout=10, headers={
         "Authorization": "Bearer " + KEY}).status_code == 200
     assert KEY not in srv.log()
+
+
+def test_cli_uploader_sends_its_token_and_a_token_for_another_upload_fails(env, tmp_path):
+    srv = env["server"]
+    path = tmp_path / "clip.webm"
+    data = open(os.path.join(ROOT, "..", "shared", "data", "sample.webm"), "rb").read()
+    path.write_bytes(data)
+    token = mint(srv.url, fileId="cli_auth", rights=["upload", "read"])
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("M1_")}
+
+    def upload(file_id, credential):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "m1server.py"), "upload",
+                               str(path), "--server", srv.url, "--file-id", file_id,
+                               "--chunk-size", "64K", "--retries", "1", "--quiet"],
+                              env=dict(clean, M1_TOKEN=credential), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=120, universal_newlines=True)
+    done = upload("cli_auth", token)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["fileId"] == "cli_auth"
+    status = requests.get(srv.url + "/api/video/status/cli_auth?token=" + token,
+                          timeout=10).json()["data"]
+    assert status["state"] == "completed" and status["fileSize"] == len(data)
+    refused = upload("cli_auth_other", token)
+    assert refused.returncode == 1 and "403" in refused.stderr
