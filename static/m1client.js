@@ -170,9 +170,9 @@ export class M1Recorder extends EventTarget {
     }
     const mediaRecorder = new MediaRecorder(stream, recorderOptions);
     const { serverUrl, fileId, uploadWhileRecording, retry, requestTimeoutMs, headers,
-            checksum } = this.options;
+            checksum, token } = this.options;
     const upload = new M1Upload({ serverUrl, fileId, mimeType, uploadWhileRecording, retry,
-                                  requestTimeoutMs, headers, checksum });
+                                  requestTimeoutMs, headers, checksum, token });
     for (const type of ["progress", "chunk", "retry", "state", "completed", "error",
                         "warning"]) {
       upload.addEventListener(type, (event) => this.emit(type, event.detail));
@@ -230,7 +230,9 @@ export class M1Recorder extends EventTarget {
 
 export class M1Upload extends EventTarget {
   /** options: serverUrl, fileId, mimeType, uploadWhileRecording, retry, requestTimeoutMs,
-   * headers, checksum (send each chunk's sha256; default true where crypto.subtle exists),
+   * headers, token (a server with --api-key: a token from your backend's
+   * POST /api/video/tokens, sent as Authorization: Bearer and as ?token= on the result's
+   * media URL, which a <video> element fetches without headers), checksum (send each chunk's sha256; default true where crypto.subtle exists),
    * and callbacks onProgress, onChunk, onRetry, onState, onCompleted, onError. */
   constructor(options = {}) {
     super();
@@ -239,7 +241,9 @@ export class M1Upload extends EventTarget {
     this.mimeType = options.mimeType || "";
     this.retry = { ...DEFAULT_RETRY, ...(options.retry || {}) };
     this.requestTimeoutMs = options.requestTimeoutMs || DEFAULT_REQUEST_TIMEOUT_MS;
-    this.headers = options.headers || {};
+    this.headers = { ...(options.headers || {}) };
+    this.token = options.token || null;
+    if (this.token) this.headers.Authorization = `Bearer ${this.token}`;
     this.checksum = options.checksum !== undefined ? options.checksum
       : typeof crypto !== "undefined" && !!crypto.subtle;
     this.state = "idle";
@@ -473,7 +477,7 @@ export class M1Upload extends EventTarget {
     const path = status.url || `/uploads/${this.fileId}.${extension}`;
     this.result = {
       fileId: this.fileId,
-      url: /^https?:/.test(path) ? path : this.serverUrl + path,
+      url: withToken(/^https?:/.test(path) ? path : this.serverUrl + path, this.token),
       size: status.fileSize !== undefined ? status.fileSize : this._bytesAcknowledged,
       mimeType: status.mimeType || this.mimeType,
       chunks: status.totalChunks || (this._lastIndex === null ? null : this._lastIndex + 1),
@@ -645,6 +649,13 @@ function postChunk(url, fields, blob, { headers, timeoutMs, started, onProgress 
 }
 
 /** GET /api/video/status/:fileId -> its `data` ({ exists, nextChunkIndex, state, ... }). */
+/** `url` with `?token=` added (media and event URLs: <video src>, EventSource and WebSocket
+ * cannot send an Authorization header); unchanged without a token. */
+export function withToken(url, token) {
+  if (!token) return url;
+  return url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token);
+}
+
 export async function getStatus(serverUrl, fileId, headers = {},
                                 timeoutMs = DEFAULT_REQUEST_TIMEOUT_MS) {
   const url = `${String(serverUrl || "").replace(/\/+$/, "")}/api/video/status/` +
