@@ -283,10 +283,10 @@ class Guard:
                 raise _unauthorized("invalid_credentials",
                                     "use Authorization: Bearer <key or token>")
             value = value.strip()
+            digest = hashlib.sha256(value.encode("utf-8", "replace")).digest()
+            if hmac.compare_digest(digest, self._key_digest):
+                return Grant(True)
             if not value.startswith(TOKEN_VERSION + "."):
-                digest = hashlib.sha256(value.encode("utf-8", "replace")).digest()
-                if hmac.compare_digest(digest, self._key_digest):
-                    return Grant(True)
                 raise _unauthorized("invalid_api_key", "the API key is not valid")
         else:
             values = query.get("token")
