@@ -34,13 +34,15 @@ What it guarantees, when the server runs with --api-key (M1_API_KEY, --api-key-f
     tus HEAD/PATCH need `upload` for /files/<id>; tus DELETE (termination), listing, deletion,
     webhook admin, /readyz, /metrics and minting tokens need the key.
   * Byte budget: the upload's total size may not pass `max`. For the seed API, bytes already
-    appended + the new chunk's size; a chunk already stored (a retry) is let through. For tus,
+    held (appended and early chunks, ChunkStore.bytes_held) + the new chunk's size; a chunk
+    already stored (a retry) is let through. For tus,
     Upload-Length at creation and offset + Content-Length of a PATCH, from the headers.
   * Rate limits (RateLimiter): a token bucket per client address on requests and on request
     body bytes (Content-Length, charged before reading); 429 with Retry-After; a bucket may go
     into debt for one large body, so a chunk bigger than the burst still passes, then waits.
 
-What it does not do: revoke single tokens before they expire (rotate --secret or the key to
+What it does not do: end an event stream when the token that opened it expires (checked when
+it opens), revoke single tokens before they expire (rotate --secret or the key to
 revoke all), identify users, trust X-Forwarded-For (behind a proxy, every client shares the
 proxy's bucket: rate-limit at the proxy instead), or encrypt (use --tls-cert or a TLS proxy).
 """
@@ -329,10 +331,11 @@ class Guard:
         if grant is None or grant.is_key:
             return
         grant.require("upload", file_id)
-        upload = handler.server.store.status(file_id)
-        if upload is not None and index < upload.next_index:
+        store = handler.server.store
+        upload = store.status(file_id)
+        if upload is not None and (index < upload.next_index or index in upload.stashed):
             return                          # a retry of a stored chunk adds no bytes
-        grant.require_budget((upload.bytes_appended if upload else 0) + size)
+        grant.require_budget(store.bytes_held(file_id) + size)
 
     def _tus_create(self, handler, grant):
         grant.require_right("upload")

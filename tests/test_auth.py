@@ -156,7 +156,10 @@ def call(env, route, credential):
     if token is not None:
         headers["Authorization"] = "Bearer " + token
     if body == "chunk5":
-        fields = {"fileId": MINE, "chunkIndex": "5", "status": "uploading"}
+        # chunk 5 (early: stashed) is stored once, then answered as a duplicate; the spent
+        # budget tries a chunk not yet held (a retry of a held one passes, see below)
+        index = "6" if credential == "budget" else "5"
+        fields = {"fileId": MINE, "chunkIndex": index, "status": "uploading"}
         return requests.post(srv.url + path, data=fields, headers=headers, timeout=30,
                              files={"file": ("blob", env["chunk5"], "video/webm")})
     with requests.request(method, srv.url + path, headers=headers, data=body, timeout=30,
@@ -341,3 +344,27 @@ def test_cli_uploader_sends_its_token_and_a_token_for_another_upload_fails(env, 
     assert status["state"] == "completed" and status["fileSize"] == len(data)
     refused = upload("cli_auth_other", token)
     assert refused.returncode == 1 and "403" in refused.stderr
+
+
+def test_public_address_warns_loudly_without_auth_and_about_clear_text_with_it(
+        server_factory):
+    bare = server_factory(args=["--host", "0.0.0.0"])
+    assert "WARNING: listening on 0.0.0.0 with no authentication" in bare.log()
+    keyed = server_factory(args=["--host", "0.0.0.0"], env={"M1_API_KEY": KEY})
+    assert "with no authentication" not in keyed.log()
+    assert "WARNING: listening on 0.0.0.0 without TLS" in keyed.log()
+    assert KEY not in keyed.log()
+
+
+def test_byte_budget_counts_early_chunks_waiting_for_their_turn(env):
+    srv = env["server"]
+    chunk = env["chunk5"]                             # 10000 bytes
+    token = mint(srv.url, fileId="budget_gap", rights=["upload"], maxBytes=2 * len(chunk))
+    session = requests.Session()
+    session.headers["Authorization"] = "Bearer " + token
+    for index in (3, 4):                              # early: stashed, not yet appended
+        assert send_chunk(session, srv.url, "budget_gap", index, chunk).status_code == 200
+    third = send_chunk(session, srv.url, "budget_gap", 5, chunk)
+    assert third.status_code == 403 and third.json()["error"]["code"] == "token_budget_spent"
+    again = send_chunk(session, srv.url, "budget_gap", 4, chunk)     # a retry: no new bytes
+    assert again.status_code == 200
