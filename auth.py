@@ -76,7 +76,8 @@ HKDF_SALT = b"m1server"
 HKDF_INFO = b"m1server token signing key v1"
 REALM = "m1server"
 SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"),
-                    ("Referrer-Policy", "no-referrer"))
+                    ("Referrer-Policy", "no-referrer"))     # URLs may carry ?token=
+HSTS_VALUE = "max-age=31536000"        # sent over HTTPS only (--tls-cert)
 MAX_TRACKED_CLIENTS = 10000            # rate-limit buckets kept; full, idle ones are dropped
 TOKEN_QUERY_PATTERN = re.compile(r"(?i)([?&;]token=)[^&\s\"]*")
 

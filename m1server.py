@@ -866,6 +866,8 @@ class Handler(BaseHTTPRequestHandler):
         for name, value in auth.SECURITY_HEADERS:
             if name not in headers:
                 self.send_header(name, value)
+        if self.server.config.tls_cert:        # browsers keep to https for this host
+            self.send_header("Strict-Transport-Security", auth.HSTS_VALUE)
         if self.close_connection:
             self.send_header("Connection", "close")
         if body:

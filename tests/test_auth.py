@@ -284,10 +284,18 @@ def test_token_request_is_validated(env):
                        (b'{"fileId":"a/b"}', "invalid_file_id"),
                        (b'{"fileId":"a","rights":["admin"]}', "invalid_rights"),
                        (b'{"fileId":"a","expiresIn":0}', "invalid_expires_in"),
+                       (b'{"fileId":"a","expiresIn":%d}' % (auth.MAX_EXPIRES_IN_S + 1),
+                        "invalid_expires_in"),
                        (b'{"fileId":"a","maxBytes":-1}', "invalid_max_bytes")):
         answer = requests.post(srv.url + "/api/video/tokens", data=body, headers=key,
                                timeout=10)
         assert answer.status_code == 400 and answer.json()["error"]["code"] == code
+    longest = requests.post(srv.url + "/api/video/tokens", headers=key, timeout=10,
+                            json={"fileId": "a", "expiresIn": auth.MAX_EXPIRES_IN_S})
+    assert longest.status_code == 200
+    too_big = requests.post(srv.url + "/api/video/tokens", headers=key, timeout=10,
+                            data=b" " * (auth.MAX_TOKEN_REQUEST_BYTES + 1))
+    assert too_big.status_code == 413
 
 
 def test_cors_star_is_dropped_under_auth_unless_allowed(server_factory):
