@@ -554,8 +554,8 @@ class Handler(BaseHTTPRequestHandler):
         except (ConnectionError, BrokenPipeError):
             self.close_connection = True                 # the client left; nobody to tell
         except Exception:
-            logging.getLogger("m1server").exception("unexpected error on %s %s",
-                                                    self.command, _printable(self.path))
+            logging.getLogger("m1server").exception("unexpected error on %s %s", self.command,
+                                                    _printable(auth.redact(self.path)))
             self.send_error_json(HttpError(500, "internal_error",
                                            "unexpected server error (logged)"))
 
