@@ -82,3 +82,27 @@ def test_https_uses_tls_1_2_or_later_and_plain_http_gets_no_http_answer(server, 
 def test_tls_needs_both_files(server_factory, certificate):
     with pytest.raises(RuntimeError):
         server_factory(args=["--tls-cert", certificate[0]])
+
+
+def test_events_over_https_websocket_and_sse(server, session, certificate, sample_webm):
+    from websockets.sync.client import connect as ws_connect
+
+    from conftest import send_chunk
+    assert send_chunk(session, server.url, "tls_events", 0, sample_webm[:4096]).status_code \
+        == 200
+    context = ssl.create_default_context(cafile=certificate[0])
+    url = server.url.replace("https://", "wss://") + "/api/video/events/tls_events"
+    with ws_connect(url, ssl=context, open_timeout=10) as ws:
+        assert b"tls_events" in ws.recv(timeout=10).encode()
+        assert send_chunk(session, server.url, "tls_events", 1, b"x" * 1000).status_code == 200
+        while True:                            # the chunk event arrives over TLS as well
+            if '"chunk"' in ws.recv(timeout=10).replace(" ", ""):
+                break
+        ws.ping().wait(10)
+    with session.get(server.url + "/api/video/events/tls_events", stream=True,
+                     timeout=10) as sse:
+        assert sse.status_code == 200
+        line = b""
+        while not line.startswith(b"data:"):
+            line = sse.raw.readline()
+            assert line, "SSE stream ended"
