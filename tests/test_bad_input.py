@@ -27,7 +27,10 @@ SQLITE_MAGIC = b"SQLite format 3"
 
 @pytest.fixture(scope="module")
 def bad_server(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("bad_input") / "uploads")
+    # processing off: its job queue (jobs.sqlite3 and its journal) and derived files change
+    # the upload dir on their own schedule, which the "nothing stored" snapshots would catch
+    srv = ServerProcess(tmp_path_factory.mktemp("bad_input") / "uploads",
+                        args=["--processing", "off"])
     srv.start()
     yield srv
     srv.stop()
