@@ -651,6 +651,13 @@ class ChunkStore(EventSource):
         stat = os.stat(path)
         return FileMedia(path, stat.st_size, stat.st_mtime)
 
+    def bytes_held(self, file_id):
+        """Bytes an upload holds: appended plus early chunks waiting in temp/ (what
+        max_upload_bytes counts; auth.py's token byte budget counts the same). Read-only."""
+        upload = self._ledger.load(file_id)
+        return 0 if upload is None else upload.bytes_appended + self._ledger.stashed_bytes(
+            file_id)
+
 
 # ---------------------------------------------------------------------------------------------
 # The ledger: SQLite, one connection per thread at a time (a small pool), schema versioned

@@ -7,8 +7,10 @@ the browser first asks with a preflight: `OPTIONS` with `Origin`,
 `Access-Control-Request-Method` and `Access-Control-Request-Headers`.
 
 What this module guarantees, for the allow-list given with `--cors-origin`:
-  * `*` (the default while m1server has no authentication) lets every origin read and upload;
-    answers carry `Access-Control-Allow-Origin: *`.
+  * `*` (the default while auth is off) lets every origin read and upload; answers carry
+    `Access-Control-Allow-Origin: *`. With `--api-key`, m1server.Config turns a `*` into an
+    empty list (same-origin only) unless `--cors-allow-any-with-auth` is given: a key-guarded
+    server names the pages it serves (auth.py, README "Security").
   * A list (`https://app.example,http://localhost:3000`) lets exactly those origins in: their
     requests are answered with their own origin echoed and `Vary: Origin`. A request from an
     origin not on the list, and not the server's own origin, is refused with 403
@@ -27,7 +29,7 @@ import re
 
 from apierror import ApiError
 
-DEFAULT_ORIGINS = "*"             # no auth yet: a recorder on any page may upload (README)
+DEFAULT_ORIGINS = "*"             # auth off: a recorder on any page may upload (README)
 PREFLIGHT_MAX_AGE_S = 600         # browsers cache a preflight this long (Chrome caps at 7200)
 # Response headers a page's script may read besides the CORS-safelisted ones.
 EXPOSED_HEADERS = ("Content-Length", "Content-Range", "Accept-Ranges", "ETag", "Location",

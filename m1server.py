@@ -29,6 +29,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -37,6 +38,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import auth
 import chunkstore
 import cors
 import events
@@ -136,6 +138,16 @@ def parse_port(text):
     return value
 
 
+def parse_rate(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number: %r" % text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 (off) or more")
+    return value
+
+
 def parse_flag(text):
     return str(text).strip().lower() in ("1", "true", "yes", "on")
 
@@ -163,8 +175,8 @@ def parse_part_size(text):
 
 # (flag, type, default, help). The env twin of --max-chunk-size is M1_MAX_CHUNK_SIZE.
 OPTIONS = (
-    ("--host", str, DEFAULT_HOST, "address to listen on (a public address prints a warning: "
-     "there is no authentication yet)"),
+    ("--host", str, DEFAULT_HOST, "address to listen on (a public address without --api-key "
+     "prints a warning)"),
     ("--port", parse_port, DEFAULT_PORT, "TCP port; 0 picks a free one"),
     ("--dir", str, DEFAULT_DIR, "upload folder: assembled videos, temp/ chunks, m1.sqlite3"),
     ("--max-chunk-size", parse_size, DEFAULT_MAX_CHUNK_BYTES,
@@ -250,8 +262,28 @@ OPTIONS = (
      "serve videos by redirecting to a presigned S3 URL instead of proxying the bytes"),
     ("--s3-part-size", parse_part_size, DEFAULT_S3_PART_BYTES,
      "size of every part of an assembled S3 object but the last (at least 5M)"),
+    # Authentication, TLS and rate limits (auth.py, SPEC section 6; README "Security").
+    ("--api-key", str, None, "turn auth on: every route but /healthz and the demo files "
+     "needs Authorization: Bearer <this key> or a token (prefer the env twin or "
+     "--api-key-file: flags show in ps)"),
+    ("--api-key-file", str, None, "read the API key from this file (first line)"),
+    ("--secret", str, None, "key that signs tokens (default: derived from the API key, so "
+     "a new key revokes every token)"),
+    ("--cors-allow-any-with-auth", parse_flag, False,
+     "keep --cors-origin '*' when auth is on (otherwise only listed origins and the "
+     "server's own pages may call it from a browser)"),
+    ("--tls-cert", str, None, "serve HTTPS with this PEM certificate chain (with --tls-key)"),
+    ("--tls-key", str, None, "PEM private key of --tls-cert"),
+    ("--rate-limit", parse_rate, 0.0, "requests per second per client address (429 beyond; "
+     "0: no limit)"),
+    ("--rate-burst", parse_rate, 0.0, "requests a client may send at once before "
+     "--rate-limit applies (default: one second's worth)"),
+    ("--rate-limit-bytes", parse_size, 0, "request body bytes per second per client "
+     "address (429 beyond; 0: no limit)"),
+    ("--rate-burst-bytes", parse_size, 0, "body bytes a client may send at once before "
+     "--rate-limit-bytes applies (default: one second's worth)"),
 )
-SECRET_OPTIONS = ("--webhook-secret",)     # --help never shows their values
+SECRET_OPTIONS = ("--webhook-secret", "--api-key", "--secret")     # --help never shows their values
 
 
 def env_name(flag):
@@ -369,6 +401,21 @@ class Config:
         self.processing_workers = args.processing_workers
         # tests only: transcode at the input's own pace (ffmpeg -re), so a test can act on it
         self.slow_transcode = os.environ.get("M1_TEST_SLOW_TRANSCODE") == "1"
+        self.api_key = args.api_key
+        if args.api_key_file:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                self.api_key = f.readline().strip()
+            if not self.api_key:
+                raise ValueError("--api-key-file %s is empty" % args.api_key_file)
+        self.secret = args.secret
+        if self.api_key and "*" in self.cors_origins and not args.cors_allow_any_with_auth:
+            self.cors_origins = ()       # same-origin only: auth on, nobody listed (auth.py)
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise ValueError("give both --tls-cert and --tls-key")
+        self.tls_cert, self.tls_key = args.tls_cert, args.tls_key
+        self.rate_limit, self.rate_burst = args.rate_limit, args.rate_burst
+        self.rate_limit_bytes, self.rate_burst_bytes = args.rate_limit_bytes, \
+            args.rate_burst_bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,7 +459,12 @@ class M1Server(ThreadingHTTPServer):
         local = config.storage == "local"
         self.tus = tus.TusEndpoint(config, store, _Body, IncompleteBody) if local else None
         self.processor = processing.Processor(config, store)
+        self.guard = auth.Guard(config.api_key, config.secret)
+        self.rate_limiter = auth.RateLimiter(config.rate_limit, config.rate_burst,
+                                             config.rate_limit_bytes, config.rate_burst_bytes)
         self.routes = compile_routes(CORE_ROUTES + webclient.routes(read_resource) +
+                                     auth.routes(self.guard, Handler.read_small_body,
+                                                 config.max_upload_bytes, _utc_iso) +
                                      events.routes() +
                                      (tus.routes(self.tus) if local else TUS_ON_S3_ROUTES) +
                                      processing.routes(self.processor) +
@@ -490,6 +542,10 @@ class M1Server(ThreadingHTTPServer):
         return True
 
     def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ssl.SSLError, socket.timeout, ConnectionError)):
+            logging.getLogger("m1server").info("connection from %s failed: %s",
+                                               client_address[0], sys.exc_info()[1])
+            return                       # a failed TLS handshake, a silent client: no traceback
         logging.getLogger("m1server").exception("connection from %s failed", client_address[0])
 
 
@@ -505,6 +561,8 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.config.timeout      # per read, see StreamRequestHandler
         BaseHTTPRequestHandler.setup(self)
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()  # here, in this thread, not in the accept loop
         self.started = time.monotonic()
 
     # Every method http.server knows goes through one dispatcher; unknown ones get 501.
@@ -543,7 +601,10 @@ class Handler(BaseHTTPRequestHandler):
             if self.server.stopping:
                 self.close_connection = True     # finish this request, then let go
             cors.check_origin(self.server.config.cors_origins, self.command, self.headers)
+            self.server.rate_limiter.admit(self.client_address[0], _declared_length(self.headers))
             handler, args = self.route()
+            # auth.py: from the request line and headers only, before any body byte is read
+            self.grant = self.server.guard.authorize(self, self.route_label, args)
             handler(*args)
         except ApiError as error:
             self.send_error_json(error)
@@ -553,8 +614,8 @@ class Handler(BaseHTTPRequestHandler):
         except (ConnectionError, BrokenPipeError):
             self.close_connection = True                 # the client left; nobody to tell
         except Exception:
-            logging.getLogger("m1server").exception("unexpected error on %s %s",
-                                                    self.command, _printable(self.path))
+            logging.getLogger("m1server").exception("unexpected error on %s %s", self.command,
+                                                    _printable(auth.redact(self.path)))
             self.send_error_json(HttpError(500, "internal_error",
                                            "unexpected server error (logged)"))
 
@@ -596,6 +657,8 @@ class Handler(BaseHTTPRequestHandler):
         form, part_paths = self.read_form(boundary, length)
         try:
             fields, chunk = self.chunk_fields(form)
+            self.server.guard.check_chunk(self, fields["fileId"], fields["chunkIndex"],
+                                          chunk.size)          # token scope and byte budget
             result = store.put_chunk(
                 fields["fileId"], fields["chunkIndex"], chunk.file.name, chunk.size,
                 is_last=fields["status"] == "completed", mime_type=fields.get("mimeType"),
@@ -624,6 +687,22 @@ class Handler(BaseHTTPRequestHandler):
             raise HttpError(400, "bad_content_length",
                             "Content-Length must be one non-negative integer")
         return int(values[0])
+
+    def read_small_body(self, limit):
+        """A small request body (JSON) read whole; 413 past `limit` bytes."""
+        length = self.content_length()
+        if length > limit:
+            raise HttpError(413, "body_too_large", "the body may be at most %d bytes" % limit)
+        buffer = bytearray(length)
+        body, view, got = _Body(self.rfile, self.connection, length), memoryview(buffer), 0
+        try:
+            while got < length:
+                got += body.read_into(view[got:])
+        except IncompleteBody:
+            raise HttpError(400, "incomplete_body",
+                            "the body ended before Content-Length bytes arrived")
+        self.body_pending = False
+        return bytes(buffer)
 
     def check_free_disk(self, length):
         free = shutil.disk_usage(self.server.config.dir).free
@@ -852,6 +931,11 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         for name, value in headers.items():
             self.send_header(name, value)
+        for name, value in auth.SECURITY_HEADERS:
+            if name not in headers:
+                self.send_header(name, value)
+        if self.server.config.tls_cert:        # browsers keep to https for this host
+            self.send_header("Strict-Transport-Security", auth.HSTS_VALUE)
         if self.close_connection:
             self.send_header("Connection", "close")
         if body:
@@ -898,7 +982,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):
         sys.stderr.write("%s %s %s\n" % (_utc_iso(time.time()), self.client_address[0],
-                                         _printable(fmt % args)))
+                                         _printable(auth.redact(fmt % args))))
 
 
 # The routing table: path pattern -> {method: function(handler, *decoded path groups)}.
@@ -1089,6 +1173,11 @@ class _Body:
         return n
 
 
+def _declared_length(headers):
+    value = (headers.get("Content-Length") or "").strip()
+    return int(value) if value.isdigit() and len(value) < 19 else 0
+
+
 def _multipart_http_error(error):
     return HttpError(error.status, MULTIPART_CODES.get(error.code, error.code), error.message)
 
@@ -1175,6 +1264,8 @@ def main(argv=None):
         return uploader.main(argv[1:], parse_size=parse_size)
     if argv and argv[0] == "gc":
         return collect_garbage(argv[1:])
+    if argv and argv[0] == "token":
+        return mint_token(argv[1:])
     return serve(argv)
 
 
@@ -1183,7 +1274,7 @@ def serve(argv):
     args = parser.parse_args(argv)
     try:
         config = Config(args)
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         parser.error(str(error))
     problem = webhooks.config_problem(config)
     if problem:
@@ -1212,9 +1303,21 @@ def serve(argv):
         hooks.close()
         return 2
     server.webhooks = hooks
-    if not _is_loopback(config.host):
+    if config.tls_cert:
+        try:
+            server.socket = tls_context(config).wrap_socket(
+                server.socket, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ssl.SSLError) as error:
+            sys.stderr.write("m1server: cannot use --tls-cert/--tls-key: %s\n" % error)
+            return 2
+    if not _is_loopback(config.host) and not server.guard.enabled:
         sys.stderr.write("WARNING: listening on %s with no authentication: anyone who can "
-                         "reach this address can upload and read videos.\n" % config.host)
+                         "reach this address can upload and read videos. Set --api-key "
+                         "(M1_API_KEY).\n" % config.host)
+    elif not _is_loopback(config.host) and not config.tls_cert:
+        sys.stderr.write("WARNING: listening on %s without TLS: the API key and tokens "
+                         "travel in clear text unless a TLS proxy is in front.\n"
+                         % config.host)
 
     def stop(signum, frame):
         if not server.stopping:
@@ -1229,8 +1332,9 @@ def serve(argv):
     hooks.start(config.webhook_workers)
     host, port = server.server_address[:2]
     shown = "[%s]" % host if ":" in host else host
-    print("m1server %s serving http://%s:%d/ (uploads in %s)" % (VERSION, shown, port,
-                                                                config.dir), flush=True)
+    print("m1server %s serving %s://%s:%d/ (uploads in %s%s)" % (
+        VERSION, "https" if config.tls_cert else "http", shown, port, config.dir,
+        ", auth on" if server.guard.enabled else ""), flush=True)
     server.serve_forever(poll_interval=0.25)
     stopped.set()
     if server.tus:
@@ -1245,6 +1349,57 @@ def serve(argv):
     hooks.close()                # after the store: a late "completed" is still queued
     sys.stderr.write("m1server stopped%s\n" % ("" if finished else
                                                " (some requests were still running)"))
+    return 0
+
+
+def tls_context(config):
+    """Server-side TLS with the ssl module's modern defaults, TLS 1.2 at least."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= getattr(ssl, "OP_NO_COMPRESSION", 0)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
+def mint_token(argv):
+    """`m1server.py token --file-id ID ...`: print a token as POST /api/video/tokens would
+    (same --api-key/--secret and their env twins as the server), without a server."""
+    parser = build_parser(os.environ)
+    parser.prog = "m1server.py token"
+    parser.description = "Mint an upload/read token, signed like the server's (auth.py)."
+    scope = parser.add_argument_group("token")
+    scope.add_argument("--file-id", help="the one upload the token is for")
+    scope.add_argument("--file-id-prefix", help="or: every fileId starting with this")
+    scope.add_argument("--rights", default="upload,read", help="upload, read or upload,read")
+    scope.add_argument("--expires-in", type=parse_duration, default=auth.DEFAULT_EXPIRES_IN_S,
+                       help="lifetime (e.g. 3600, 30m, 24h; default 1h)")
+    scope.add_argument("--max-bytes", type=parse_size, default=None,
+                       help="byte budget of the upload (default --max-upload-size)")
+    args = parser.parse_args(argv)
+    try:
+        config = Config(args)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+    if not (config.api_key or config.secret):
+        parser.error("give --api-key, --api-key-file or --secret (or M1_API_KEY, M1_SECRET)")
+    body = {"rights": [r for r in args.rights.split(",") if r.strip()],
+            "expiresIn": int(args.expires_in)}
+    if args.file_id is not None:
+        body["fileId"] = args.file_id
+    if args.file_id_prefix is not None:
+        body["fileIdPrefix"] = args.file_id_prefix
+    body["maxBytes"] = config.max_upload_bytes if args.max_bytes is None else args.max_bytes
+    try:
+        file_id, prefix, rights, expires_in, max_bytes = auth.token_request(
+            json.dumps(body).encode(), config.max_upload_bytes)
+    except ApiError as error:
+        parser.error(error.message)
+    guard = auth.Guard(config.api_key, config.secret)
+    token, expires = guard.signer.mint(rights, expires_in, file_id, prefix, max_bytes)
+    data = {"token": token, "expiresAt": _utc_iso(expires), "rights": rights,
+            "maxBytes": max_bytes}
+    data["fileId" if file_id is not None else "fileIdPrefix"] = file_id or prefix
+    print(json.dumps({"success": True, "data": data}))
     return 0
 
 

@@ -469,6 +469,17 @@ class S3Store(chunkstore.EventSource):
 
     # -- reading ----------------------------------------------------------------------------
 
+    def bytes_held(self, file_id):
+        """As ChunkStore.bytes_held: assembled plus early chunks (auth's byte budget)."""
+        with self._storage_errors():
+            manifest = self._load_live(file_id)
+            if manifest is None:
+                return 0
+            if manifest.completed:
+                return manifest.size or 0
+            progress = _Progress(manifest, self._chunks(manifest))
+            return progress.bytes + progress.stashed_bytes
+
     def status(self, file_id):
         """The upload's state from the bucket (None when unknown). An upload whose chunks
         are all in but that is not assembled yet (its node died) is finished here."""

@@ -50,7 +50,8 @@ def main(argv, prog="m1server.py upload", parse_size=None):
     try:
         upload = Upload(args.file, args.server, file_id=args.file_id,
                         chunk_bytes=args.chunk_size, mime_type=args.mime_type,
-                        retries=args.retries, progress=Progress(sys.stderr, args.quiet))
+                        retries=args.retries, progress=Progress(sys.stderr, args.quiet),
+                        token=args.token or os.environ.get("M1_TOKEN"))
         result = upload.run(follow=args.follow, follow_idle=args.follow_idle)
     except UploadFailed as error:
         sys.stderr.write("\nupload failed: %s\n" % error)
@@ -84,6 +85,9 @@ def _parser(prog, parse_size):
     parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
                         help="attempts per request before giving up (default 10)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--token", help="credential for a server with --api-key: a token "
+                        "with upload and read rights for this fileId (or the key); prefer "
+                        "the env M1_TOKEN, flags show in ps")
     return parser
 
 
@@ -102,7 +106,7 @@ def default_file_id(path):
 
 class Upload:
     def __init__(self, path, server, file_id=None, chunk_bytes=DEFAULT_CHUNK_BYTES,
-                 mime_type=None, retries=DEFAULT_RETRIES, progress=None):
+                 mime_type=None, retries=DEFAULT_RETRIES, progress=None, token=None):
         if not os.path.isfile(path):
             raise UploadFailed("%s is not a file" % path)
         if chunk_bytes < 1:
@@ -117,6 +121,7 @@ class Upload:
         self.retries = max(1, retries)
         self.progress = progress or Progress(None, True)
         self.sent_chunks = 0             # chunks this run actually sent (resume leaves some out)
+        self.token = token               # sent as Authorization: Bearer (auth.py)
 
     def run(self, follow=False, follow_idle=DEFAULT_FOLLOW_IDLE_S):
         status = self.status()
@@ -203,6 +208,8 @@ class Upload:
             request = urllib.request.Request(self.server + path, data=body, method=method)
             if content_type:
                 request.add_header("Content-Type", content_type)
+            if self.token:
+                request.add_header("Authorization", "Bearer " + self.token)
             try:
                 with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
                     return json.loads(response.read().decode("utf-8"))["data"]

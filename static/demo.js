@@ -5,6 +5,10 @@ import { M1Recorder, findPendingUploads, resumePendingUpload, discardPendingUplo
 const SERVER_URL = "";                       // this page's own server
 const RECORDINGS_KEY = "m1demo.recordings";  // recordings made in this browser (localStorage)
 const MAX_REMEMBERED = 50;
+// A server with --api-key: open the page as /#token=<token>&fileId=<id> (a fragment never
+// reaches a server or a Referer). The token comes from your backend (POST /api/video/tokens).
+const PAGE_AUTH = Object.fromEntries(new URLSearchParams(location.hash.slice(1)));
+const AUTH = PAGE_AUTH.token ? { token: PAGE_AUTH.token, fileId: PAGE_AUTH.fileId } : {};
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -29,7 +33,7 @@ let clock = null;
 ui.record.addEventListener("click", async () => {
   ui.record.disabled = true;
   showMessage("");
-  recorder = new M1Recorder({ serverUrl: SERVER_URL,
+  recorder = new M1Recorder({ serverUrl: SERVER_URL, ...AUTH,
                               uploadWhileRecording: !ui.afterStop.checked });
   resetServerPanel();
   watch(recorder);
@@ -217,7 +221,7 @@ async function offerPending() {
       finish.disabled = discard.disabled = true;
       showMessage("Finishing the earlier upload…");
       resetServerPanel();
-      const upload = await resumePendingUpload(item.fileId);
+      const upload = await resumePendingUpload(item.fileId, AUTH);
       watch(upload);
       upload.done.then(() => li.remove(), () => { finish.disabled = discard.disabled = false; })
         .finally(() => { ui.pending.hidden = ui.pendingList.children.length === 0; });

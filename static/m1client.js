@@ -184,9 +184,10 @@ export class M1Recorder extends EventTarget {
     }
     const mediaRecorder = new MediaRecorder(stream, recorderOptions);
     const { serverUrl, fileId, uploadWhileRecording, retry, requestTimeoutMs, headers,
-            checksum, watchServer } = this.options;
+            checksum, watchServer, token } = this.options;
     const upload = new M1Upload({ serverUrl, fileId, mimeType, uploadWhileRecording, retry,
-                                  requestTimeoutMs, headers, checksum, watchServer });
+                                  requestTimeoutMs, headers, checksum, watchServer,
+                                  token });
     for (const type of ["progress", "chunk", "retry", "state", "completed", "error",
                         "warning", ...SERVER_EVENT_TYPES]) {
       upload.addEventListener(type, (event) => this.emit(type, event.detail));
@@ -244,7 +245,9 @@ export class M1Recorder extends EventTarget {
 
 export class M1Upload extends EventTarget {
   /** options: serverUrl, fileId, mimeType, uploadWhileRecording, retry, requestTimeoutMs,
-   * headers, checksum (send each chunk's sha256; default true where crypto.subtle exists),
+   * headers, token (a server with --api-key: a token from your backend's
+   * POST /api/video/tokens, sent as Authorization: Bearer and as ?token= on the result's
+   * media URL, which a <video> element fetches without headers), checksum (send each chunk's sha256; default true where crypto.subtle exists),
    * watchServer (default true: follow the server's events from start(), see watchUpload),
    * and callbacks onProgress, onChunk, onRetry, onState, onCompleted, onError,
    * onServerprogress, onProcessing, onReady, onProcessingfailed. */
@@ -255,7 +258,9 @@ export class M1Upload extends EventTarget {
     this.mimeType = options.mimeType || "";
     this.retry = { ...DEFAULT_RETRY, ...(options.retry || {}) };
     this.requestTimeoutMs = options.requestTimeoutMs || DEFAULT_REQUEST_TIMEOUT_MS;
-    this.headers = options.headers || {};
+    this.headers = { ...(options.headers || {}) };
+    this.token = options.token || null;
+    if (this.token) this.headers.Authorization = `Bearer ${this.token}`;
     this.checksum = options.checksum !== undefined ? options.checksum
       : typeof crypto !== "undefined" && !!crypto.subtle;
     this.state = "idle";
@@ -494,7 +499,7 @@ export class M1Upload extends EventTarget {
     const path = status.url || `/uploads/${this.fileId}.${extension}`;
     this.result = {
       fileId: this.fileId,
-      url: /^https?:/.test(path) ? path : this.serverUrl + path,
+      url: withToken(/^https?:/.test(path) ? path : this.serverUrl + path, this.token),
       size: status.fileSize !== undefined ? status.fileSize : this._bytesAcknowledged,
       mimeType: status.mimeType || this.mimeType,
       chunks: status.totalChunks || (this._lastIndex === null ? null : this._lastIndex + 1),
@@ -553,7 +558,7 @@ export class M1Upload extends EventTarget {
           this.emit("processingfailed", { fileId: this.fileId, reason: event.reason });
           break;
       }
-    }, { headers: this.headers });
+    }, { headers: this.headers, token: this.token });
   }
 
   _unwatchServer() {
@@ -704,6 +709,13 @@ function postChunk(url, fields, blob, { headers, timeoutMs, started, onProgress 
 }
 
 /** GET /api/video/status/:fileId -> its `data` ({ exists, nextChunkIndex, state, ... }). */
+/** `url` with `?token=` added (media and event URLs: <video src>, EventSource and WebSocket
+ * cannot send an Authorization header); unchanged without a token. */
+export function withToken(url, token) {
+  if (!token) return url;
+  return url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token);
+}
+
 export async function getStatus(serverUrl, fileId, headers = {},
                                 timeoutMs = DEFAULT_REQUEST_TIMEOUT_MS) {
   const url = `${String(serverUrl || "").replace(/\/+$/, "")}/api/video/status/` +
@@ -762,7 +774,9 @@ function parseJson(text) {
 export function watchUpload(serverUrl, fileId, onEvent, options = {}) {
   const base = String(serverUrl || "").replace(/\/+$/, "");
   const path = "/api/video/events/" + encodeURIComponent(fileId);
-  const { headers = {}, pollIntervalMs = STATUS_POLL_INTERVAL_MS } = options;
+  // token: WebSocket and EventSource cannot send headers, so a server with --api-key gets the
+  // (read) token as ?token= on the stream's URL; polling sends `headers`.
+  const { headers = {}, pollIntervalMs = STATUS_POLL_INTERVAL_MS, token = null } = options;
   let lastId = null;             // the newest event id seen: where a reconnect resumes
   let stopped = false;
   let socket = null, source = null, pollTimer = null, retryTimer = null;
@@ -793,7 +807,10 @@ export function watchUpload(serverUrl, fileId, onEvent, options = {}) {
   }
 
   function resumeQuery() {
-    return lastId ? "?lastEventId=" + encodeURIComponent(lastId) : "";
+    const query = [];
+    if (lastId) query.push("lastEventId=" + encodeURIComponent(lastId));
+    if (token) query.push("token=" + encodeURIComponent(token));
+    return query.length ? "?" + query.join("&") : "";
   }
 
   // 1. WebSocket. Refused before it opened (503, blocked): try SSE. Dropped after it opened

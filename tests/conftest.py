@@ -33,7 +33,7 @@ IN_CI = os.environ.get("CI") == "true"
 STORAGE = os.environ.get("M1_TEST_STORAGE") or "local"
 S3_BUCKET = "m1test"
 START_DEADLINE_S = 20.0
-URL_LINE = re.compile(r"serving (http://\S+?)/?(\s|$)")
+URL_LINE = re.compile(r"serving (https?://\S+?)/?(\s|$)")
 
 
 def need(condition, reason):
