@@ -301,7 +301,8 @@ def build_parser(environ):
                "Example: python3 m1server.py --port 3001 --dir ./uploads --max-chunk-size 64M\n\n"
                "Tools in the same file (each has --help):\n"
                "  m1server.py upload FILE --server URL   resumable command-line uploader\n"
-               "  m1server.py gc [--dir DIR ...]          one retention sweep, server stopped")
+               "  m1server.py gc [--dir DIR ...]          one retention sweep, server stopped\n"
+               "  m1server.py token --file-id ID ...      mint an upload/read token (auth)")
     parser.add_argument("--version", action="version", version="m1server " + VERSION)
     for flag, kind, default, text in OPTIONS:
         name = env_name(flag)
