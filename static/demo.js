@@ -1,5 +1,5 @@
 // The demo page at GET /: everything it does goes through m1client.js.
-import { M1Recorder, findPendingUploads, resumePendingUpload, discardPendingUpload }
+import { M1Recorder, findPendingUploads, resumePendingUpload, discardPendingUpload, withToken }
   from "/m1client.js";
 
 const SERVER_URL = "";                       // this page's own server
@@ -306,8 +306,9 @@ async function renderRecordingsNow() {
     const player = document.createElement("video");
     player.controls = true;
     player.preload = "metadata";
-    player.src = video.playbackUrl || video.url; // GET /uploads/..., seekable (Range)
-    if (video.poster) player.poster = video.poster;
+    // GET /uploads/..., seekable (Range); a <video> sends no headers: the token rides along
+    player.src = video.playbackUrl ? withToken(video.playbackUrl, AUTH.token) : video.url;
+    if (video.poster) player.poster = withToken(video.poster, AUTH.token);
     const meta = document.createElement("div");
     meta.className = "meta";
     const when = document.createElement("span");
