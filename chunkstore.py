@@ -128,6 +128,30 @@ def extension_for(mime_type):
     return EXTENSIONS[base]
 
 
+def check_chunk_request(file_id, index, part_path, mime_type, checksum, allow_any_content,
+                        sha256=None):
+    """What every store checks before it stores a chunk (StoreError otherwise): a valid id
+    and index, a known mimeType, a media signature on chunk 0, and the checksum field.
+    `sha256` is the chunk's digest when the caller has it already (else computed if needed)."""
+    if not valid_file_id(file_id):
+        raise StoreError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
+    if not 0 <= index <= MAX_CHUNK_INDEX:
+        raise StoreError(400, "invalid_chunk_index", "chunkIndex must be 0..%d" % MAX_CHUNK_INDEX)
+    extension_for(mime_type)
+    if index == 0 and not allow_any_content:
+        with open(part_path, "rb") as f:
+            if not has_media_signature(f.read(SIGNATURE_BYTES)):
+                raise StoreError(415, "unsupported_media_type",
+                                 "chunk 0 does not start with a WebM, MP4 or Ogg signature")
+    if checksum is not None:
+        algorithm, _, expected = checksum.partition(":")
+        if algorithm != "sha256" or not re.match(r"[0-9a-fA-F]{64}\Z", expected):
+            raise StoreError(400, "invalid_checksum", "checksum must be sha256:<64 hex>")
+        if (sha256 or _sha256_file(part_path)) != expected.lower():
+            raise StoreError(400, "checksum_mismatch",
+                             "the chunk's sha256 differs from the checksum field")
+
+
 def has_media_signature(head):
     return any(head[at:at + len(magic)] == magic for at, magic in MEDIA_SIGNATURES)
 
@@ -245,24 +269,8 @@ class ChunkStore(EventSource):
             self.discard(part_path)   # no-op when the chunk was moved or already removed
 
     def _check_request(self, file_id, index, part_path, mime_type, checksum):
-        if not valid_file_id(file_id):
-            raise StoreError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
-        if not 0 <= index <= MAX_CHUNK_INDEX:
-            raise StoreError(400, "invalid_chunk_index",
-                             "chunkIndex must be 0..%d" % MAX_CHUNK_INDEX)
-        extension_for(mime_type)
-        if index == 0 and not self.allow_any_content:
-            with open(part_path, "rb") as f:
-                if not has_media_signature(f.read(SIGNATURE_BYTES)):
-                    raise StoreError(415, "unsupported_media_type",
-                                     "chunk 0 does not start with a WebM, MP4 or Ogg signature")
-        if checksum is not None:
-            algorithm, _, expected = checksum.partition(":")
-            if algorithm != "sha256" or not re.match(r"[0-9a-fA-F]{64}\Z", expected):
-                raise StoreError(400, "invalid_checksum", "checksum must be sha256:<64 hex>")
-            if _sha256_file(part_path) != expected.lower():
-                raise StoreError(400, "checksum_mismatch",
-                                 "the chunk's sha256 differs from the checksum field")
+        check_chunk_request(file_id, index, part_path, mime_type, checksum,
+                            self.allow_any_content)
 
     def _put_locked(self, file_id, index, part_path, size, is_last, mime_type):
         upload = self._ledger.load(file_id)

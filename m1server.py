@@ -33,7 +33,6 @@ import ssl
 import sys
 import threading
 import time
-import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit

@@ -53,10 +53,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import s3client
 import chunkstore
-from chunkstore import (DEFAULT_EXTENSION, INCOMING_DIR_NAME, MEDIA_TYPES, SIGNATURE_BYTES,
-                        TEMP_DIR_NAME, ChunkResult, StoreError, UploadState, _CrashPoint,
-                        _KeyedLocks, _sha256_file, extension_for, has_media_signature,
-                        valid_file_id, MAX_CHUNK_INDEX)
+from chunkstore import (DEFAULT_EXTENSION, INCOMING_DIR_NAME, MEDIA_TYPES, TEMP_DIR_NAME,
+                        ChunkResult, StoreError, UploadState, _CrashPoint, _KeyedLocks,
+                        _sha256_file, extension_for, valid_file_id)
 from s3client import FileRegion, S3ConnectionError, S3Error
 
 log = logging.getLogger("m1server.s3store")
@@ -307,27 +306,11 @@ class S3Store(chunkstore.EventSource):
             self.discard(part_path)
 
     def _check_request(self, file_id, index, part_path, mime_type, checksum):
-        """The checks ChunkStore makes before it stores anything; returns the chunk's sha256."""
-        if not valid_file_id(file_id):
-            raise StoreError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
-        if not 0 <= index <= MAX_CHUNK_INDEX:
-            raise StoreError(400, "invalid_chunk_index",
-                             "chunkIndex must be 0..%d" % MAX_CHUNK_INDEX)
-        extension_for(mime_type)
-        if index == 0 and not self.allow_any_content:
-            with open(part_path, "rb") as f:
-                if not has_media_signature(f.read(SIGNATURE_BYTES)):
-                    raise StoreError(415, "unsupported_media_type",
-                                     "chunk 0 does not start with a WebM, MP4 or Ogg signature")
+        """The checks ChunkStore makes before it stores anything; returns the chunk's sha256
+        (every chunk object carries it, to tell duplicates from conflicts)."""
         digest = _sha256_file(part_path)
-        if checksum is not None:
-            algorithm, _, expected = checksum.partition(":")
-            if algorithm != "sha256" or len(expected) != 64 or \
-                    any(c not in "0123456789abcdefABCDEF" for c in expected):
-                raise StoreError(400, "invalid_checksum", "checksum must be sha256:<64 hex>")
-            if digest != expected.lower():
-                raise StoreError(400, "checksum_mismatch",
-                                 "the chunk's sha256 differs from the checksum field")
+        chunkstore.check_chunk_request(file_id, index, part_path, mime_type, checksum,
+                                       self.allow_any_content, sha256=digest)
         return digest
 
     def _put_locked(self, file_id, index, part_path, size, digest, is_last, mime_type):
