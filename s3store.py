@@ -66,6 +66,8 @@ log = logging.getLogger("m1server.s3store")
 
 MIN_PART_BYTES = 5 << 20               # S3's smallest part (all but the last)
 DEFAULT_PART_BYTES = 8 << 20           # P: the size of every part but the last
+FOLD_VANISHED_RETRIES = 20             # passes a fold restarts when another node got there first
+_AGAIN = object()                      # _fold_pass: a step was taken; look again
 MAX_PARTS = 10000                      # S3's most parts per upload
 FOLD_WORKERS = 2                       # background threads folding chunks into parts
 CAS_ATTEMPTS = 30                      # compare-and-swap tries before giving up (503)
@@ -937,28 +939,45 @@ class S3Store(chunkstore.EventSource):
         tail and the completion. Each pass re-reads the bucket, so any node may run it at any
         time, even twice at once: every write is conditional or idempotent."""
         with self._fold_locks.held(file_id):
+            vanished = 0
             while True:
-                manifest = self._load(file_id)
-                if manifest is None or manifest.deleting or manifest.completed:
-                    return manifest
-                chunks = self._chunks(manifest)
-                manifest = self._reload(manifest)
-                if manifest.completed or manifest.deleting:
+                try:
+                    manifest = self._fold_pass(file_id, finish)
+                except S3Error as error:
+                    # A chunk object this pass read is gone: another node folded it (and
+                    # deleted it) since we listed. Re-read the bucket and go on from there.
+                    if error.status != 404 or vanished >= FOLD_VANISHED_RETRIES:
+                        raise
+                    vanished += 1
                     continue
-                self._drop_folded_objects(manifest, chunks)
-                progress = _Progress(manifest, chunks)
-                cursor, part = manifest.cursor, manifest.part_bytes
-                whole = progress.complete(manifest)
-                if finish and whole and not manifest.parts and progress.bytes <= part:
-                    self._put_whole(manifest, progress)
-                elif progress.bytes - cursor >= part:
-                    self._fold_part(manifest, progress, cursor, cursor + part)
-                elif finish and whole and progress.bytes > cursor:
-                    self._fold_part(manifest, progress, cursor, progress.bytes)
-                elif finish and whole:
-                    self._complete(manifest, progress)
-                else:
+                if manifest is not _AGAIN:
                     return manifest
+
+    def _fold_pass(self, file_id, finish):
+        """One pass of _fold: returns the manifest when there is nothing more to do, or
+        _AGAIN after a step (so the caller looks again)."""
+        manifest = self._load(file_id)
+        if manifest is None or manifest.deleting or manifest.completed:
+            return manifest
+        chunks = self._chunks(manifest)
+        manifest = self._reload(manifest)
+        if manifest.completed or manifest.deleting:
+            return _AGAIN
+        self._drop_folded_objects(manifest, chunks)
+        progress = _Progress(manifest, chunks)
+        cursor, part = manifest.cursor, manifest.part_bytes
+        whole = progress.complete(manifest)
+        if finish and whole and not manifest.parts and progress.bytes <= part:
+            self._put_whole(manifest, progress)
+        elif progress.bytes - cursor >= part:
+            self._fold_part(manifest, progress, cursor, cursor + part)
+        elif finish and whole and progress.bytes > cursor:
+            self._fold_part(manifest, progress, cursor, progress.bytes)
+        elif finish and whole:
+            self._complete(manifest, progress)
+        else:
+            return manifest
+        return _AGAIN
 
     def _drop_folded_objects(self, m, chunks):
         """Chunk objects a fold recorded but did not get to delete (a crash)."""
