@@ -63,8 +63,9 @@ def base_python():
 class ServerProcess:
     """m1server or the bare sink as a child process; stdout and stderr go to a log file."""
 
-    def __init__(self, kind, directory, python, port=0, extra_args=()):
+    def __init__(self, kind, directory, python, port=0, extra_args=(), env=None):
         self.kind = kind
+        self.env = env                        # None: this process's environment
         self.directory = directory
         self.python = python
         self.requested_port = port
@@ -91,7 +92,7 @@ class ServerProcess:
         log = open(self.log_path, "wb")
         try:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=ROOT)
+                                         stdin=subprocess.DEVNULL, cwd=ROOT, env=self.env)
         finally:
             log.close()
         return self

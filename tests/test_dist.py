@@ -42,11 +42,24 @@ def pyenv_pythons():
 def test_pyz_holds_every_runtime_module_and_static_file_and_nothing_else(pyz):
     names = {n for n in zipfile.ZipFile(pyz).namelist()
              if not n.endswith("/")}            # zipapp also lists folders, e.g. static/
-    expected = {n for n in os.listdir(ROOT) if n.endswith(".py")} | {"__main__.py"}
+    modules = {n for n in os.listdir(ROOT) if n.endswith(".py")}
+    expected = modules | {n + "c" for n in modules} | {"__main__.py"}
     for folder, _, files in os.walk(os.path.join(ROOT, "static")):
         expected |= {os.path.relpath(os.path.join(folder, f), ROOT).replace(os.sep, "/")
                      for f in files}
     assert names == expected
+
+
+def test_pyz_modules_load_as_bytecode_on_the_python_that_built_it(pyz, tmp_path):
+    # zipimport cannot cache bytecode: without the .pyc files every start compiles every
+    # module. The pyz was built by sys.executable, so that interpreter must take the .pyc
+    # (zipimport names a module's __file__ after the entry it loaded).
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+         "import m1server, chunkstore, multipart; "
+         "print(m1server.__file__, chunkstore.__file__, multipart.__file__)", pyz],
+        stdout=subprocess.PIPE, check=True, cwd=str(tmp_path)).stdout.decode().split()
+    assert len(out) == 3 and all(name.endswith(".pyc") for name in out), out
 
 
 def test_pyz_and_script_report_one_version(pyz):
