@@ -41,8 +41,10 @@ What it guarantees, when the server runs with --api-key (M1_API_KEY, --api-key-f
     body bytes (Content-Length, charged before reading); 429 with Retry-After; a bucket may go
     into debt for one large body, so a chunk bigger than the burst still passes, then waits.
 
-What it does not do: end an event stream when the token that opened it expires (checked when
-it opens), revoke single tokens before they expire (rotate --secret or the key to
+A token is checked when a request starts; an event stream it opened is ended by events.py
+when it expires (a `token_expired` event, then the end of the stream).
+
+What it does not do: revoke single tokens before they expire (rotate --secret or the key to
 revoke all), identify users, trust X-Forwarded-For (behind a proxy, every client shares the
 proxy's bucket: rate-limit at the proxy instead), or encrypt (use --tls-cert or a TLS proxy).
 """

@@ -30,6 +30,9 @@ What it guarantees:
     that stops reading is cut off after --timeout of a stalled write, and a stopping server
     ends every stream at once (WebSocket close 1001). --timeout's per-read limit does not
     apply to a healthy idle stream: its thread waits in select(), not in a read.
+  * A stream opened with a token (auth.py) ends when the token expires: the events before
+    the expiry, then a `token_expired` event, then the end (WebSocket close 1008). The client
+    reconnects with a fresh token and resumes from the last event id it saw.
 
 What it does not do: keep events across a restart (a new process starts a new epoch, and
 reconnects get the state), share events between server processes, or check credentials.
@@ -458,6 +461,11 @@ class _Session:
         self.subscription = subscription
         self.stream = stream
         self.heartbeat_s = handler.server.config.event_heartbeat
+        # A stream opened with a token ends when the token expires (auth.py): a token is
+        # checked once, at the handshake, so without this a stream would outlive it.
+        expires = getattr(getattr(handler, "grant", None), "expires", None)
+        self.ends_at = (None if expires is None
+                        else time.monotonic() + max(0.0, expires - time.time()))
 
     def run(self, first):
         bus = self.subscription.bus
@@ -469,11 +477,14 @@ class _Session:
             self.stream.receive_buffered(self.on_client_messages)
             next_beat = time.monotonic() + self.heartbeat_s
             while not bus.closed:
-                for key, _ in selector.select(max(0.0, next_beat - time.monotonic())):
+                wake_at = next_beat if self.ends_at is None else min(next_beat, self.ends_at)
+                for key, _ in selector.select(max(0.0, wake_at - time.monotonic())):
                     if key.data == "wake":
                         self.deliver()
                     elif not self.stream.receive(self.on_client_messages):
                         return
+                if self.ends_at is not None and time.monotonic() >= self.ends_at:
+                    return self.end_for_expired_token()
                 if time.monotonic() >= next_beat:
                     if not self.stream.heartbeat():
                         return
@@ -487,6 +498,15 @@ class _Session:
             log.exception("event stream for %s failed", self.file_id)
         finally:
             selector.close()
+
+    def end_for_expired_token(self):
+        """What happened before the expiry is delivered, then a `token_expired` event, then
+        the stream ends (WebSocket: close 1008, policy). A client reconnects with a new
+        token, resuming after the last event id it saw."""
+        self.deliver()
+        notice = {"type": "token_expired", "fileId": self.file_id}
+        self.stream.send([(None, json.dumps(notice, separators=(",", ":")))])
+        self.stream.close(websocket.CLOSE_POLICY, "token expired")
 
     def deliver(self):
         events, dropped = self.subscription.take()

@@ -767,9 +767,10 @@ function parseJson(text) {
  * Follow `fileId` on the server: onEvent(event, via) gets the server's events as they come
  * (via: "websocket", "sse" or "polling"; polling delivers `state` events only). The watch ends
  * by itself when the story does (ready, failed, deleted; or completed when the server does not
- * process videos, see storyEnded). Returns stop(), to end it sooner.
+ * process videos, see storyEnded), or when the server says the token expired
+ * (`token_expired`: watch again with a new token to go on). Returns stop(), to end it sooner.
  * options: headers (for polling only: a WebSocket or EventSource cannot send headers),
- * pollIntervalMs.
+ * pollIntervalMs, token.
  */
 export function watchUpload(serverUrl, fileId, onEvent, options = {}) {
   const base = String(serverUrl || "").replace(/\/+$/, "");
@@ -796,6 +797,7 @@ export function watchUpload(serverUrl, fileId, onEvent, options = {}) {
     onEvent(event, via);
     if (event.type === "missed") refresh(via);          // fell behind: get the whole state
     else if (event.type === "completed") refresh(via);  // does processing follow? ask
+    else if (event.type === "token_expired") stop();    // this token opens nothing more
     else if (storyEnded(event)) stop();
   }
 

@@ -16,6 +16,7 @@ import time
 
 import pytest
 import requests
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from conftest import ROOT, ServerProcess, send_chunk, wait_until
@@ -376,3 +377,44 @@ def test_byte_budget_counts_early_chunks_waiting_for_their_turn(env):
     assert third.status_code == 403 and third.json()["error"]["code"] == "token_budget_spent"
     again = send_chunk(session, srv.url, "budget_gap", 4, chunk)     # a retry: no new bytes
     assert again.status_code == 200
+
+
+def test_an_event_stream_ends_when_its_token_expires_and_a_key_stream_does_not(env):
+    """A token is checked when a stream opens; the stream must not outlive it."""
+    srv = env["server"]
+    file_id = "rec_expiring"
+    token = mint(srv.url, fileId=file_id, rights=["read"], expiresIn=2)
+    expires = json.loads(auth.unb64url(token.split(".")[1]))["exp"]
+    base = srv.url.replace("http://", "ws://") + "/api/video/events/" + file_id
+    session = requests.Session()
+    session.headers["Authorization"] = "Bearer " + KEY
+    with ws_connect(base + "?token=" + token, open_timeout=10) as by_token, \
+            ws_connect(base, open_timeout=10,
+                       additional_headers={"Authorization": "Bearer " + KEY}) as by_key, \
+            requests.get("%s/api/video/events/%s?token=%s" % (srv.url, file_id, token),
+                         stream=True, timeout=10) as sse:
+        assert json.loads(by_token.recv(timeout=10))["type"] == "state"
+        assert json.loads(by_key.recv(timeout=10))["type"] == "state"
+        assert sse.status_code == 200
+        if time.time() < expires - 0.5:      # an event before the expiry still arrives first
+            assert send_chunk(session, srv.url, file_id, 0, env["chunk0"]).status_code == 200
+            assert json.loads(by_token.recv(timeout=10))["type"] == "chunk"
+        seen = []
+        while True:                          # then token_expired, then close 1008
+            try:
+                seen.append(json.loads(by_token.recv(timeout=10))["type"])
+            except ConnectionClosed as closed:
+                assert closed.rcvd is not None and closed.rcvd.code == 1008
+                break
+        assert seen[-1] == "token_expired" and time.time() >= expires - 1
+        sse_types = []
+        for line in sse.iter_lines():        # ends: the server closed the stream
+            if line.startswith(b"data:"):
+                sse_types.append(json.loads(line[5:])["type"])
+        assert sse_types[0] == "state" and sse_types[-1] == "token_expired"
+        by_key.send(json.dumps({"type": "state"}))      # the key's stream goes on
+        while json.loads(by_key.recv(timeout=10))["type"] != "state":
+            pass                             # the chunk event comes first, when one was sent
+    refused = requests.get("%s/api/video/events/%s?token=%s" % (srv.url, file_id, token),
+                           timeout=10)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "token_expired"

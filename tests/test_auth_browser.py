@@ -15,6 +15,7 @@ from _browser import (browser, page, playwright_driver,  # noqa: F401  (pytest f
 from conftest import wait_until
 
 DEADLINE_S = 90.0
+RETRY_WINDOW_MS = 3000          # m1client's EVENTS_RECONNECT_MS (1 s) plus a poll interval (2 s)
 KEY = "browser-key-0123456789"
 
 
@@ -54,4 +55,36 @@ def test_demo_page_holding_only_a_token_records_uploads_and_plays(server_factory
     assert source.endswith(("/uploads/%s.webm?token=%s" % (file_id, token),
                             "/uploads/derived/%s/remux.webm?token=%s" % (file_id, token)))
     assert token not in srv.log()
+    assert not page.problems, page.problems
+
+
+def test_watch_upload_stops_when_its_token_expires(server_factory, page):
+    # m1client.watchUpload over a WebSocket opened with a 2 s token: the server ends the
+    # stream with `token_expired` (events.py); the client hands that event to the page and
+    # stops, instead of retrying a token that can open nothing (WebSocket, SSE, then polling).
+    srv = server_factory(env={"M1_API_KEY": KEY})
+    key = {"Authorization": "Bearer " + KEY}
+    file_id = "web_watch_1"
+    token = requests.post(srv.url + "/api/video/tokens", headers=key, timeout=10, json={
+        "fileId": file_id, "rights": ["read"], "expiresIn": 2}).json()["data"]["token"]
+    page.goto(srv.url + "/")
+    page.evaluate("""([url, fileId, token]) => import("/m1client.js").then((m) => {
+        window.seen = [];
+        m.watchUpload(url, fileId, (event, via) => window.seen.push(event.type + "/" + via),
+                      { token, headers: { Authorization: "Bearer " + token } });
+    })""", [srv.url, file_id, token])
+    page.wait_for_function("() => window.seen.includes('token_expired/websocket')",
+                           timeout=DEADLINE_S * 1000)
+    assert page.evaluate("window.seen")[0] == "state/websocket"
+
+    def event_requests():
+        return srv.log().count("/api/video/events/" + file_id) + \
+            srv.log().count("/api/video/status/" + file_id)
+    # Stopped: no reconnect, no SSE, no polling. An absence needs a window: a client that
+    # retried would ask again within EVENTS_RECONNECT_MS (1 s), then poll every 2 s; 3 s
+    # holds both.
+    before = event_requests()
+    page.wait_for_timeout(RETRY_WINDOW_MS)
+    assert event_requests() == before, srv.log()[-2000:]
+    assert page.evaluate("window.seen")[-1] == "token_expired/websocket"
     assert not page.problems, page.problems
