@@ -17,8 +17,9 @@ The caller hands it a finished part file (written into `incoming_dir`) and a val
 The ledger is SQLite (`<root>/m1.sqlite3`, WAL, synchronous=FULL). It is both the metadata
 store and the crash journal; its invariant is:
 
-    the first `bytes_appended` bytes of the assembled file are chunks 0 .. next_index-1,
-    and every chunk row with idx >= next_index has its bytes in temp/<fileId>/<idx>.chunk.
+    the first `bytes_appended` bytes of the assembled file, with the bytes of the journal's
+    rows written over it at their offsets, are chunks 0 .. next_index-1; and every chunk
+    row with idx >= next_index has its bytes in temp/<fileId>/<idx>.chunk.
 
 Every step below keeps that invariant true on disk at every instant, which is the whole
 crash-safety argument:
@@ -32,6 +33,18 @@ crash-safety argument:
      and bytes_appended in one transaction           row: repair deletes it, the client was
   4. cleaned: the source file is removed             never told 200)
      (a leftover source is deleted by repair)
+
+A small in-order chunk (at most --journal-chunk-size bytes) costs one fsync instead of two:
+in step 2 its bytes are written but the file is not fsynced, and step 3's transaction also
+keeps a copy of them in the `journal` table, so the ledger's commit is what makes the chunk
+durable. Readers see the file as written (the page cache) at once. The journal is emptied,
+in two steps, once the file is fsynced: when an upload's journal passes JOURNAL_FLUSH_BYTES,
+when it completes, when a large chunk's append fsyncs the file anyway (in that chunk's own
+transaction), and when the store closes: journal_synced (file fsynced; a crash here leaves
+rows that repair writes again, the same bytes at the same offsets), then journal_cleared.
+repair() writes every journal row back at its offset before anything else, so a power cut
+that lost the file's unsynced writes loses no acknowledged chunk. Each row is one chunk, so
+the journal of an upload holds at most JOURNAL_FLUSH_BYTES + one chunk.
 
 A chunk sent with status=completed records the last index in the same transaction as the
 chunk (step 3 / stash_recorded). A new file or temp folder has its parent directory fsynced,
@@ -67,7 +80,7 @@ log = logging.getLogger("m1server.store")
 # Constants
 # ---------------------------------------------------------------------------------------------
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2                       # 2: the journal table (small chunks' bytes)
 LEDGER_NAME = "m1.sqlite3"
 TEMP_DIR_NAME = "temp"
 INCOMING_DIR_NAME = ".incoming"          # inside temp/: part files being received
@@ -78,6 +91,9 @@ MAX_CHUNK_INDEX = 1000000                # 11.5 days of 1 s MediaRecorder slices
 MAX_MISSING_LISTED = 1000                # longest missingChunks list a reply carries
 COPY_BLOCK_BYTES = 1 << 20               # buffer for copies when the kernel cannot copy
 LEDGER_BUSY_TIMEOUT_S = 30.0
+DEFAULT_JOURNAL_CHUNK_BYTES = 256 << 10  # in-order chunks up to this size: one fsync (journal)
+MAX_JOURNAL_CHUNK_BYTES = 1 << 20        # the most --journal-chunk-size may say
+JOURNAL_FLUSH_BYTES = 2 << 20            # an upload's journaled bytes past this: sync the file
 
 # Chunk 0 must start with one of these (SPEC section 1): what MediaRecorder writes.
 MEDIA_SIGNATURES = (
@@ -227,8 +243,10 @@ class EventSource:
 class ChunkStore(EventSource):
     """Chunks of many uploads into one file each, crash-safe. Thread-safe."""
 
-    def __init__(self, root, allow_any_content=False, max_upload_bytes=None, crash_at=None):
+    def __init__(self, root, allow_any_content=False, max_upload_bytes=None, crash_at=None,
+                 journal_chunk_bytes=DEFAULT_JOURNAL_CHUNK_BYTES):
         self.root = os.path.abspath(root)
+        self.journal_chunk_bytes = journal_chunk_bytes
         self.temp_dir = os.path.join(self.root, TEMP_DIR_NAME)
         self.incoming_dir = os.path.join(self.temp_dir, INCOMING_DIR_NAME)
         self.deleting_dir = os.path.join(self.temp_dir, DELETING_DIR_NAME)
@@ -285,13 +303,17 @@ class ChunkStore(EventSource):
             self._check_upload_size(upload, size)
             if upload is None:
                 self._ledger.create(file_id, mime_type, ext)
+                upload = self._ledger.load(file_id)
             elif upload.mime_type is None and mime_type is not None:
                 self._ledger.set_mime_type(file_id, mime_type, ext)
-            upload = self._ledger.load(file_id)
+                upload = self._ledger.load(file_id)
             # The last index is recorded in the same transaction as the chunk itself, so no
             # crash can leave a stored last chunk that the ledger does not know is the last.
             last = index if is_last else None
-            if index == upload.next_index:
+            if index == upload.next_index and 0 < self.journal_chunk_bytes and \
+                    size <= self.journal_chunk_bytes:
+                self._append_journaled(upload, index, part_path, size, last)
+            elif index == upload.next_index:
                 self._append(upload, index, part_path, size, last)
             else:
                 self._stash(file_id, index, part_path, size, last)
@@ -372,6 +394,47 @@ class ChunkStore(EventSource):
         os.remove(source_path)
         self._crash.passed("cleaned")
 
+    def _append_journaled(self, upload, index, source_path, size, last_index=None):
+        """A small chunk: written after the consistent prefix without an fsync of the file;
+        its bytes go into the ledger's transaction instead (one fsync in all)."""
+        offset = upload.bytes_appended
+        with open(source_path, "rb") as f:
+            data = f.read(size)
+        path = self.media_path(upload)
+        created = not os.path.exists(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | _O_BINARY, 0o644)
+        try:
+            os.ftruncate(fd, offset)     # drop a torn tail an earlier failed write left
+            os.lseek(fd, offset, os.SEEK_SET)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        if created:
+            fsync_dir(self.root)        # the file's name must survive a power cut too
+        self._crash.passed("appended")
+        journaled = self._ledger.record_append(upload.file_id, index, size, offset,
+                                               last_index, journal=data)
+        self._crash.passed("append_recorded")
+        os.remove(source_path)
+        self._crash.passed("cleaned")
+        if journaled > JOURNAL_FLUSH_BYTES:
+            self._sync_journaled(upload)
+
+    def _sync_journaled(self, upload):
+        """fsync the file, then forget its journal (both steps may be repeated)."""
+        path = self.media_path(upload)
+        if os.path.exists(path):
+            fd = os.open(path, os.O_RDONLY | _O_BINARY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._crash.passed("journal_synced")
+        self._ledger.clear_journal(upload.file_id)
+        self._crash.passed("journal_cleared")
+
     def _stash(self, file_id, index, part_path, size, last_index=None):
         """Keep an early chunk in temp/<id>/ until the chunks before it arrive."""
         with open(part_path, "rb+") as f:
@@ -397,6 +460,7 @@ class ChunkStore(EventSource):
             self._append(upload, index, path, os.path.getsize(path))
 
     def _complete(self, upload):
+        self._sync_journaled(upload)    # the whole file on disk before anyone reads it back
         self._ledger.set_completed(upload.file_id)
         shutil.rmtree(os.path.join(self.temp_dir, upload.file_id), ignore_errors=True)
         self._hasher.submit(upload.file_id)
@@ -547,8 +611,8 @@ class ChunkStore(EventSource):
 
     def _repair_upload(self, file_id):
         upload = self._ledger.load(file_id)
-        mended = False
         path = self.media_path(upload)
+        mended = self._replay_journal(upload, path)
         actual = os.path.getsize(path) if os.path.exists(path) else 0
         if actual > upload.bytes_appended:
             log.warning("repair: %s: cutting %d torn bytes after %d", file_id,
@@ -594,8 +658,42 @@ class ChunkStore(EventSource):
                 self._hasher.submit(file_id)
         return mended
 
+    def _replay_journal(self, upload, path):
+        """Write the journaled chunks back at their offsets (the file's unsynced writes may
+        be lost), fsync, forget the journal. A row that would leave a hole before it (the
+        file lost more than its journal holds) is not written: the rollback below then
+        goes back to the whole chunks the file has, as for any other loss."""
+        rows = self._ledger.journal(upload.file_id)
+        if not rows:
+            return False
+        written = 0
+        if os.path.exists(path):
+            with open(path, "r+b") as f:
+                length = os.fstat(f.fileno()).st_size
+                for offset, data in rows:
+                    if offset > length:
+                        break
+                    f.seek(offset)
+                    f.write(data)
+                    length = max(length, offset + len(data))
+                    written += 1
+                f.flush()
+                os.fsync(f.fileno())
+        self._crash.passed("journal_synced")
+        self._ledger.clear_journal(upload.file_id)
+        if written:
+            log.info("repair: %s: wrote %d journaled chunk(s) back into the file",
+                     upload.file_id, written)
+        return False
+
     def close(self):
+        """Stop the hasher, sync the files whose chunks are still journaled, close."""
         self._hasher.stop()
+        for file_id in self._ledger.journaled_ids():
+            with self._locks.held(file_id):
+                upload = self._ledger.load(file_id)
+                if upload is not None:
+                    self._sync_journaled(upload)
         self._ledger.close()
 
     # -- room in the ledger file for feature modules' own tables (tus) ---------------------
@@ -692,6 +790,13 @@ CREATE TABLE IF NOT EXISTS chunks (
     PRIMARY KEY (file_id, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS uploads_by_age ON uploads (created_at, file_id);
+CREATE TABLE IF NOT EXISTS journal (  -- small chunks' bytes until their file is fsynced
+    file_id TEXT NOT NULL,
+    idx     INTEGER NOT NULL,
+    offset  INTEGER NOT NULL,         -- where they belong in the file
+    data    BLOB NOT NULL,
+    PRIMARY KEY (file_id, idx)
+);
 """
 
 _UPLOAD_COLUMNS = ("file_id, mime_type, ext, next_index, bytes_appended, last_index, "
@@ -816,6 +921,7 @@ class _Ledger:
 
     def delete(self, file_id):
         with self._write() as db:
+            db.execute("DELETE FROM journal WHERE file_id = ?", (file_id,))
             db.execute("DELETE FROM chunks WHERE file_id = ?", (file_id,))
             db.execute("DELETE FROM uploads WHERE file_id = ?", (file_id,))
 
@@ -837,10 +943,17 @@ class _Ledger:
             db.execute("UPDATE uploads SET updated_at = ?, last_index = COALESCE(?, last_index) "
                        "WHERE file_id = ?", (time.time(), last_index, file_id))
 
-    def record_append(self, file_id, index, size, offset, last_index=None):
+    def record_append(self, file_id, index, size, offset, last_index=None, journal=None):
         """One transaction: the chunk's offset and the upload's new consistent length (and,
-        for the last chunk, that it is the last)."""
+        for the last chunk, that it is the last). With `journal` (the chunk's bytes, whose
+        file was not fsynced) they are kept in the journal; without, the file was fsynced, so
+        the upload's journal is emptied. Returns the bytes the upload's journal holds."""
         with self._write() as db:
+            if journal is None:
+                db.execute("DELETE FROM journal WHERE file_id = ?", (file_id,))
+            else:
+                db.execute("INSERT INTO journal (file_id, idx, offset, data) VALUES "
+                           "(?, ?, ?, ?)", (file_id, index, offset, sqlite3.Binary(journal)))
             # (no UPSERT: SQLite before 3.24 still ships on embedded systems)
             moved = db.execute("UPDATE chunks SET offset = ? WHERE file_id = ? AND idx = ?",
                                (offset, file_id, index)).rowcount
@@ -850,6 +963,25 @@ class _Ledger:
             db.execute("UPDATE uploads SET next_index = ?, bytes_appended = ?, updated_at = ?, "
                        "last_index = COALESCE(?, last_index) WHERE file_id = ?",
                        (index + 1, offset + size, time.time(), last_index, file_id))
+            if journal is None:
+                return 0
+            return db.execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM journal "
+                              "WHERE file_id = ?", (file_id,)).fetchone()[0]
+
+    def journal(self, file_id):
+        """[(offset, bytes)] of the upload's journaled chunks, in file order."""
+        with self._connection() as db:
+            return [(offset, bytes(data)) for offset, data in db.execute(
+                "SELECT offset, data FROM journal WHERE file_id = ? ORDER BY offset",
+                (file_id,))]
+
+    def journaled_ids(self):
+        with self._connection() as db:
+            return [r[0] for r in db.execute("SELECT DISTINCT file_id FROM journal")]
+
+    def clear_journal(self, file_id):
+        with self._write() as db:
+            db.execute("DELETE FROM journal WHERE file_id = ?", (file_id,))
 
     def rollback_to_length(self, file_id, length):
         """Forget the appended chunks that do not lie wholly within `length` bytes; returns

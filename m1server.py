@@ -165,6 +165,14 @@ def parse_addressing(text):
     return value
 
 
+def parse_journal_size(text):
+    value = parse_size(text)
+    if value > chunkstore.MAX_JOURNAL_CHUNK_BYTES:
+        raise argparse.ArgumentTypeError("the journal takes chunks of at most %s bytes"
+                                         % chunkstore.MAX_JOURNAL_CHUNK_BYTES)
+    return value
+
+
 def parse_part_size(text):
     value = parse_size(text)
     if value < 5 << 20:
@@ -191,6 +199,9 @@ OPTIONS = (
      "free disk space kept in reserve (507 when a chunk would eat into it)"),
     ("--allow-any-content", parse_flag, False,
      "accept a chunk 0 that is not WebM, MP4 or Ogg"),
+    ("--journal-chunk-size", parse_journal_size, chunkstore.DEFAULT_JOURNAL_CHUNK_BYTES,
+     "in-order chunks up to this size cost one fsync: their bytes are journaled in "
+     "m1.sqlite3 until the video file is synced (at most 1M; 0: fsync the file every chunk)"),
     ("--incomplete-ttl", parse_duration, DEFAULT_INCOMPLETE_TTL_S,
      "remove uploads idle and unfinished this long (0 keeps them)"),
     ("--retention", parse_duration, DEFAULT_RETENTION_S,
@@ -359,6 +370,7 @@ class Config:
         self.max_connections = args.max_connections
         self.min_free_disk_bytes = args.min_free_disk
         self.allow_any_content = args.allow_any_content
+        self.journal_chunk_bytes = args.journal_chunk_size
         self.incomplete_ttl = args.incomplete_ttl or None      # None: keep
         self.retention = args.retention or None
         self.sweep_interval = args.sweep_interval
@@ -726,7 +738,10 @@ class Handler(BaseHTTPRequestHandler):
                                   max_file_bytes=config.max_chunk_bytes, max_body_bytes=length)
         parsed = False
         try:
-            form = multipart.parse(body.read_into, boundary, open_part_file, limits)
+            # A buffer no bigger than the body: a small chunk's request then allocates (and
+            # zero-fills) a few KiB, not the parser's whole default block.
+            form = multipart.parse(body.read_into, boundary, open_part_file, limits,
+                                   block_size=max(1, min(multipart.DEFAULT_BLOCK_SIZE, length)))
             parsed = True
         except multipart.MultipartError as error:
             raise _multipart_http_error(error)
@@ -1444,7 +1459,8 @@ def open_store(config):
     the reason on stderr, when the settings cannot work."""
     if config.storage == "local":
         return ChunkStore(config.dir, allow_any_content=config.allow_any_content,
-                          max_upload_bytes=config.max_upload_bytes, crash_at=config.crash_at)
+                          max_upload_bytes=config.max_upload_bytes, crash_at=config.crash_at,
+                          journal_chunk_bytes=config.journal_chunk_bytes)
     import s3client                       # only S3 mode needs http.client, hmac, xml
     import s3store
     try:

@@ -332,3 +332,143 @@ def test_listeners_see_chunks_in_order_then_completed_with_sha256(store):
     assert events[1]["bytesReceived"] == len(parts[0]) + len(parts[1])
     assert events[-1]["sha256"] == hashlib.sha256(b"".join(parts)).hexdigest()
     assert events[-1]["size"] == sum(map(len, parts))
+
+
+# --- small chunks: one fsync, bytes journaled in the ledger until the file is synced --------
+
+def journal_rows(store, file_id):
+    return store._ledger.journal(file_id)
+
+
+def test_journal_takes_in_order_chunks_up_to_its_size_and_not_one_byte_more(tmp_path):
+    limit = 4096
+    store = ChunkStore(str(tmp_path / "up"), journal_chunk_bytes=limit)
+    try:
+        at_edge = EBML + b"a" * (limit - len(EBML))
+        put(store, "j", 0, at_edge)                                 # exactly the limit
+        assert journal_rows(store, "j") == [(0, at_edge)]
+        put(store, "j", 1, b"b" * limit)                            # still journaled
+        assert [offset for offset, _ in journal_rows(store, "j")] == [0, limit]
+        put(store, "j", 2, b"c" * (limit + 1))                      # one byte more: fsynced,
+        assert journal_rows(store, "j") == []                       # and the file with it
+        put(store, "j", 4, b"e" * 10)                               # early: stashed, never
+        assert journal_rows(store, "j") == []                       # journaled
+        assert assembled(store, "j") == at_edge + b"b" * limit + b"c" * (limit + 1)
+    finally:
+        store.close()
+
+
+def test_journal_off_fsyncs_every_chunk(tmp_path):
+    store = ChunkStore(str(tmp_path / "up"), journal_chunk_bytes=0)
+    try:
+        put(store, "off", 0, EBML + b"x")
+        put(store, "off", 1, b"")
+        assert journal_rows(store, "off") == []
+    finally:
+        store.close()
+
+
+def test_journal_is_synced_and_emptied_past_its_flush_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(chunkstore, "JOURNAL_FLUSH_BYTES", 10000)
+    store = ChunkStore(str(tmp_path / "up"), journal_chunk_bytes=4000)
+    try:
+        put(store, "f", 0, EBML + b"0" * 3996)
+        put(store, "f", 1, b"1" * 4000)
+        assert len(journal_rows(store, "f")) == 2                  # 8000: at most 10000
+        put(store, "f", 2, b"2" * 2000)                            # 10000: not past it
+        assert len(journal_rows(store, "f")) == 3
+        put(store, "f", 3, b"3")                                   # 10001: past it, synced
+        assert journal_rows(store, "f") == []
+    finally:
+        store.close()
+
+
+def test_completion_and_close_empty_the_journal(tmp_path):
+    root = str(tmp_path / "up")
+    store = ChunkStore(root)
+    put(store, "done", 0, EBML + b"d")
+    put(store, "done", 1, b"e", last=True)
+    assert journal_rows(store, "done") == []                       # completed: synced
+    put(store, "open", 0, EBML + b"o")
+    assert len(journal_rows(store, "open")) == 1
+    store.close()                                                  # a clean stop syncs
+    store = ChunkStore(root)
+    try:
+        assert journal_rows(store, "open") == []
+    finally:
+        store.close()
+
+
+def test_repair_writes_journaled_chunks_back_into_a_file_that_lost_them(tmp_path):
+    """What a power cut does to writes that were never fsynced: the file keeps only what
+    reached the disk (here: nothing after chunk 0, then garbage). The ledger's journal,
+    committed before the 200, has the bytes: repair puts them back, byte-exact."""
+    root = str(tmp_path / "up")
+    store = ChunkStore(root, journal_chunk_bytes=1000)
+    parts = [EBML + b"0" * 2000, b"1" * 500, b"2" * 700]
+    put(store, "cut", 0, parts[0])                                 # 2004 bytes: fsynced
+    put(store, "cut", 1, parts[1])                                 # journaled
+    put(store, "cut", 2, parts[2])                                 # journaled
+    path = store.media_path(store.status("cut"))
+    store._ledger.close()                                          # "power cut": no close()
+    store._hasher.stop()
+    with open(path, "r+b") as f:
+        f.truncate(len(parts[0]) + 100)                            # lost most of the tail,
+        f.seek(len(parts[0]))                                      # and what is left is junk
+        f.write(b"\0" * 100)
+    store = ChunkStore(root)
+    try:
+        store.repair()
+        upload = store.status("cut")
+        assert upload.next_index == 3 and upload.bytes_appended == 3204
+        assert assembled(store, "cut") == b"".join(parts)
+        assert journal_rows(store, "cut") == []
+    finally:
+        store.close()
+
+
+def test_repair_never_fills_a_hole_before_a_journaled_chunk(tmp_path):
+    # The file lost more than its journal holds (bytes that had been fsynced): writing the
+    # journal at its offset would leave zeros before it. Repair rolls back instead.
+    root = str(tmp_path / "up")
+    store = ChunkStore(root, journal_chunk_bytes=1000)
+    parts = [EBML + b"0" * 2000, b"1" * 2000, b"2" * 300]
+    for index, data in enumerate(parts):
+        put(store, "hole", index, data)                            # 0, 1 fsynced; 2 journaled
+    path = store.media_path(store.status("hole"))
+    store._ledger.close()
+    store._hasher.stop()
+    with open(path, "r+b") as f:
+        f.truncate(len(parts[0]) + 10)                             # chunk 1 torn, 2 gone
+    store = ChunkStore(root)
+    try:
+        store.repair()
+        upload = store.status("hole")
+        assert (upload.next_index, upload.bytes_appended) == (1, len(parts[0]))
+        assert assembled(store, "hole") == parts[0]
+        assert journal_rows(store, "hole") == []
+    finally:
+        store.close()
+
+
+def test_a_version_1_ledger_gains_the_journal(tmp_path):
+    import sqlite3
+    root = tmp_path / "old"
+    store = ChunkStore(str(root))
+    put(store, "old", 0, EBML + b"v1")
+    store.close()
+    db = sqlite3.connect(str(root / "m1.sqlite3"))
+    db.execute("DROP TABLE journal")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    store = ChunkStore(str(root))
+    try:
+        put(store, "old", 1, b"more")
+        assert assembled(store, "old") == EBML + b"v1more"
+        assert journal_rows(store, "old") == [(6, b"more")]
+    finally:
+        store.close()
+    db = sqlite3.connect(str(root / "m1.sqlite3"))
+    assert db.execute("PRAGMA user_version").fetchone()[0] == chunkstore.SCHEMA_VERSION == 2
+    db.close()

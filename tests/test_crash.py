@@ -225,7 +225,8 @@ def send_plan(srv, file_id, chunks, order, mime_type=None):
 # the crash must land on, and the `step:n` hook settings that land there. Counting follows the
 # contract: every chunk passes `received`; an early chunk then `stashed`, `stash_recorded`;
 # an appended chunk (arrived in order, or drained from the stash) `appended`,
-# `append_recorded`, `cleaned`.
+# `append_recorded`, `cleaned`; a completed upload whose file has journaled chunks (small
+# in-order ones, see chunkstore) `journal_synced`, `journal_cleared`.
 SCENARIOS = [
     # The request that creates the upload.
     ("first_chunk", [0, 1, 2, 3, 4, 5], 0,
@@ -245,7 +246,8 @@ SCENARIOS = [
      ["appended:4", "append_recorded:4", "cleaned:4"]),
     # The last chunk (status=completed) arriving in order.
     ("last_chunk", [0, 1, 2, 3, 4, 5], 5,
-     ["received:6", "appended:6", "append_recorded:6", "cleaned:6"]),
+     ["received:6", "appended:6", "append_recorded:6", "cleaned:6", "journal_synced:1",
+      "journal_cleared:1"]),
     # The last chunk arriving early, then the chunk that drains it and completes the upload.
     ("last_chunk_early", [0, 1, 2, 3, 5, 4], 4,
      ["stashed:1", "stash_recorded:1"]),
@@ -253,16 +255,23 @@ SCENARIOS = [
      ["appended:5", "appended:6", "append_recorded:6", "cleaned:6"]),
 ]
 
-CRASH_CASES = [pytest.param(name, order, position, hook, id="%s-%s" % (name, hook))
-               for name, order, position, hooks in SCENARIOS for hook in hooks]
+# Both ways of appending in order: small chunks journaled in the ledger (the default for
+# these ~35 KB chunks) and every chunk's file fsynced (--journal-chunk-size 0). Without the
+# journal no step `journal_*` is ever passed.
+APPEND_MODES = {"journal": [], "fsync": ["--journal-chunk-size", "0"]}
+CRASH_CASES = [pytest.param(name, order, position, hook, mode,
+                            id="%s-%s-%s" % (mode, name, hook))
+               for mode in APPEND_MODES
+               for name, order, position, hooks in SCENARIOS for hook in hooks
+               if mode == "journal" or not hook.startswith("journal_")]
 
 
-@pytest.mark.parametrize("name, order, position, hook", CRASH_CASES)
+@pytest.mark.parametrize("name, order, position, hook, mode", CRASH_CASES)
 def test_crash_at_step_restarts_consistent_and_resumes_byte_exact(
-        server_factory, sample_webm, name, order, position, hook):
+        server_factory, sample_webm, name, order, position, hook, mode):
     chunks = split_chunks(sample_webm, CHUNKS)
     file_id = "crash_" + name + "_" + hook.replace(":", "_")
-    srv = server_factory(start=False)
+    srv = server_factory(start=False, args=APPEND_MODES[mode])
     srv.start(extra_env={"M1_TEST_CRASH_AT": hook})
 
     acked, failed_at = send_plan(srv, file_id, chunks, order)
@@ -607,6 +616,38 @@ def test_file_shorter_than_the_ledger_rolls_back_to_whole_chunks_never_zero_fill
     k = assert_consistent(srv, file_id, chunks, {4}, "file cut inside chunk 2")
     assert k <= 2
     resume_and_finish(srv, file_id, chunks, {4}, "file cut inside chunk 2")
+
+
+def test_writes_lost_with_the_page_cache_come_back_from_the_journal(server_factory,
+                                                                    sample_webm):
+    """Small in-order chunks are acknowledged once the ledger holds their bytes (one fsync);
+    their file is fsynced later. kill -9, then drop what the file had not synced (what a
+    power cut does to unsynced writes): the restart writes them back from the journal."""
+    chunks = split_chunks(sample_webm, CHUNKS)
+    file_id = "lost_page_cache"
+    srv = server_factory()
+    acked, failed = send_plan(srv, file_id, chunks, [0, 1, 2, 3])
+    assert failed is None and acked == {0, 1, 2, 3}
+    srv.kill()                                   # no clean stop: the journal stays
+    with open(data_path(srv.upload_dir, file_id), "r+b") as f:
+        f.truncate(len(chunks[0]) // 3)          # every chunk's write was unsynced
+    srv.start(port=srv.port)
+    k = assert_consistent(srv, file_id, chunks, acked, "unsynced writes lost")
+    assert k == 4
+    resume_and_finish(srv, file_id, chunks, acked, "unsynced writes lost")
+
+
+@pytest.mark.parametrize("value, ok", [("1M", True), ("1048577", False), ("0", True),
+                                       ("-1", False), ("big", False)])
+def test_journal_chunk_size_flag_at_and_past_its_limit(server_factory, value, ok):
+    srv = server_factory(args=["--journal-chunk-size", value], start=False)
+    if ok:
+        srv.start()
+        assert srv.alive()
+    else:
+        with pytest.raises(RuntimeError):
+            srv.start()
+        assert srv.proc.returncode == 2 and "journal-chunk-size" in srv.log(), srv.log()
 
 
 def test_orphan_temp_chunk_without_ledger_row_is_removed_and_not_counted(
