@@ -91,9 +91,13 @@ MAX_CHUNK_INDEX = 1000000                # 11.5 days of 1 s MediaRecorder slices
 MAX_MISSING_LISTED = 1000                # longest missingChunks list a reply carries
 COPY_BLOCK_BYTES = 1 << 20               # buffer for copies when the kernel cannot copy
 LEDGER_BUSY_TIMEOUT_S = 30.0
-DEFAULT_JOURNAL_CHUNK_BYTES = 256 << 10  # in-order chunks up to this size: one fsync (journal)
-MAX_JOURNAL_CHUNK_BYTES = 1 << 20        # the most --journal-chunk-size may say
-JOURNAL_FLUSH_BYTES = 2 << 20            # an upload's journaled bytes past this: sync the file
+# Small in-order chunks are journaled (see the docstring). The journal writes a chunk's bytes
+# twice more (the WAL, then the ledger file at a checkpoint), which pays only while the fsync
+# saved costs more than those copies: measured, 16 KiB chunks gained 1.2x; 250 KiB chunks from
+# 200 recorders went from a p99 of 8 ms to 1.5 s (checkpoints stall every writer).
+DEFAULT_JOURNAL_CHUNK_BYTES = 64 << 10   # in-order chunks up to this size: one fsync (journal)
+MAX_JOURNAL_CHUNK_BYTES = 256 << 10      # the most --journal-chunk-size may say
+JOURNAL_FLUSH_BYTES = 1 << 20            # an upload's journaled bytes past this: sync the file
 
 # Chunk 0 must start with one of these (SPEC section 1): what MediaRecorder writes.
 MEDIA_SIGNATURES = (

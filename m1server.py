@@ -201,7 +201,7 @@ OPTIONS = (
      "accept a chunk 0 that is not WebM, MP4 or Ogg"),
     ("--journal-chunk-size", parse_journal_size, chunkstore.DEFAULT_JOURNAL_CHUNK_BYTES,
      "in-order chunks up to this size cost one fsync: their bytes are journaled in "
-     "m1.sqlite3 until the video file is synced (at most 1M; 0: fsync the file every chunk)"),
+     "m1.sqlite3 until the video file is synced (at most 256K; 0: fsync the file every chunk)"),
     ("--incomplete-ttl", parse_duration, DEFAULT_INCOMPLETE_TTL_S,
      "remove uploads idle and unfinished this long (0 keeps them)"),
     ("--retention", parse_duration, DEFAULT_RETENTION_S,
