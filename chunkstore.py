@@ -608,6 +608,13 @@ class ChunkStore(EventSource):
     def ledger_write(self):
         """A context manager: one committed (fsynced) transaction on a feature's own tables."""
         return self._ledger._write()
+
+    def sibling(self, name, allow_any_content=True):
+        """A second store of its own in <root>/<name>/ (tus keeps partial uploads there: no
+        media signature rule, no listing, no events of the main store); s3store.S3Store has
+        the same method, so a feature asks the store it has for one."""
+        return ChunkStore(os.path.join(self.root, name), allow_any_content=allow_any_content,
+                          max_upload_bytes=self.max_upload_bytes)
     # -- added for features beside the core (read-only: the crash-safety argument holds) --
 
     def completed_ids(self, since=0.0):

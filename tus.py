@@ -80,7 +80,7 @@ from urllib.parse import unquote, urlsplit
 
 import chunkstore
 from apierror import ApiError
-from chunkstore import ChunkStore, StoreError
+from chunkstore import StoreError
 
 log = logging.getLogger("m1server.tus")
 
@@ -103,7 +103,11 @@ SWEEP_INTERVAL_S = 60.0                  # at most this long between expiry swee
 TOMBSTONE_KEEP_S = 7 * 24 * 3600.0       # how long an expired upload still answers 410
 TAKEOVER_WAIT_S = 30.0                   # how long a request waits for an upload's claim
 BLOCK_BYTES = 1 << 20                    # the one receive buffer of a PATCH
-PARTIALS_DIR_NAME = "tus-partials"       # inside --dir: the partial uploads' chunk store
+PARTIALS_DIR_NAME = "tus-partials"       # the partial uploads' store: --dir/tus-partials
+                                         # (local), P/tus-partials/ (S3)
+# What the store answers when another request stored this upload's chunk first (only a
+# request on another node can: claims serialise one node's requests).
+STORE_CONFLICTS = ("chunk_conflict", "completion_conflict")
 
 NUMBER_PATTERN = re.compile(r"[0-9]{1,18}\Z")
 METADATA_KEY_PATTERN = re.compile(r"[!-+\--~]+\Z")       # printable ASCII but space, comma
@@ -176,12 +180,10 @@ class TusEndpoint:
         self.store = store
         self._body_class = body_class
         self._broke_off_errors = (body_broke_off, socket.timeout, ConnectionError)
-        self.table = _TusTable(store)
+        self.table = open_table(store)
         self.claims = _Claims(TAKEOVER_WAIT_S)
         self._partials = None
         self._partials_guard = threading.Lock()
-        if os.path.isdir(self._partials_root()):
-            self._partial_store()              # repairs it before we serve
         self._resume_concatenations()
         store.add_listener(self._on_store_event)
         expiry = config.tus_expiry_s
@@ -466,6 +468,7 @@ class TusEndpoint:
         view = memoryview(buffer)
         pieces = _Pieces(self, store, resource)
         broke_off = False
+        conflict = None
         try:
             while body.remaining and not holder.stopped:
                 room = pieces.room()
@@ -493,9 +496,21 @@ class TusEndpoint:
                                    "the body's %s differs from Upload-Checksum; nothing "
                                    "was stored" % checksum[0])
             pieces.store_rest(broke_off)
+        except StoreError as error:
+            if error.code not in STORE_CONFLICTS:
+                raise
+            conflict = error
         finally:
             pieces.discard()
         resource = self._resource(record.id)
+        if conflict is not None:
+            # Only another request can have stored other bytes at our chunk index: one on
+            # another node (claims are per process). What is stored is what it stored.
+            log.warning("tus upload %s: PATCH lost a race (%s); the upload is at offset %s",
+                        record.id, conflict.message, resource.offset)
+            raise ApiError(409, "offset_conflict", "another request stored bytes of this "
+                           "upload at this offset meanwhile; HEAD says where it stands",
+                           {"Upload-Offset": str(resource.offset or 0)})
         if broke_off:
             log.info("tus upload %s: PATCH broke off; stored up to offset %d", record.id,
                      resource.offset)
@@ -506,7 +521,10 @@ class TusEndpoint:
                                mime_type=resource.record.mime_type).upload
 
     def _concatenate(self, record):
-        """Append partial i as chunk i of the final upload, from where a crash left it."""
+        """Append partial i as chunk i of the final upload, from where a crash left it. The
+        partial's bytes come through the store interface (media_file: the file itself in
+        local mode, hard-linked; a download to a temp file on S3), so a partial stays intact
+        and reusable."""
         partials = self._partial_store()
         upload = self.store.status(record.id)
         start = upload.next_index if upload is not None else 0
@@ -515,7 +533,12 @@ class TusEndpoint:
             if partial is None:
                 raise ApiError(400, "partial_missing",
                                "partial upload %s is gone" % record.parts[index])
-            path = _link_or_copy(partials.media_path(partial), self.store)
+            if partial.bytes_appended:
+                with partials.media_file(partial) as source:
+                    path = _link_or_copy(source, self.store)
+            else:                                  # an empty partial has no media to read
+                path, f = self.store.new_part_file()
+                f.close()
             self.store.put_chunk(record.id, index, path, partial.bytes_appended,
                                  is_last=index == len(record.parts) - 1,
                                  mime_type=record.mime_type)
@@ -625,15 +648,13 @@ class TusEndpoint:
     def _store_for(self, record):
         return self._partial_store() if record.kind == "partial" else self.store
 
-    def _partials_root(self):
-        return os.path.join(self.config.dir, PARTIALS_DIR_NAME)
-
     def _partial_store(self):
-        """Partial uploads' own chunk store, opened (and repaired) on first use."""
+        """Partial uploads' own store, the main store's sibling (uploads/tus-partials/, or
+        P/tus-partials/ in the bucket), opened (and repaired) on first use, before any
+        request of this process touches it."""
         with self._partials_guard:
             if self._partials is None:
-                self._partials = ChunkStore(self._partials_root(), allow_any_content=True,
-                                            max_upload_bytes=self.config.max_upload_bytes)
+                self._partials = self.store.sibling(PARTIALS_DIR_NAME, allow_any_content=True)
                 if self._partials.repair():
                     log.warning("repaired partial uploads after a crash")
             return self._partials
@@ -869,8 +890,61 @@ class _Claims:
 
 
 # ---------------------------------------------------------------------------------------------
-# The tus table, in the ledger file beside the store's own tables
+# The tus table: where the records live is picked once, by what the store offers
 # ---------------------------------------------------------------------------------------------
+
+def open_table(store):
+    """The one choice point between the two homes of the tus records: a store that keeps
+    shared JSON records (S3Store.json_folder) holds them in its bucket, where every node sees
+    them; otherwise they are a table in the store's ledger file. Both tables have the same
+    methods, so the endpoint does not know which it has."""
+    if hasattr(store, "json_folder"):
+        return _BucketTusTable(store.json_folder(BUCKET_FOLDER))
+    return _TusTable(store)
+
+
+_FIELDS = ("id", "kind", "length", "metadata", "filename", "mime_type", "concat", "parts",
+           "created_at", "touched_at", "done_at", "expired_at")
+
+
+class _Record:
+    """One tus upload's record (a row of tus_uploads, or a JSON object in the bucket)."""
+
+    def __init__(self, fields):
+        for name in _FIELDS:
+            setattr(self, name, fields.get(name))
+        self.parts = self.parts or []
+
+    @classmethod
+    def new(cls, upload_id, kind, length, metadata, filename, mime_type, concat=None,
+            parts=None):
+        now = time.time()
+        name = filename.decode("utf-8", "replace") if filename is not None else None
+        return cls({"id": upload_id, "kind": kind, "length": length, "metadata": metadata,
+                    "filename": name, "mime_type": mime_type, "concat": concat,
+                    "parts": parts, "created_at": now, "touched_at": now})
+
+    @classmethod
+    def from_row(cls, row):
+        fields = dict(zip(_FIELDS, row))
+        fields["parts"] = json.loads(fields["parts"]) if fields["parts"] else []
+        return cls(fields)
+
+    def row(self):
+        return tuple(getattr(self, name) if name != "parts" else
+                     (json.dumps(self.parts) if self.parts else None) for name in _FIELDS)
+
+    def to_json(self):
+        return {name: getattr(self, name) for name in _FIELDS}
+
+    @property
+    def open(self):
+        """Still something the sweep must look at: an upload that can expire, or a final
+        not yet concatenated."""
+        return self.done_at is None and self.expired_at is None
+
+
+# -- in the ledger file beside the store's own tables (local mode) ----------------------------
 
 SCHEMA_FEATURE = "tus"
 SCHEMA_VERSION = 1
@@ -894,31 +968,7 @@ _SCHEMA = (
         expired_at  REAL               -- set: a tombstone answering 410 Gone
     ) WITHOUT ROWID""",
 )
-_COLUMNS = ("id, kind, length, metadata, filename, mime_type, concat, parts, created_at, "
-            "touched_at, done_at, expired_at")
-
-
-class _Record:
-    """One row of tus_uploads."""
-
-    def __init__(self, row):
-        (self.id, self.kind, self.length, self.metadata, self.filename, self.mime_type,
-         self.concat, parts, self.created_at, self.touched_at, self.done_at,
-         self.expired_at) = row
-        self.parts = json.loads(parts) if parts else []
-
-    @classmethod
-    def new(cls, upload_id, kind, length, metadata, filename, mime_type, concat=None,
-            parts=None):
-        now = time.time()
-        name = filename.decode("utf-8", "replace") if filename is not None else None
-        return cls((upload_id, kind, length, metadata, name, mime_type, concat,
-                    json.dumps(parts) if parts else None, now, now, None, None))
-
-    def row(self):
-        return (self.id, self.kind, self.length, self.metadata, self.filename, self.mime_type,
-                self.concat, json.dumps(self.parts) if self.parts else None, self.created_at,
-                self.touched_at, self.done_at, self.expired_at)
+_COLUMNS = ", ".join(_FIELDS)
 
 
 class _TusTable:
@@ -940,11 +990,11 @@ class _TusTable:
         with self._store.ledger_read() as db:
             row = db.execute("SELECT %s FROM tus_uploads WHERE id = ?" % _COLUMNS,
                              (upload_id,)).fetchone()
-        return None if row is None else _Record(row)
+        return None if row is None else _Record.from_row(row)
 
     def _select(self, where, args=()):
         with self._store.ledger_read() as db:
-            return [_Record(row) for row in db.execute(
+            return [_Record.from_row(row) for row in db.execute(
                 "SELECT %s FROM tus_uploads WHERE %s" % (_COLUMNS, where), args)]
 
     def expirable(self):
@@ -961,11 +1011,11 @@ class _TusTable:
         try:
             self._insert(record)
         except sqlite3.IntegrityError:              # two creations raced for one fileId
-            raise ApiError(409, "file_id_taken", "an upload named %s exists" % record.id)
+            raise _taken(record.id)
 
     def _insert(self, record):
         self._update("INSERT INTO tus_uploads (%s) VALUES (%s)"
-                     % (_COLUMNS, ", ".join("?" * 12)), record.row())
+                     % (_COLUMNS, ", ".join("?" * len(_FIELDS))), record.row())
 
     def set_length(self, upload_id, length):
         self._update("UPDATE tus_uploads SET length = ? WHERE id = ? AND length IS NULL",
@@ -988,6 +1038,127 @@ class _TusTable:
 
     def purge_tombstones(self, before):
         self._update("DELETE FROM tus_uploads WHERE expired_at < ?", (before,))
+
+
+def _taken(upload_id):
+    return ApiError(409, "file_id_taken", "an upload named %s exists" % upload_id)
+
+
+# -- in the bucket, shared by every node (S3 mode) --------------------------------------------
+
+BUCKET_FOLDER = "tus"                    # P/tus/ in the bucket
+RECORDS = "records/"                     # P/tus/records/<id>.json: the record
+OPEN = "open/"                           # P/tus/open/<id>: empty, while the record is open
+GONE = "gone/"                           # P/tus/gone/<id>: empty, a tombstone (when it expired)
+MARKER_GRACE_S = 600.0                   # an open marker without an open record is this old
+                                         # before the sweep removes it (a creation in flight)
+
+
+class _BucketTusTable:
+    """The tus table as objects in the bucket (layout and why each step may be repeated after
+    a crash: the module docstring, "S3 mode"). Same methods as _TusTable."""
+
+    def __init__(self, folder):
+        self._folder = folder
+
+    def _get(self, upload_id):
+        return self._folder.get(RECORDS + upload_id + ".json")
+
+    def get(self, upload_id):
+        found = self._get(upload_id)
+        return None if found is None else _Record(found[0])
+
+    def _open_records(self):
+        """The open records, found through their markers (one listing, one GET per open
+        upload: finished and expired uploads cost nothing). Markers left by a crash, or by
+        a lost creation race, are tidied here once MARKER_GRACE_S old."""
+        records = []
+        for upload_id, modified in self._folder.list(OPEN):
+            found = self._get(upload_id)
+            record = None if found is None else _Record(found[0])
+            if record is not None and record.open:
+                records.append(record)
+            elif modified < time.time() - MARKER_GRACE_S:
+                if record is not None and record.expired_at is not None:
+                    self._folder.put_marker(GONE + upload_id)    # set_expired cut short
+                self._folder.delete(OPEN + upload_id)
+        return records
+
+    def expirable(self):
+        return [record for record in self._open_records() if record.kind != "final"]
+
+    def unfinished_finals(self):
+        return [record for record in self._open_records() if record.kind == "final"]
+
+    def insert(self, record):
+        # The marker first: whatever happens after it, the sweep finds this record.
+        self._folder.put_marker(OPEN + record.id)
+        if not self._folder.create(RECORDS + record.id + ".json", record.to_json()):
+            raise _taken(record.id)                  # its marker is tidied by the sweep
+
+    def _change(self, upload_id, change):
+        """Compare-and-swap on the record (re-read and asked again on a lost race); the
+        record afterwards, or None when there is none."""
+        found = self._get(upload_id)
+        if found is not None:
+            found = self._folder.update(RECORDS + upload_id + ".json", found, change)
+        return None if found is None else _Record(found[0])
+
+    def set_length(self, upload_id, length):
+        def change(data):
+            if data["length"] is not None:
+                return False
+            data["length"] = length
+            return True
+        self._change(upload_id, change)
+
+    def touch(self, upload_id):
+        def change(data):
+            data["touched_at"] = time.time()
+            return True
+        self._change(upload_id, change)
+
+    def set_done(self, upload_id):
+        def change(data):
+            if data["kind"] == "partial" or data["done_at"] is not None:
+                return False
+            data["done_at"] = time.time()
+            return True
+        record = self._change(upload_id, change)
+        if record is not None and not record.open:
+            self._folder.delete(OPEN + upload_id)
+
+    def set_expired(self, upload_id):
+        found = self._get(upload_id)
+        if found is None or found[0]["expired_at"] is not None:
+            return
+        # The tombstone marker before the record says so: a record marked expired always has
+        # one (a marker whose record is not expired is dropped by the purge).
+        self._folder.put_marker(GONE + upload_id)
+
+        def change(data):
+            if data["expired_at"] is not None:
+                return False
+            data["expired_at"] = time.time()
+            return True
+        if self._folder.update(RECORDS + upload_id + ".json", found, change) is not None:
+            self._folder.delete(OPEN + upload_id)
+
+    def delete(self, upload_id):
+        # The record first: markers without a record are removed by the sweep and purge.
+        self._folder.delete(RECORDS + upload_id + ".json")
+        self._folder.delete(OPEN + upload_id)
+        self._folder.delete(GONE + upload_id)
+
+    def purge_tombstones(self, before):
+        for upload_id, modified in self._folder.list(GONE):
+            if modified >= before:
+                continue
+            found = self._get(upload_id)
+            if found is not None and found[0]["expired_at"] is not None and \
+                    not self._folder.delete(RECORDS + upload_id + ".json", if_match=found[1]):
+                continue                             # changed meanwhile: the next sweep looks
+            self._folder.delete(GONE + upload_id)
 
 
 class _Resource:
