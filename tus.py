@@ -101,6 +101,7 @@ DEFAULT_MAX_METADATA_BYTES = 4 << 10     # Upload-Metadata as sent, base64 inclu
 DEFAULT_MAX_PARTIALS = 128               # partial uploads in one final upload
 SWEEP_INTERVAL_S = 60.0                  # at most this long between expiry sweeps
 TOMBSTONE_KEEP_S = 7 * 24 * 3600.0       # how long an expired upload still answers 410
+STATUS_CACHE_SIZE = 4096                 # finished uploads whose status fields are remembered
 TAKEOVER_WAIT_S = 30.0                   # how long a request waits for an upload's claim
 BLOCK_BYTES = 1 << 20                    # the one receive buffer of a PATCH
 PARTIALS_DIR_NAME = "tus-partials"       # the partial uploads' store: --dir/tus-partials
@@ -184,6 +185,8 @@ class TusEndpoint:
         self.claims = _Claims(TAKEOVER_WAIT_S)
         self._partials = None
         self._partials_guard = threading.Lock()
+        self._status_cache = {}                # (fileId, created_at) -> status fields
+        self._status_guard = threading.Lock()
         self._resume_concatenations()
         store.add_listener(self._on_store_event)
         expiry = config.tus_expiry_s
@@ -373,11 +376,28 @@ class TusEndpoint:
     # -- status extras (GET /api/video/status/:fileId) ---------------------------------------
 
     def status_fields(self, upload):
+        """The `tus` field of a status (and of every upload of a listing page). A finished
+        upload's fields never change (its record is written before its first byte), so they
+        are remembered per upload (fileId and creation time: a new upload with the same id
+        is another key). In S3 mode that saves a GET per status of a finished upload, which
+        measured as much as the rest of the status (docs/s3.md, "tus")."""
+        key = (upload.file_id, upload.created_at)
+        with self._status_guard:
+            fields = self._status_cache.get(key)
+        if fields is not None:
+            return fields
         record = self.table.get(upload.file_id)
         if record is None or record.kind == "partial" or record.expired_at is not None:
-            return {}
-        return {"tus": {"uploadUrl": COLLECTION_PATH + record.id,
-                        "uploadLength": record.length, "filename": record.filename}}
+            fields = {}
+        else:
+            fields = {"tus": {"uploadUrl": COLLECTION_PATH + record.id,
+                              "uploadLength": record.length, "filename": record.filename}}
+        if upload.completed:
+            with self._status_guard:
+                if len(self._status_cache) >= STATUS_CACHE_SIZE:
+                    self._status_cache.pop(next(iter(self._status_cache)))
+                self._status_cache[key] = fields
+        return fields
 
     def _on_store_event(self, event):
         """An upload deleted outside tus (DELETE /api/video/:fileId, the retention sweep)
