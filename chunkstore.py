@@ -40,7 +40,8 @@ so its name survives a power cut as well as its bytes. If the disk still loses f
 holds, and the client is asked for the rest; it never pads a hole with zeros.
 
 Feature modules may keep their own tables in the ledger file (ledger_read/ledger_write); they
-never touch the uploads and chunks tables, so the invariant above stays the store's alone.
+never touch the uploads and chunks tables, so the invariant above stays the store's alone. A
+feature that needs a second store (tus's partial uploads) asks for a `sibling`.
 Storage backends (s3store.py has the same interface) serve media through `open_media` and give
 processing a local file (`media_file`) and a place for derivatives (`put_derivative`,
 `open_derivative`). These only read the assembled file or write under derived/<fileId>/, which

@@ -15,6 +15,9 @@ design; in short, for an upload <id> under the prefix P:
   P/uploads/<id>/<gen>/derived/...   derivatives of processing
   P/index/<inverted ms>-<id>         empty; lists uploads newest first
   P/done/<id>                        empty; counts completed uploads
+  P/tus/..., P/tus-partials/...      tus.py's records (json_folder: JSON objects changed by
+                                     the same compare-and-swap as manifests) and its partial
+                                     uploads (sibling: a second S3Store under that prefix)
 
 <gen> is a random generation named in the manifest: a deleted upload's stray objects can never
 be mistaken for a later upload with the same id.

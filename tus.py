@@ -7,30 +7,68 @@ and concatenation, so that tus clients written elsewhere (tus-js-client, Uppy, t
 to m1server unchanged.
 
 The design in one sentence: a tus upload IS a chunk-store upload. Its URL is
-/files/<fileId>, its bytes are appended by chunkstore.py into uploads/<fileId>.<ext>, and every
-PATCH (or the part of it that arrived) is stored through the store as the upload's next chunk
-index. So a tus upload shares the seed API's fileId namespace, ledger, status, playback and
-events, and the crash-safety argument of chunkstore.py covers its bytes unchanged: tus adds no
-second way of writing a video.
+/files/<fileId>, and every PATCH (or the part of it that arrived) is stored through the store
+interface as the upload's next chunk index: chunkstore.py appends it to uploads/<fileId>.<ext>
+(local mode), s3store.py keeps it in the bucket (--storage s3://...). So a tus upload shares the
+seed API's fileId namespace, status, playback and events, and the store's crash-safety argument
+covers its bytes unchanged: tus adds no second way of writing a video, and no `if s3` either.
 
 What it guarantees:
   * HEAD's Upload-Offset is always the store's consistent length: the file's first Upload-Offset
     bytes are exactly the bytes the client sent, after any crash (the store repairs the rest).
   * A PATCH streams its body into part files of at most --tus-piece-size bytes (one reusable
     1 MiB buffer: memory stays flat whatever the size) and stores each full piece as the next
-    chunk, durable (fsync) before the 204. A PATCH that breaks off (connection closed or reset,
-    client silent for --timeout, taken over, server stopping) stores the bytes that did arrive
-    and never a torn piece.
+    chunk, durable (fsync; in S3 mode: the chunk object exists) before the 204. A PATCH that
+    breaks off (connection closed or reset, client silent for --timeout, taken over, server
+    stopping) stores the bytes that did arrive and never a torn piece.
   * One PATCH at a time per upload, never interleaved: a request for an upload takes its
-    *claim* first. SPEC section 4: a new HEAD, PATCH or DELETE for an upload whose earlier PATCH
-    is still open stops that PATCH (its socket is shut for reading), which stores what it
-    received and lets go, so resuming never waits on a dead connection. Claims are held across
-    network reads; the store's own per-upload lock is only held inside each store call.
+    *claim* first (per process; between nodes the store decides, see "S3 mode" below). SPEC
+    section 4: a new HEAD, PATCH or DELETE for an upload whose earlier PATCH is still open
+    stops that PATCH (its socket is shut for reading), which stores what it received and lets
+    go, so resuming never waits on a dead connection. Claims are held across network reads;
+    the store's own per-upload lock is only held inside each store call.
   * With Upload-Checksum nothing is stored until the whole body arrived and matched (460 and
     nothing appended otherwise; a body that breaks off is dropped whole, it cannot be checked).
   * Unfinished uploads expire --tus-expiry after their last activity (Upload-Expires says
     when; 0 turns expiration off); a sweep thread deletes them and keeps a tombstone so they
     answer 410 Gone.
+
+Where tus keeps what is not bytes (its records: kind, length, metadata, times, tombstones) is
+chosen once, by what the store offers (open_table): the local store lends its ledger file
+(table tus_uploads); a store that keeps shared JSON records in its bucket (S3Store.json_folder)
+gets them there, so that every node serves every tus request. Partial uploads live in the
+store's `sibling` (a second store: --dir/tus-partials/, or P/tus-partials/ in the bucket).
+
+S3 mode: the records in the bucket, under the store's prefix P:
+    P/tus/records/<id>.json   the record (JSON); created with If-None-Match: * (409
+                              file_id_taken when it exists), changed only by compare-and-swap
+                              (If-Match: ETag; a lost race re-reads and decides again)
+    P/tus/open/<id>           empty marker while the record is open (can expire, or is a
+                              final not yet concatenated): the sweep lists these, and GETs
+                              only their records - finished uploads cost it nothing
+    P/tus/gone/<id>           empty tombstone marker; its LastModified is when the upload
+                              expired, and the purge goes by it
+  Why a crash between any two steps is harmless (each step is also safe to repeat):
+    * creation writes the open marker BEFORE the record: a record never exists unseen by the
+      sweep. A marker whose record is absent (crash, or a creation that lost its race) or no
+      longer open is deleted by the sweep once MARKER_GRACE_S old (younger: the creation may
+      be in flight).
+    * finishing (set_done) and expiry change the record first and delete the open marker
+      after; a crash leaves a marker the sweep removes, as above.
+    * expiry writes the tombstone marker BEFORE the record says expired, so every expired
+      record has one (the sweep also re-creates it for an expired record whose open marker it
+      still finds); a tombstone marker whose record is not expired (a crash before the change,
+      or the name used again) is simply deleted by the purge.
+    * the purge deletes the record (If-Match: the ETag it read, so a record changed meanwhile
+      stays) before the tombstone marker; termination deletes the record before its markers.
+      Markers without a record are removed later; a record is never left without a way back.
+  Between nodes: claims (one request per upload at a time, the takeover of SPEC section 4) are
+  per process. A HEAD on node B does not stop a PATCH open on node A; two PATCHes of one upload
+  on two nodes are decided by the store's chunk indices: the first to store chunk n wins (the
+  same bytes again are a duplicate, harmless), the other's chunk n is a chunk_conflict, which
+  ends that PATCH with 409 offset_conflict (and the upload's real Upload-Offset); HEAD on any
+  node then says where the upload stands. Two nodes' sweeps may expire the same upload at
+  once: every step is idempotent.
 
 Decisions (and why):
   * Upload-Metadata: `fileId` names the upload (it must match the seed's fileId rule, 400
@@ -43,19 +81,25 @@ Decisions (and why):
     own (uploads/tus-partials/, no signature rule, never listed, no events), and the rule is
     applied to the final upload, whose chunk 0 is the first partial. Their ids are generated.
   * A final upload is built at once (concatenation-unfinished is not offered): partial i is
-    appended as chunk i of the final (hard-linked into the store's incoming folder, so a
-    partial stays reusable and deletable), each append durable; a crash midway is resumed at
-    start-up. Partials are kept (they may be reused) until they expire.
+    stored as chunk i of the final, read through the partials store's media_file (local: the
+    file itself, hard-linked into the incoming folder; S3: a download to a temp file), so a
+    partial stays reusable and deletable; each chunk durable, a crash midway is resumed at
+    start-up (by any node in S3 mode). Partials are kept (they may be reused) until they
+    expire.
   * Checksums: sha1, md5 (when the interpreter allows it), sha256, sha512 from hashlib, and
     crc32 from zlib, whose Base64 value is that of the 4-byte big-endian CRC-32.
   * Terminated uploads are forgotten (404); expired ones keep a tombstone (410) for
     TOMBSTONE_KEEP_S.
+  * The status fields of a finished upload are remembered per upload (STATUS_CACHE_SIZE):
+    in S3 mode reading the record was a GET on every status and on every upload of a listing.
   * Location is an absolute path (/files/<id>), which the protocol allows and every client
     resolves against its endpoint; no Host header is trusted.
 
 What it does not do: concatenation-unfinished, checksum-trailer, the challenge extension,
 GET downloads of /files/<id> (the video plays at /uploads/<fileId>.<ext>), chunked request
-bodies (411), or expire uploads made with the seed API.
+bodies (411), or expire uploads made with the seed API. In S3 mode: no claims across nodes
+(above), no server-side copy for concatenation (a partial passes through the node once), and
+the partials' own store is never swept for orphans by `gc` (only their expiry removes them).
 """
 from __future__ import annotations
 
@@ -173,8 +217,9 @@ def routes(endpoint):
 # ---------------------------------------------------------------------------------------------
 
 class TusEndpoint:
-    """The tus protocol over a ChunkStore. `body_class` reads a request body
-    (m1server._Body); `body_broke_off` is the exception it raises when the body ends early."""
+    """The tus protocol over a store (chunkstore.ChunkStore or s3store.S3Store).
+    `body_class` reads a request body (m1server._Body); `body_broke_off` is the exception it
+    raises when the body ends early."""
 
     def __init__(self, config, store, body_class, body_broke_off):
         self.config = config
