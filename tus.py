@@ -232,7 +232,9 @@ class TusEndpoint:
         self._partials_guard = threading.Lock()
         self._status_cache = {}                # (fileId, created_at) -> status fields
         self._status_guard = threading.Lock()
-        self._resume_concatenations()
+        # Before serving, so that a final is whole when asked for; a store that cannot be read
+        # now (S3 down, wrong key) must not stop the server: the sweep tries again.
+        self._finals_pending = not self._resume_concatenations()
         store.add_listener(self._on_store_event)
         expiry = config.tus_expiry_s
         self._sweeper = _Sweeper(self, min(SWEEP_INTERVAL_S, expiry / 2) if expiry
@@ -610,14 +612,29 @@ class TusEndpoint:
         self.table.set_done(record.id)
 
     def _resume_concatenations(self):
-        for record in self.table.unfinished_finals():
+        """Finish the finals a crash cut short; False when the store did not answer (5xx:
+        S3 down or refusing us), so that it is tried again later."""
+        try:
+            records = self.table.unfinished_finals()
+        except StoreError as error:
+            log.warning("tus: cannot look for unfinished concatenations now (%s); the sweep "
+                        "tries again", error.message)
+            return False
+        done = True
+        for record in records:
             try:
                 self._concatenate(record)
                 log.warning("tus: finished concatenating %s after a restart", record.id)
             except ApiError as error:
+                if error.status >= 500:            # the store, not the upload: try later
+                    log.warning("tus: final upload %s not finished yet (%s)", record.id,
+                                error.message)
+                    done = False
+                    continue
                 log.error("tus: final upload %s cannot be finished (%s); removing it",
                           record.id, error.message)
                 self._forget(record)
+        return done
 
     def _forget(self, record):
         """Termination (or an undone creation): bytes and row go, 404 from now on."""
@@ -630,8 +647,11 @@ class TusEndpoint:
         log.info("tus upload %s expired", record.id)
 
     def sweep(self):
-        """Remove the unfinished uploads that expired; forget old tombstones."""
+        """Remove the unfinished uploads that expired; forget old tombstones; finish the
+        concatenations start-up could not."""
         now = time.time()
+        if self._finals_pending:
+            self._finals_pending = not self._resume_concatenations()
         for record in self.table.expirable():
             holder = _Holder()
             if not self.claims.try_hold(record.id, holder):
@@ -1264,6 +1284,8 @@ class _Sweeper:
         while not self._stopping.wait(self._interval):
             try:
                 self._endpoint.sweep()
+            except StoreError as error:    # the store is down or refuses us (S3 mode)
+                log.warning("tus expiry sweep: %s; the next sweep tries again", error.message)
             except Exception:              # logged once; the next sweep tries again
                 log.exception("tus expiry sweep failed")
 
