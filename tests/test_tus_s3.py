@@ -9,12 +9,17 @@ the bucket. Real server processes, real SeaweedFS (tests/seaweed.py).
   and answers 410 on both;
 - kill -9 of A mid-PATCH: tuspy resumes on B from HEAD's offset, byte-exact;
 - two PATCHes of one upload at once on two nodes (claims are per process): the store's chunk
-  indices let one of them win, the other fails with a clean tus 409, the bytes stay exact.
+  indices let one of them win, the other fails with a clean tus 409, the bytes stay exact;
+- one fileId created on both nodes at once: one 201, one 409 file_id_taken;
+- in process: every leftover of a crash between two steps of the bucket table (markers
+  without records, records without markers) is tidied by the sweep's calls.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import time
 
 import pytest
 import requests
@@ -97,6 +102,32 @@ def test_created_and_patched_on_a_finished_on_b(server_factory, seaweed, s, samp
                              "filename": "clip.webm"}
     assert pair.tus_keys("open") == []                        # finished: nothing to sweep
     assert pair.view.early_chunks(file_id) == []
+
+
+def test_one_file_id_created_on_both_nodes_at_once_is_given_once(server_factory, seaweed):
+    """The record is created If-None-Match: *, so of two creations racing on two nodes one
+    gets 201 and the other 409 file_id_taken, whichever comes first."""
+    pair = Pair(server_factory, seaweed)
+    for attempt in range(3):
+        file_id = "race_%d_%s" % (attempt, os.urandom(3).hex())
+        ready = threading.Barrier(2)
+        answers = []
+
+        def create_on(srv):
+            with requests.Session() as session:
+                ready.wait(10)
+                answers.append(create(session, srv.url, 100, meta=metadata(fileId=file_id)))
+
+        threads = [threading.Thread(target=create_on, args=(srv,)) for srv in (pair.a, pair.b)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(r.status_code for r in answers) == [201, 409]
+        refused = [r for r in answers if r.status_code == 409][0]
+        assert refused.json()["error"]["code"] == "file_id_taken"
+        assert refused.headers["Tus-Resumable"] == "1.0.0"
+        assert pair.tus_keys("records").count(file_id + ".json") == 1
 
 
 def test_partials_from_both_nodes_joined_by_a_final_on_the_other(server_factory, seaweed, s,
@@ -240,3 +271,69 @@ def test_two_patches_at_once_on_two_nodes_never_corrupt(server_factory, seaweed,
     for srv in (pair.a, pair.b):
         assert _tus.offset_of(s, srv.url, path) == len(sample_webm)
     assert_complete_on_both(s, pair, _tus.upload_id(path), sample_webm)
+
+
+# ---------------------------------------------------------------------------------------------
+# The bucket table: what a crash between two steps leaves is tidied (tus.py's docstring)
+# ---------------------------------------------------------------------------------------------
+
+def test_leftovers_of_a_crash_between_any_two_table_steps_are_tidied(seaweed, tmp_path,
+                                                                    monkeypatch):
+    """Each leftover is made by hand, as a crash would leave it; the sweep's own calls
+    (expirable, purge_tombstones) tidy it. The grace of open markers is 0 here."""
+    import s3store
+    import tus
+    from apierror import ApiError
+    monkeypatch.setattr(tus, "MARKER_GRACE_S", 0.0)
+    store = s3store.S3Store(seaweed.client(S3_BUCKET), "tidy-%s" % os.urandom(4).hex(),
+                            str(tmp_path / "node"))
+    try:
+        table = tus.open_table(store)
+        assert isinstance(table, tus._BucketTusTable)         # chosen by what the store has
+        folder = store.json_folder(tus.BUCKET_FOLDER)
+
+        def names(part):
+            return sorted(name for name, _ in folder.list(part))
+
+        def record(upload_id, kind="single"):
+            return tus._Record.new(upload_id, kind, 100, None, None, None)
+
+        # creation: marker written, crash before the record
+        folder.put_marker(tus.OPEN + "no_record")
+        # finishing: record done, crash before its marker went
+        table.insert(record("finished"))
+        folder.update(tus.RECORDS + "finished.json", table._get("finished"),
+                      lambda data: data.update(done_at=1.0) or True)
+        # expiry: tombstone written, crash before the record said so
+        table.insert(record("not_expired"))
+        folder.put_marker(tus.GONE + "not_expired")
+        # expiry: record says expired, crash before the open marker went (and no tombstone)
+        table.insert(record("expired"))
+        folder.update(tus.RECORDS + "expired.json", table._get("expired"),
+                      lambda data: data.update(expired_at=1.0) or True)
+        # termination: record deleted, crash before its markers went
+        table.insert(record("terminated"))
+        folder.delete(tus.RECORDS + "terminated.json")
+        folder.put_marker(tus.GONE + "terminated")
+        table.insert(record("open_one", kind="partial"))       # and one that must stay
+
+        with pytest.raises(ApiError) as taken:                 # a second creation: 409
+            table.insert(record("open_one"))
+        assert taken.value.status == 409 and taken.value.code == "file_id_taken"
+        assert [r.id for r in table.expirable()] == ["not_expired", "open_one"]
+        assert names(tus.OPEN) == ["not_expired", "open_one"]
+        assert names(tus.GONE) == ["expired", "not_expired", "terminated"]
+        table.purge_tombstones(before=time.time() + 60)        # every tombstone is "old"
+        assert names(tus.GONE) == []
+        assert table.get("expired") is None                    # purged with its tombstone
+        assert table.get("not_expired").expired_at is None     # kept: it never expired
+        assert table.get("open_one").open
+        # and the normal way: expire, finish, delete leave no marker behind
+        table.set_expired("open_one")
+        assert table.get("open_one").expired_at and names(tus.GONE) == ["open_one"]
+        table.set_done("not_expired")
+        assert names(tus.OPEN) == []
+        table.delete("open_one")
+        assert names(tus.GONE) == [] and table.get("open_one") is None
+    finally:
+        store.close()
