@@ -53,7 +53,8 @@ so its name survives a power cut as well as its bytes. If the disk still loses f
 holds, and the client is asked for the rest; it never pads a hole with zeros.
 
 Feature modules may keep their own tables in the ledger file (ledger_read/ledger_write); they
-never touch the uploads and chunks tables, so the invariant above stays the store's alone.
+never touch the uploads and chunks tables, so the invariant above stays the store's alone. A
+feature that needs a second store (tus's partial uploads) asks for a `sibling`.
 Storage backends (s3store.py has the same interface) serve media through `open_media` and give
 processing a local file (`media_file`) and a place for derivatives (`put_derivative`,
 `open_derivative`). These only read the assembled file or write under derived/<fileId>/, which
@@ -710,6 +711,13 @@ class ChunkStore(EventSource):
     def ledger_write(self):
         """A context manager: one committed (fsynced) transaction on a feature's own tables."""
         return self._ledger._write()
+
+    def sibling(self, name, allow_any_content=True):
+        """A second store of its own in <root>/<name>/ (tus keeps partial uploads there: no
+        media signature rule, no listing, no events of the main store); s3store.S3Store has
+        the same method, so a feature asks the store it has for one."""
+        return ChunkStore(os.path.join(self.root, name), allow_any_content=allow_any_content,
+                          max_upload_bytes=self.max_upload_bytes)
     # -- added for features beside the core (read-only: the crash-safety argument holds) --
 
     def completed_ids(self, since=0.0):

@@ -466,10 +466,8 @@ class M1Server(ThreadingHTTPServer):
         self.webhooks = None         # webhooks.Webhooks, set by serve()
         self.metrics = Metrics()
         store.add_listener(self.metrics.on_store_event)
-        # tus keeps its state beside the local ledger: on S3 it is not offered yet, and says so
-        # (501) instead of half-working; processing is off there too (see Config).
-        local = config.storage == "local"
-        self.tus = tus.TusEndpoint(config, store, _Body, IncompleteBody) if local else None
+        # tus works through the store in both modes (its records: the ledger, or the bucket)
+        self.tus = tus.TusEndpoint(config, store, _Body, IncompleteBody)
         self.processor = processing.Processor(config, store)
         self.guard = auth.Guard(config.api_key, config.secret)
         self.rate_limiter = auth.RateLimiter(config.rate_limit, config.rate_burst,
@@ -478,12 +476,11 @@ class M1Server(ThreadingHTTPServer):
                                      auth.routes(self.guard, Handler.read_small_body,
                                                  config.max_upload_bytes, _utc_iso) +
                                      events.routes() +
-                                     (tus.routes(self.tus) if local else TUS_ON_S3_ROUTES) +
+                                     tus.routes(self.tus) +
                                      processing.routes(self.processor) +
                                      tuple(webhooks.routes()))
         # functions(upload) -> dict of extra status fields
-        self.status_extras = ([self.tus.status_fields] if local else []) + [
-            self.processor.status_fields]
+        self.status_extras = [self.tus.status_fields, self.processor.status_fields]
         self.processor.add_listener(self.forward_processing_event)
         self.cors_exposed_headers = cors.EXPOSED_HEADERS + tuple(tus.EXPOSED_HEADERS)
         self.stop_hooks = [self.events.close]    # run on SIGTERM before in-flight requests
@@ -1012,15 +1009,6 @@ CORE_ROUTES = (
     (r"/readyz", {"GET": Handler.get_ready, "HEAD": Handler.get_ready}),
     (r"/metrics", {"GET": Handler.get_metrics, "HEAD": Handler.get_metrics}),
 )
-
-
-def _not_on_s3(handler, *path_groups):
-    raise HttpError(501, "not_available_on_s3",
-                    "tus uploads need --storage local for now; use POST /api/video/upload")
-
-
-TUS_ON_S3_ROUTES = ((r"/files/?", {m: _not_on_s3 for m in tus.HTTP_METHODS}),
-                    (r"/files/(.+)", {m: _not_on_s3 for m in tus.HTTP_METHODS}))
 
 
 def compile_routes(rows):

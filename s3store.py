@@ -15,6 +15,9 @@ design; in short, for an upload <id> under the prefix P:
   P/uploads/<id>/<gen>/derived/...   derivatives of processing
   P/index/<inverted ms>-<id>         empty; lists uploads newest first
   P/done/<id>                        empty; counts completed uploads
+  P/tus/..., P/tus-partials/...      tus.py's records (json_folder: JSON objects changed by
+                                     the same compare-and-swap as manifests) and its partial
+                                     uploads (sibling: a second S3Store under that prefix)
 
 <gen> is a random generation named in the manifest: a deleted upload's stray objects can never
 be mistaken for a later upload with the same id.
@@ -738,6 +741,26 @@ class S3Store(chunkstore.EventSource):
         self.client.close()
         self._probe.close()
 
+    # -- room in the bucket for feature modules (tus.py): a second store, shared records -----
+
+    def sibling(self, name, allow_any_content=True):
+        """A second store beside this one, under P/<name>/ in the same bucket (its local
+        part files in <root>/<name>/), as ChunkStore.sibling: tus keeps partial uploads
+        there. It has its own client, so each store closes its own."""
+        client = s3client.S3Client(self.bucket, endpoint=self.client.endpoint,
+                                   region=self.client.region,
+                                   credentials=self.client.credentials,
+                                   addressing=self.client.addressing)
+        return S3Store(client, self._key(name), os.path.join(self.root, name),
+                       allow_any_content=allow_any_content,
+                       max_upload_bytes=self.max_upload_bytes, part_bytes=self.part_bytes)
+
+    def json_folder(self, name):
+        """Small JSON records and empty markers under P/<name>/, shared by every node
+        (JsonFolder, at the end of this module). Only a store that has this method can keep
+        a feature's records where every node sees them."""
+        return JsonFolder(self, self._key(name) + "/")
+
     # -- processing (the interface the processing module uses in both modes) ----------------
 
     @contextlib.contextmanager
@@ -784,13 +807,8 @@ class S3Store(chunkstore.EventSource):
     # -- the manifest: load, create, compare-and-swap ---------------------------------------
 
     def _load(self, file_id):
-        try:
-            response = self.client.get_object(self._manifest_key(file_id))
-        except S3Error as error:
-            if error.status == 404 and error.code in ("NoSuchKey", "NotFound"):
-                return None
-            raise
-        return Manifest(json.loads(response.body.decode("utf-8")), response.header("etag"))
+        found = load_json(self.client, self._manifest_key(file_id))
+        return None if found is None else Manifest(*found)
 
     def _load_live(self, file_id):
         """The manifest, or None; a deletion found cut short is finished first."""
@@ -817,13 +835,9 @@ class S3Store(chunkstore.EventSource):
                 "sha256": None}
         index_key = self._index_key(created_ms, file_id)
         self.client.put_object(index_key, b"")
-        try:
-            etag = self.client.put_object(self._manifest_key(file_id), _json(data),
-                                          content_type="application/json", if_none_match=True)
+        etag = create_json(self.client, self._manifest_key(file_id), data)
+        if etag is not None:
             return Manifest(data, etag)
-        except S3Error as error:
-            if error.status not in (409, 412):
-                raise
         self._delete_quietly(index_key)
         manifest = self._load_live(file_id)
         if manifest is None:
@@ -833,25 +847,20 @@ class S3Store(chunkstore.EventSource):
     def _update(self, manifest, change):
         """Compare-and-swap: `change(data)` edits a copy and returns True to write it (False:
         nothing to do). A lost race re-reads and asks `change` again, so every change must be
-        written as "make it so" against whatever is there."""
-        for _ in range(CAS_ATTEMPTS):
-            if manifest is None:
-                raise StoreError(409, "upload_gone", "the upload was deleted meanwhile")
-            data = copy.deepcopy(manifest.data)
+        written as "make it so" against whatever is there (update_json, at the end)."""
+        if manifest is None:
+            raise StoreError(409, "upload_gone", "the upload was deleted meanwhile")
+
+        def stamped(data):
             if not change(data):
-                return manifest
+                return False
             data["updatedAt"] = round(time.time(), 3)
-            try:
-                etag = self.client.put_object(self._manifest_key(manifest.file_id),
-                                              _json(data), content_type="application/json",
-                                              if_match=manifest.etag)
-                return Manifest(data, etag)
-            except S3Error as error:
-                if error.status not in (409, 412):
-                    raise
-            manifest = self._load(manifest.file_id)
-        raise StoreError(503, "storage_contention", "too many nodes changed upload %s at once"
-                         % manifest.file_id)
+            return True
+        found = update_json(self.client, self._manifest_key(manifest.file_id),
+                            (manifest.data, manifest.etag), stamped)
+        if found is None:
+            raise StoreError(409, "upload_gone", "the upload was deleted meanwhile")
+        return Manifest(*found)
 
     # -- chunk objects and fold records -----------------------------------------------------
 
@@ -1343,3 +1352,104 @@ class _Workers:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON objects changed by compare-and-swap: the manifest's mechanics, for any small record
+# ---------------------------------------------------------------------------------------------
+
+def load_json(client, key):
+    """(data, ETag) of the JSON object at `key`, or None when there is none."""
+    try:
+        response = client.get_object(key)
+    except S3Error as error:
+        if error.status == 404 and error.code in ("NoSuchKey", "NotFound"):
+            return None
+        raise
+    return json.loads(response.body.decode("utf-8")), response.header("etag")
+
+
+def create_json(client, key, data):
+    """Write `data` at `key` only if nothing is there (If-None-Match: *): its ETag, or None
+    when the key exists (another request, maybe on another node, created it first)."""
+    try:
+        return client.put_object(key, _json(data), content_type="application/json",
+                                 if_none_match=True)
+    except S3Error as error:
+        if error.status not in (409, 412):
+            raise
+    return None
+
+
+def update_json(client, key, found, change):
+    """Compare-and-swap on `found` = (data, ETag) as read: `change(data)` edits a copy and
+    returns True to write it (If-Match: ETag), False when there is nothing to do. A lost race
+    (412, or 409 for a concurrent conditional write) re-reads and asks `change` again, so
+    every change must say "make it so" against whatever is there. Returns (data, ETag)
+    afterwards, or None when the object is gone; 503 after CAS_ATTEMPTS lost races."""
+    for _ in range(CAS_ATTEMPTS):
+        if found is None:
+            return None
+        data = copy.deepcopy(found[0])
+        if not change(data):
+            return found
+        try:
+            etag = client.put_object(key, _json(data), content_type="application/json",
+                                     if_match=found[1])
+            return data, etag
+        except S3Error as error:
+            if error.status not in (409, 412):
+                raise
+        found = load_json(client, key)
+    raise StoreError(503, "storage_contention", "too many nodes changed %s at once" % key)
+
+
+class JsonFolder:
+    """JSON records and empty markers under one key prefix, for a feature module's shared
+    state (tus.py's records). Records are created if absent and changed by compare-and-swap
+    (the functions above); markers are empty objects whose LastModified is their data, so a
+    sweep can find what it must look at with one listing instead of reading every record.
+    S3's failures come out as StoreError, like every S3Store call."""
+
+    def __init__(self, store, prefix):
+        self._store = store
+        self.prefix = prefix
+
+    def get(self, name):
+        """(data, ETag) of record `name`, or None."""
+        with self._store._storage_errors():
+            return load_json(self._store.client, self.prefix + name)
+
+    def create(self, name, data):
+        """True when the record was created; False when `name` exists already."""
+        with self._store._storage_errors():
+            return create_json(self._store.client, self.prefix + name, data) is not None
+
+    def update(self, name, found, change):
+        """update_json on record `name` as read (`found`); None once it is gone."""
+        with self._store._storage_errors():
+            return update_json(self._store.client, self.prefix + name, found, change)
+
+    def put_marker(self, name):
+        with self._store._storage_errors():
+            self._store.client.put_object(self.prefix + name, b"")
+
+    def delete(self, name, if_match=None):
+        """Remove `name` (record or marker); absent is fine. With `if_match`, only while it
+        still has that ETag (False when it changed meanwhile)."""
+        with self._store._storage_errors():
+            try:
+                self._store.client.delete_object(self.prefix + name, if_match=if_match)
+            except S3Error as error:
+                if error.status == 412:
+                    return False
+                if error.status != 404:
+                    raise
+        return True
+
+    def list(self, folder):
+        """[(name, LastModified)] of the objects under `folder` (a prefix ending in /)."""
+        start = self.prefix + folder
+        with self._store._storage_errors():
+            return [(info.key[len(start):], info.last_modified)
+                    for info in self._store.client.iter_objects(start)]

@@ -7,30 +7,68 @@ and concatenation, so that tus clients written elsewhere (tus-js-client, Uppy, t
 to m1server unchanged.
 
 The design in one sentence: a tus upload IS a chunk-store upload. Its URL is
-/files/<fileId>, its bytes are appended by chunkstore.py into uploads/<fileId>.<ext>, and every
-PATCH (or the part of it that arrived) is stored through the store as the upload's next chunk
-index. So a tus upload shares the seed API's fileId namespace, ledger, status, playback and
-events, and the crash-safety argument of chunkstore.py covers its bytes unchanged: tus adds no
-second way of writing a video.
+/files/<fileId>, and every PATCH (or the part of it that arrived) is stored through the store
+interface as the upload's next chunk index: chunkstore.py appends it to uploads/<fileId>.<ext>
+(local mode), s3store.py keeps it in the bucket (--storage s3://...). So a tus upload shares the
+seed API's fileId namespace, status, playback and events, and the store's crash-safety argument
+covers its bytes unchanged: tus adds no second way of writing a video, and no `if s3` either.
 
 What it guarantees:
   * HEAD's Upload-Offset is always the store's consistent length: the file's first Upload-Offset
     bytes are exactly the bytes the client sent, after any crash (the store repairs the rest).
   * A PATCH streams its body into part files of at most --tus-piece-size bytes (one reusable
     1 MiB buffer: memory stays flat whatever the size) and stores each full piece as the next
-    chunk, durable (fsync) before the 204. A PATCH that breaks off (connection closed or reset,
-    client silent for --timeout, taken over, server stopping) stores the bytes that did arrive
-    and never a torn piece.
+    chunk, durable (fsync; in S3 mode: the chunk object exists) before the 204. A PATCH that
+    breaks off (connection closed or reset, client silent for --timeout, taken over, server
+    stopping) stores the bytes that did arrive and never a torn piece.
   * One PATCH at a time per upload, never interleaved: a request for an upload takes its
-    *claim* first. SPEC section 4: a new HEAD, PATCH or DELETE for an upload whose earlier PATCH
-    is still open stops that PATCH (its socket is shut for reading), which stores what it
-    received and lets go, so resuming never waits on a dead connection. Claims are held across
-    network reads; the store's own per-upload lock is only held inside each store call.
+    *claim* first (per process; between nodes the store decides, see "S3 mode" below). SPEC
+    section 4: a new HEAD, PATCH or DELETE for an upload whose earlier PATCH is still open
+    stops that PATCH (its socket is shut for reading), which stores what it received and lets
+    go, so resuming never waits on a dead connection. Claims are held across network reads;
+    the store's own per-upload lock is only held inside each store call.
   * With Upload-Checksum nothing is stored until the whole body arrived and matched (460 and
     nothing appended otherwise; a body that breaks off is dropped whole, it cannot be checked).
   * Unfinished uploads expire --tus-expiry after their last activity (Upload-Expires says
     when; 0 turns expiration off); a sweep thread deletes them and keeps a tombstone so they
     answer 410 Gone.
+
+Where tus keeps what is not bytes (its records: kind, length, metadata, times, tombstones) is
+chosen once, by what the store offers (open_table): the local store lends its ledger file
+(table tus_uploads); a store that keeps shared JSON records in its bucket (S3Store.json_folder)
+gets them there, so that every node serves every tus request. Partial uploads live in the
+store's `sibling` (a second store: --dir/tus-partials/, or P/tus-partials/ in the bucket).
+
+S3 mode: the records in the bucket, under the store's prefix P:
+    P/tus/records/<id>.json   the record (JSON); created with If-None-Match: * (409
+                              file_id_taken when it exists), changed only by compare-and-swap
+                              (If-Match: ETag; a lost race re-reads and decides again)
+    P/tus/open/<id>           empty marker while the record is open (can expire, or is a
+                              final not yet concatenated): the sweep lists these, and GETs
+                              only their records - finished uploads cost it nothing
+    P/tus/gone/<id>           empty tombstone marker; its LastModified is when the upload
+                              expired, and the purge goes by it
+  Why a crash between any two steps is harmless (each step is also safe to repeat):
+    * creation writes the open marker BEFORE the record: a record never exists unseen by the
+      sweep. A marker whose record is absent (crash, or a creation that lost its race) or no
+      longer open is deleted by the sweep once MARKER_GRACE_S old (younger: the creation may
+      be in flight).
+    * finishing (set_done) and expiry change the record first and delete the open marker
+      after; a crash leaves a marker the sweep removes, as above.
+    * expiry writes the tombstone marker BEFORE the record says expired, so every expired
+      record has one (the sweep also re-creates it for an expired record whose open marker it
+      still finds); a tombstone marker whose record is not expired (a crash before the change,
+      or the name used again) is simply deleted by the purge.
+    * the purge deletes the record (If-Match: the ETag it read, so a record changed meanwhile
+      stays) before the tombstone marker; termination deletes the record before its markers.
+      Markers without a record are removed later; a record is never left without a way back.
+  Between nodes: claims (one request per upload at a time, the takeover of SPEC section 4) are
+  per process. A HEAD on node B does not stop a PATCH open on node A; two PATCHes of one upload
+  on two nodes are decided by the store's chunk indices: the first to store chunk n wins (the
+  same bytes again are a duplicate, harmless), the other's chunk n is a chunk_conflict, which
+  ends that PATCH with 409 offset_conflict (and the upload's real Upload-Offset); HEAD on any
+  node then says where the upload stands. Two nodes' sweeps may expire the same upload at
+  once: every step is idempotent.
 
 Decisions (and why):
   * Upload-Metadata: `fileId` names the upload (it must match the seed's fileId rule, 400
@@ -43,19 +81,25 @@ Decisions (and why):
     own (uploads/tus-partials/, no signature rule, never listed, no events), and the rule is
     applied to the final upload, whose chunk 0 is the first partial. Their ids are generated.
   * A final upload is built at once (concatenation-unfinished is not offered): partial i is
-    appended as chunk i of the final (hard-linked into the store's incoming folder, so a
-    partial stays reusable and deletable), each append durable; a crash midway is resumed at
-    start-up. Partials are kept (they may be reused) until they expire.
+    stored as chunk i of the final, read through the partials store's media_file (local: the
+    file itself, hard-linked into the incoming folder; S3: a download to a temp file), so a
+    partial stays reusable and deletable; each chunk durable, a crash midway is resumed at
+    start-up (by any node in S3 mode). Partials are kept (they may be reused) until they
+    expire.
   * Checksums: sha1, md5 (when the interpreter allows it), sha256, sha512 from hashlib, and
     crc32 from zlib, whose Base64 value is that of the 4-byte big-endian CRC-32.
   * Terminated uploads are forgotten (404); expired ones keep a tombstone (410) for
     TOMBSTONE_KEEP_S.
+  * The status fields of a finished upload are remembered per upload (STATUS_CACHE_SIZE):
+    in S3 mode reading the record was a GET on every status and on every upload of a listing.
   * Location is an absolute path (/files/<id>), which the protocol allows and every client
     resolves against its endpoint; no Host header is trusted.
 
 What it does not do: concatenation-unfinished, checksum-trailer, the challenge extension,
 GET downloads of /files/<id> (the video plays at /uploads/<fileId>.<ext>), chunked request
-bodies (411), or expire uploads made with the seed API.
+bodies (411), or expire uploads made with the seed API. In S3 mode: no claims across nodes
+(above), no server-side copy for concatenation (a partial passes through the node once), and
+the partials' own store is never swept for orphans by `gc` (only their expiry removes them).
 """
 from __future__ import annotations
 
@@ -80,7 +124,7 @@ from urllib.parse import unquote, urlsplit
 
 import chunkstore
 from apierror import ApiError
-from chunkstore import ChunkStore, StoreError
+from chunkstore import StoreError
 
 log = logging.getLogger("m1server.tus")
 
@@ -101,9 +145,14 @@ DEFAULT_MAX_METADATA_BYTES = 4 << 10     # Upload-Metadata as sent, base64 inclu
 DEFAULT_MAX_PARTIALS = 128               # partial uploads in one final upload
 SWEEP_INTERVAL_S = 60.0                  # at most this long between expiry sweeps
 TOMBSTONE_KEEP_S = 7 * 24 * 3600.0       # how long an expired upload still answers 410
+STATUS_CACHE_SIZE = 4096                 # finished uploads whose status fields are remembered
 TAKEOVER_WAIT_S = 30.0                   # how long a request waits for an upload's claim
 BLOCK_BYTES = 1 << 20                    # the one receive buffer of a PATCH
-PARTIALS_DIR_NAME = "tus-partials"       # inside --dir: the partial uploads' chunk store
+PARTIALS_DIR_NAME = "tus-partials"       # the partial uploads' store: --dir/tus-partials
+                                         # (local), P/tus-partials/ (S3)
+# What the store answers when another request stored this upload's chunk first (only a
+# request on another node can: claims serialise one node's requests).
+STORE_CONFLICTS = ("chunk_conflict", "completion_conflict")
 
 NUMBER_PATTERN = re.compile(r"[0-9]{1,18}\Z")
 METADATA_KEY_PATTERN = re.compile(r"[!-+\--~]+\Z")       # printable ASCII but space, comma
@@ -168,21 +217,24 @@ def routes(endpoint):
 # ---------------------------------------------------------------------------------------------
 
 class TusEndpoint:
-    """The tus protocol over a ChunkStore. `body_class` reads a request body
-    (m1server._Body); `body_broke_off` is the exception it raises when the body ends early."""
+    """The tus protocol over a store (chunkstore.ChunkStore or s3store.S3Store).
+    `body_class` reads a request body (m1server._Body); `body_broke_off` is the exception it
+    raises when the body ends early."""
 
     def __init__(self, config, store, body_class, body_broke_off):
         self.config = config
         self.store = store
         self._body_class = body_class
         self._broke_off_errors = (body_broke_off, socket.timeout, ConnectionError)
-        self.table = _TusTable(store)
+        self.table = open_table(store)
         self.claims = _Claims(TAKEOVER_WAIT_S)
         self._partials = None
         self._partials_guard = threading.Lock()
-        if os.path.isdir(self._partials_root()):
-            self._partial_store()              # repairs it before we serve
-        self._resume_concatenations()
+        self._status_cache = {}                # (fileId, created_at) -> status fields
+        self._status_guard = threading.Lock()
+        # Before serving, so that a final is whole when asked for; a store that cannot be read
+        # now (S3 down, wrong key) must not stop the server: the sweep tries again.
+        self._finals_pending = not self._resume_concatenations()
         store.add_listener(self._on_store_event)
         expiry = config.tus_expiry_s
         self._sweeper = _Sweeper(self, min(SWEEP_INTERVAL_S, expiry / 2) if expiry
@@ -371,11 +423,28 @@ class TusEndpoint:
     # -- status extras (GET /api/video/status/:fileId) ---------------------------------------
 
     def status_fields(self, upload):
+        """The `tus` field of a status (and of every upload of a listing page). A finished
+        upload's fields never change (its record is written before its first byte), so they
+        are remembered per upload (fileId and creation time: a new upload with the same id
+        is another key). In S3 mode that saves a GET per status of a finished upload, which
+        measured as much as the rest of the status (docs/s3.md, "tus")."""
+        key = (upload.file_id, upload.created_at)
+        with self._status_guard:
+            fields = self._status_cache.get(key)
+        if fields is not None:
+            return fields
         record = self.table.get(upload.file_id)
         if record is None or record.kind == "partial" or record.expired_at is not None:
-            return {}
-        return {"tus": {"uploadUrl": COLLECTION_PATH + record.id,
-                        "uploadLength": record.length, "filename": record.filename}}
+            fields = {}
+        else:
+            fields = {"tus": {"uploadUrl": COLLECTION_PATH + record.id,
+                              "uploadLength": record.length, "filename": record.filename}}
+        if upload.completed:
+            with self._status_guard:
+                if len(self._status_cache) >= STATUS_CACHE_SIZE:
+                    self._status_cache.pop(next(iter(self._status_cache)))
+                self._status_cache[key] = fields
+        return fields
 
     def _on_store_event(self, event):
         """An upload deleted outside tus (DELETE /api/video/:fileId, the retention sweep)
@@ -466,6 +535,7 @@ class TusEndpoint:
         view = memoryview(buffer)
         pieces = _Pieces(self, store, resource)
         broke_off = False
+        conflict = None
         try:
             while body.remaining and not holder.stopped:
                 room = pieces.room()
@@ -493,9 +563,21 @@ class TusEndpoint:
                                    "the body's %s differs from Upload-Checksum; nothing "
                                    "was stored" % checksum[0])
             pieces.store_rest(broke_off)
+        except StoreError as error:
+            if error.code not in STORE_CONFLICTS:
+                raise
+            conflict = error
         finally:
             pieces.discard()
         resource = self._resource(record.id)
+        if conflict is not None:
+            # Only another request can have stored other bytes at our chunk index: one on
+            # another node (claims are per process). What is stored is what it stored.
+            log.warning("tus upload %s: PATCH lost a race (%s); the upload is at offset %s",
+                        record.id, conflict.message, resource.offset)
+            raise ApiError(409, "offset_conflict", "another request stored bytes of this "
+                           "upload at this offset meanwhile; HEAD says where it stands",
+                           {"Upload-Offset": str(resource.offset or 0)})
         if broke_off:
             log.info("tus upload %s: PATCH broke off; stored up to offset %d", record.id,
                      resource.offset)
@@ -506,7 +588,10 @@ class TusEndpoint:
                                mime_type=resource.record.mime_type).upload
 
     def _concatenate(self, record):
-        """Append partial i as chunk i of the final upload, from where a crash left it."""
+        """Append partial i as chunk i of the final upload, from where a crash left it. The
+        partial's bytes come through the store interface (media_file: the file itself in
+        local mode, hard-linked; a download to a temp file on S3), so a partial stays intact
+        and reusable."""
         partials = self._partial_store()
         upload = self.store.status(record.id)
         start = upload.next_index if upload is not None else 0
@@ -515,21 +600,41 @@ class TusEndpoint:
             if partial is None:
                 raise ApiError(400, "partial_missing",
                                "partial upload %s is gone" % record.parts[index])
-            path = _link_or_copy(partials.media_path(partial), self.store)
+            if partial.bytes_appended:
+                with partials.media_file(partial) as source:
+                    path = _link_or_copy(source, self.store)
+            else:                                  # an empty partial has no media to read
+                path, f = self.store.new_part_file()
+                f.close()
             self.store.put_chunk(record.id, index, path, partial.bytes_appended,
                                  is_last=index == len(record.parts) - 1,
                                  mime_type=record.mime_type)
         self.table.set_done(record.id)
 
     def _resume_concatenations(self):
-        for record in self.table.unfinished_finals():
+        """Finish the finals a crash cut short; False when the store did not answer (5xx:
+        S3 down or refusing us), so that it is tried again later."""
+        try:
+            records = self.table.unfinished_finals()
+        except StoreError as error:
+            log.warning("tus: cannot look for unfinished concatenations now (%s); the sweep "
+                        "tries again", error.message)
+            return False
+        done = True
+        for record in records:
             try:
                 self._concatenate(record)
                 log.warning("tus: finished concatenating %s after a restart", record.id)
             except ApiError as error:
+                if error.status >= 500:            # the store, not the upload: try later
+                    log.warning("tus: final upload %s not finished yet (%s)", record.id,
+                                error.message)
+                    done = False
+                    continue
                 log.error("tus: final upload %s cannot be finished (%s); removing it",
                           record.id, error.message)
                 self._forget(record)
+        return done
 
     def _forget(self, record):
         """Termination (or an undone creation): bytes and row go, 404 from now on."""
@@ -542,8 +647,11 @@ class TusEndpoint:
         log.info("tus upload %s expired", record.id)
 
     def sweep(self):
-        """Remove the unfinished uploads that expired; forget old tombstones."""
+        """Remove the unfinished uploads that expired; forget old tombstones; finish the
+        concatenations start-up could not."""
         now = time.time()
+        if self._finals_pending:
+            self._finals_pending = not self._resume_concatenations()
         for record in self.table.expirable():
             holder = _Holder()
             if not self.claims.try_hold(record.id, holder):
@@ -625,15 +733,13 @@ class TusEndpoint:
     def _store_for(self, record):
         return self._partial_store() if record.kind == "partial" else self.store
 
-    def _partials_root(self):
-        return os.path.join(self.config.dir, PARTIALS_DIR_NAME)
-
     def _partial_store(self):
-        """Partial uploads' own chunk store, opened (and repaired) on first use."""
+        """Partial uploads' own store, the main store's sibling (uploads/tus-partials/, or
+        P/tus-partials/ in the bucket), opened (and repaired) on first use, before any
+        request of this process touches it."""
         with self._partials_guard:
             if self._partials is None:
-                self._partials = ChunkStore(self._partials_root(), allow_any_content=True,
-                                            max_upload_bytes=self.config.max_upload_bytes)
+                self._partials = self.store.sibling(PARTIALS_DIR_NAME, allow_any_content=True)
                 if self._partials.repair():
                     log.warning("repaired partial uploads after a crash")
             return self._partials
@@ -869,8 +975,61 @@ class _Claims:
 
 
 # ---------------------------------------------------------------------------------------------
-# The tus table, in the ledger file beside the store's own tables
+# The tus table: where the records live is picked once, by what the store offers
 # ---------------------------------------------------------------------------------------------
+
+def open_table(store):
+    """The one choice point between the two homes of the tus records: a store that keeps
+    shared JSON records (S3Store.json_folder) holds them in its bucket, where every node sees
+    them; otherwise they are a table in the store's ledger file. Both tables have the same
+    methods, so the endpoint does not know which it has."""
+    if hasattr(store, "json_folder"):
+        return _BucketTusTable(store.json_folder(BUCKET_FOLDER))
+    return _TusTable(store)
+
+
+_FIELDS = ("id", "kind", "length", "metadata", "filename", "mime_type", "concat", "parts",
+           "created_at", "touched_at", "done_at", "expired_at")
+
+
+class _Record:
+    """One tus upload's record (a row of tus_uploads, or a JSON object in the bucket)."""
+
+    def __init__(self, fields):
+        for name in _FIELDS:
+            setattr(self, name, fields.get(name))
+        self.parts = self.parts or []
+
+    @classmethod
+    def new(cls, upload_id, kind, length, metadata, filename, mime_type, concat=None,
+            parts=None):
+        now = time.time()
+        name = filename.decode("utf-8", "replace") if filename is not None else None
+        return cls({"id": upload_id, "kind": kind, "length": length, "metadata": metadata,
+                    "filename": name, "mime_type": mime_type, "concat": concat,
+                    "parts": parts, "created_at": now, "touched_at": now})
+
+    @classmethod
+    def from_row(cls, row):
+        fields = dict(zip(_FIELDS, row))
+        fields["parts"] = json.loads(fields["parts"]) if fields["parts"] else []
+        return cls(fields)
+
+    def row(self):
+        return tuple(getattr(self, name) if name != "parts" else
+                     (json.dumps(self.parts) if self.parts else None) for name in _FIELDS)
+
+    def to_json(self):
+        return {name: getattr(self, name) for name in _FIELDS}
+
+    @property
+    def open(self):
+        """Still something the sweep must look at: an upload that can expire, or a final
+        not yet concatenated."""
+        return self.done_at is None and self.expired_at is None
+
+
+# -- in the ledger file beside the store's own tables (local mode) ----------------------------
 
 SCHEMA_FEATURE = "tus"
 SCHEMA_VERSION = 1
@@ -894,31 +1053,7 @@ _SCHEMA = (
         expired_at  REAL               -- set: a tombstone answering 410 Gone
     ) WITHOUT ROWID""",
 )
-_COLUMNS = ("id, kind, length, metadata, filename, mime_type, concat, parts, created_at, "
-            "touched_at, done_at, expired_at")
-
-
-class _Record:
-    """One row of tus_uploads."""
-
-    def __init__(self, row):
-        (self.id, self.kind, self.length, self.metadata, self.filename, self.mime_type,
-         self.concat, parts, self.created_at, self.touched_at, self.done_at,
-         self.expired_at) = row
-        self.parts = json.loads(parts) if parts else []
-
-    @classmethod
-    def new(cls, upload_id, kind, length, metadata, filename, mime_type, concat=None,
-            parts=None):
-        now = time.time()
-        name = filename.decode("utf-8", "replace") if filename is not None else None
-        return cls((upload_id, kind, length, metadata, name, mime_type, concat,
-                    json.dumps(parts) if parts else None, now, now, None, None))
-
-    def row(self):
-        return (self.id, self.kind, self.length, self.metadata, self.filename, self.mime_type,
-                self.concat, json.dumps(self.parts) if self.parts else None, self.created_at,
-                self.touched_at, self.done_at, self.expired_at)
+_COLUMNS = ", ".join(_FIELDS)
 
 
 class _TusTable:
@@ -940,11 +1075,11 @@ class _TusTable:
         with self._store.ledger_read() as db:
             row = db.execute("SELECT %s FROM tus_uploads WHERE id = ?" % _COLUMNS,
                              (upload_id,)).fetchone()
-        return None if row is None else _Record(row)
+        return None if row is None else _Record.from_row(row)
 
     def _select(self, where, args=()):
         with self._store.ledger_read() as db:
-            return [_Record(row) for row in db.execute(
+            return [_Record.from_row(row) for row in db.execute(
                 "SELECT %s FROM tus_uploads WHERE %s" % (_COLUMNS, where), args)]
 
     def expirable(self):
@@ -961,11 +1096,11 @@ class _TusTable:
         try:
             self._insert(record)
         except sqlite3.IntegrityError:              # two creations raced for one fileId
-            raise ApiError(409, "file_id_taken", "an upload named %s exists" % record.id)
+            raise _taken(record.id)
 
     def _insert(self, record):
         self._update("INSERT INTO tus_uploads (%s) VALUES (%s)"
-                     % (_COLUMNS, ", ".join("?" * 12)), record.row())
+                     % (_COLUMNS, ", ".join("?" * len(_FIELDS))), record.row())
 
     def set_length(self, upload_id, length):
         self._update("UPDATE tus_uploads SET length = ? WHERE id = ? AND length IS NULL",
@@ -988,6 +1123,127 @@ class _TusTable:
 
     def purge_tombstones(self, before):
         self._update("DELETE FROM tus_uploads WHERE expired_at < ?", (before,))
+
+
+def _taken(upload_id):
+    return ApiError(409, "file_id_taken", "an upload named %s exists" % upload_id)
+
+
+# -- in the bucket, shared by every node (S3 mode) --------------------------------------------
+
+BUCKET_FOLDER = "tus"                    # P/tus/ in the bucket
+RECORDS = "records/"                     # P/tus/records/<id>.json: the record
+OPEN = "open/"                           # P/tus/open/<id>: empty, while the record is open
+GONE = "gone/"                           # P/tus/gone/<id>: empty, a tombstone (when it expired)
+MARKER_GRACE_S = 600.0                   # an open marker without an open record is this old
+                                         # before the sweep removes it (a creation in flight)
+
+
+class _BucketTusTable:
+    """The tus table as objects in the bucket (layout and why each step may be repeated after
+    a crash: the module docstring, "S3 mode"). Same methods as _TusTable."""
+
+    def __init__(self, folder):
+        self._folder = folder
+
+    def _get(self, upload_id):
+        return self._folder.get(RECORDS + upload_id + ".json")
+
+    def get(self, upload_id):
+        found = self._get(upload_id)
+        return None if found is None else _Record(found[0])
+
+    def _open_records(self):
+        """The open records, found through their markers (one listing, one GET per open
+        upload: finished and expired uploads cost nothing). Markers left by a crash, or by
+        a lost creation race, are tidied here once MARKER_GRACE_S old."""
+        records = []
+        for upload_id, modified in self._folder.list(OPEN):
+            found = self._get(upload_id)
+            record = None if found is None else _Record(found[0])
+            if record is not None and record.open:
+                records.append(record)
+            elif modified < time.time() - MARKER_GRACE_S:
+                if record is not None and record.expired_at is not None:
+                    self._folder.put_marker(GONE + upload_id)    # set_expired cut short
+                self._folder.delete(OPEN + upload_id)
+        return records
+
+    def expirable(self):
+        return [record for record in self._open_records() if record.kind != "final"]
+
+    def unfinished_finals(self):
+        return [record for record in self._open_records() if record.kind == "final"]
+
+    def insert(self, record):
+        # The marker first: whatever happens after it, the sweep finds this record.
+        self._folder.put_marker(OPEN + record.id)
+        if not self._folder.create(RECORDS + record.id + ".json", record.to_json()):
+            raise _taken(record.id)                  # its marker is tidied by the sweep
+
+    def _change(self, upload_id, change):
+        """Compare-and-swap on the record (re-read and asked again on a lost race); the
+        record afterwards, or None when there is none."""
+        found = self._get(upload_id)
+        if found is not None:
+            found = self._folder.update(RECORDS + upload_id + ".json", found, change)
+        return None if found is None else _Record(found[0])
+
+    def set_length(self, upload_id, length):
+        def change(data):
+            if data["length"] is not None:
+                return False
+            data["length"] = length
+            return True
+        self._change(upload_id, change)
+
+    def touch(self, upload_id):
+        def change(data):
+            data["touched_at"] = time.time()
+            return True
+        self._change(upload_id, change)
+
+    def set_done(self, upload_id):
+        def change(data):
+            if data["kind"] == "partial" or data["done_at"] is not None:
+                return False
+            data["done_at"] = time.time()
+            return True
+        record = self._change(upload_id, change)
+        if record is not None and not record.open:
+            self._folder.delete(OPEN + upload_id)
+
+    def set_expired(self, upload_id):
+        found = self._get(upload_id)
+        if found is None or found[0]["expired_at"] is not None:
+            return
+        # The tombstone marker before the record says so: a record marked expired always has
+        # one (a marker whose record is not expired is dropped by the purge).
+        self._folder.put_marker(GONE + upload_id)
+
+        def change(data):
+            if data["expired_at"] is not None:
+                return False
+            data["expired_at"] = time.time()
+            return True
+        if self._folder.update(RECORDS + upload_id + ".json", found, change) is not None:
+            self._folder.delete(OPEN + upload_id)
+
+    def delete(self, upload_id):
+        # The record first: markers without a record are removed by the sweep and purge.
+        self._folder.delete(RECORDS + upload_id + ".json")
+        self._folder.delete(OPEN + upload_id)
+        self._folder.delete(GONE + upload_id)
+
+    def purge_tombstones(self, before):
+        for upload_id, modified in self._folder.list(GONE):
+            if modified >= before:
+                continue
+            found = self._get(upload_id)
+            if found is not None and found[0]["expired_at"] is not None and \
+                    not self._folder.delete(RECORDS + upload_id + ".json", if_match=found[1]):
+                continue                             # changed meanwhile: the next sweep looks
+            self._folder.delete(GONE + upload_id)
 
 
 class _Resource:
@@ -1028,6 +1284,8 @@ class _Sweeper:
         while not self._stopping.wait(self._interval):
             try:
                 self._endpoint.sweep()
+            except StoreError as error:    # the store is down or refuses us (S3 mode)
+                log.warning("tus expiry sweep: %s; the next sweep tries again", error.message)
             except Exception:              # logged once; the next sweep tries again
                 log.exception("tus expiry sweep failed")
 

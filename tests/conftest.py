@@ -92,6 +92,15 @@ class LocalStorageView:
         except FileNotFoundError:
             return None
 
+    def received(self, file_id, ext="webm"):
+        """The bytes stored so far in order (b"" when none): here the file's consistent
+        prefix."""
+        return self.media(file_id, ext) or b""
+
+    def holds(self, file_id, ext="webm"):
+        """True while anything of the upload is stored."""
+        return os.path.exists(os.path.join(self.upload_dir, "%s.%s" % (file_id, ext)))
+
     def early_chunks(self, file_id):
         """Indices of chunks stored but not yet appended (waiting for earlier ones)."""
         folder = os.path.join(self.upload_dir, "temp", file_id)
@@ -125,6 +134,26 @@ class BucketStorageView:
             return None
         return self.client.get_object("%s/uploads/%s/%s/%s.%s" % (
             self.prefix, file_id, m["generation"], file_id, ext)).body
+
+    def received(self, file_id, ext="webm"):
+        """The bytes stored so far in order (b"" when none): the object once complete, else
+        the contiguous chunk objects from chunk 0 (so only before any part is folded, which
+        the small uploads of the tests never reach; None after)."""
+        m = self.manifest(file_id)
+        if m is None:
+            return b""
+        if m.get("completedAt") is not None:
+            return self.media(file_id, m["ext"])
+        if m.get("parts"):
+            return None
+        objects, data, index = self.chunk_objects(file_id), [], 0
+        while index in objects:
+            data.append(self.client.get_object(objects[index].key).body)
+            index += 1
+        return b"".join(data)
+
+    def holds(self, file_id, ext="webm"):
+        return self.manifest(file_id) is not None
 
     def chunk_objects(self, file_id):
         m = self.manifest(file_id)

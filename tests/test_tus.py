@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
-import os
 import time
 
 import pytest
@@ -318,7 +317,7 @@ def test_patches_in_order_assemble_a_byte_exact_video(s, base, sample_webm, tus_
     assert "Upload-Expires" not in last.headers              # finished: it will not expire
     file_id = _tus.upload_id(path)
     assert _tus.video_bytes(s, base, file_id) == sample_webm
-    assert _tus.read_file(_tus.media_file(tus_server.upload_dir, file_id)) == sample_webm
+    assert tus_server.storage.media(file_id) == sample_webm
     data = get_status(s, base, file_id).json()["data"]
     assert data["state"] == "completed"
     # One chunk per PATCH, and a PATCH longer than a piece became several chunks.
@@ -330,14 +329,14 @@ def test_patches_in_order_assemble_a_byte_exact_video(s, base, sample_webm, tus_
 
 
 @pytest.mark.parametrize("claimed", [0, 999, 1001, 5000])
-def test_offset_mismatch_is_409_and_changes_nothing(s, base, sample_webm, claimed):
+def test_offset_mismatch_is_409_and_changes_nothing(s, base, sample_webm, claimed, tus_server):
     path = new_upload(s, base, 5000)
     assert patch(s, base, path, 0, sample_webm[:1000]).status_code == 204
     response = patch(s, base, path, claimed, sample_webm[claimed:claimed + 10])
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "offset_mismatch"
     assert _tus.offset_of(s, base, path) == 1000
-    assert _tus.video_bytes(s, base, _tus.upload_id(path)) == sample_webm[:1000]
+    assert tus_server.storage.received(_tus.upload_id(path)) == sample_webm[:1000]
 
 
 @pytest.mark.parametrize("content_type", [None, "application/octet-stream", "text/plain",
@@ -400,18 +399,19 @@ def test_first_bytes_must_be_a_video_unless_any_content_is_allowed(server_factor
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("algorithm", ["sha1", "md5", "sha256", "sha512", "crc32"])
-def test_checksum_that_matches_is_stored(s, base, sample_webm, algorithm):
+def test_checksum_that_matches_is_stored(s, base, sample_webm, algorithm, tus_server):
     data = sample_webm[:40000]                   # more than two pieces: all stored after it
     path = new_upload(s, base, 50000)
     response = patch(s, base, path, 0, data,
                      {"Upload-Checksum": _tus.checksum(algorithm, data)})
     assert response.status_code == 204
     assert response.headers["Upload-Offset"] == "40000"
-    assert _tus.video_bytes(s, base, _tus.upload_id(path)) == data
+    assert tus_server.storage.received(_tus.upload_id(path)) == data
 
 
 @pytest.mark.parametrize("algorithm", ["sha1", "crc32"])
-def test_checksum_mismatch_is_460_and_nothing_is_appended(s, base, sample_webm, algorithm):
+def test_checksum_mismatch_is_460_and_nothing_is_appended(s, base, sample_webm, algorithm,
+                                                          tus_server):
     data = sample_webm[:40000]
     path = new_upload(s, base, 50000)
     assert patch(s, base, path, 0, data[:100]).status_code == 204
@@ -420,7 +420,7 @@ def test_checksum_mismatch_is_460_and_nothing_is_appended(s, base, sample_webm, 
     assert response.status_code == 460
     assert response.json()["error"]["code"] == "checksum_mismatch"
     assert _tus.offset_of(s, base, path) == 100
-    assert _tus.video_bytes(s, base, _tus.upload_id(path)) == data[:100]
+    assert tus_server.storage.received(_tus.upload_id(path)) == data[:100]
     right = patch(s, base, path, 100, data[100:],
                   {"Upload-Checksum": _tus.checksum(algorithm, data[100:])})
     assert right.status_code == 204
@@ -536,12 +536,11 @@ def test_termination_removes_the_upload_and_its_bytes(s, base, sample_webm, tus_
     file_id = "term_%d" % time.monotonic_ns()
     path = new_upload(s, base, len(sample_webm), meta=metadata(fileId=file_id))
     assert patch(s, base, path, 0, sample_webm[:50000]).status_code == 204
-    media = _tus.media_file(tus_server.upload_dir, file_id)
-    assert os.path.exists(media)
+    assert tus_server.storage.holds(file_id)
     response = s.delete(base + path, headers=TUS)
     assert response.status_code == 204
     assert response.headers["Tus-Resumable"] == "1.0.0"
-    assert not os.path.exists(media)
+    assert not tus_server.storage.holds(file_id)
     assert head(s, base, path).status_code == 404
     assert patch(s, base, path, 50000, sample_webm[50000:]).status_code == 404
     assert s.delete(base + path, headers=TUS).status_code == 404
@@ -668,9 +667,9 @@ def test_abandoned_uploads_expire_and_answer_410(server_factory, sample_webm):
         expires = email.utils.parsedate_to_datetime(created.headers["Upload-Expires"])
         assert expires.timestamp() <= time.time() + 2
         finished = finished_upload(s, srv.url, sample_webm)
-        media = _tus.media_file(srv.upload_dir, _tus.upload_id(abandoned))
         # The sweep removes it without any request asking.
-        wait_until(lambda: not os.path.exists(media), timeout=20, message="sweep")
+        wait_until(lambda: not srv.storage.holds(_tus.upload_id(abandoned)), timeout=20,
+                   message="sweep")
         answer = head(s, srv.url, abandoned)
         assert answer.status_code == 410
         assert "Upload-Offset" not in answer.headers
@@ -719,8 +718,9 @@ def test_a_finished_upload_removed_by_gc_is_gone_at_its_tus_url(server_factory, 
 
         def collected():
             done = subprocess.run([SERVER_PYTHON, SERVER_PROGRAM, "gc", "--dir",
-                                   srv.upload_dir, "--retention", "0.001"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                   srv.upload_dir, "--retention", "0.001"] + srv.args,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  env=srv.env)
             return json.loads(done.stdout.decode())["deleted"]
 
         assert wait_until(collected, message="gc") == [_tus.upload_id(path)]
