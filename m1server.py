@@ -1340,13 +1340,11 @@ def serve(argv):
         ", auth on" if server.guard.enabled else ""), flush=True)
     server.serve_forever(poll_interval=0.25)
     stopped.set()
-    if server.tus:
-        server.tus.interrupt_all()       # open tus PATCHes store what they have and reply
+    server.tus.interrupt_all()       # open tus PATCHes store what they have and reply
     server.processor.stop()          # ffmpeg stopped now; its job runs again at the next start
     finished = server.wait_for_in_flight(SHUTDOWN_GRACE_S)
     server.server_close()
-    if server.tus:
-        server.tus.close()
+    server.tus.close()
     store.close()
     server.processor.close()
     hooks.close()                # after the store: a late "completed" is still queued
