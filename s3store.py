@@ -1109,7 +1109,7 @@ class S3Store(chunkstore.EventSource):
                         sha256=sha256, records=[[0, last + 1]])
             return True
         done = self._update(m, change)
-        self._after_completion(done, emit=done.sha256 == sha256 and done.etag == etag)
+        self._after_completion(done, emit=done.sha256 == sha256 and done.final_etag == etag)
 
     def _fold_part(self, m, progress, start, end):
         """Part n = bytes [start, end) of the upload, from the chunk objects holding them."""
