@@ -15,27 +15,49 @@ programs (subprocess, no Python packages) through the steps `--processing` asks 
     mp4     + video.mp4: H.264/AAC, `+faststart`, at most --max-height lines, quality
             --mp4-crf, for Safari and for size (CPU-bound: opt in on small machines)
 
+It goes through the store's interface only, so the same code runs on a local folder and on
+S3 (chunkstore.ChunkStore, s3store.S3Store): `store.media_file(upload)` gives a local file
+holding the original (S3: a download into the temp dir), every program writes into a work
+folder of its own under the store's temp dir, and the finished derivatives are handed over
+with `store.put_derivative` (local: an fsynced rename into uploads/derived/<fileId>/; S3: a
+PUT under the upload's generation) and served with `store.open_derivative` + send_media.
+
+Where jobs live is chosen once, by what the store offers (open_queue): a store that can
+change a job by compare-and-swap (S3Store.change_job) gets a SharedJobQueue, every other a
+local JobQueue in SQLite. Both have the same methods; nothing else here knows which it has.
+
 What it guarantees:
-  * The original upload is only ever read; every derivative is written beside it in
-    uploads/derived/<fileId>/ under a fixed name (DERIVATIVE_TYPES), first as a temporary
-    `.<name>.<token>.part`, fsynced, then renamed, so a derivative that is served is whole.
-  * Jobs live in SQLite (uploads/jobs.sqlite3), so a job queued or running when the server
-    crashed runs again after the restart; an ffmpeg orphaned by the crash is recognised by its
-    pid and command line and killed first. A job cut short by MAX_INTERRUPTIONS crashes in a
-    row is failed rather than retried for ever. An upload that completed while the server was
-    down between its sha256 and its job row is found again at start-up (backfill).
-  * At most --processing-workers jobs run at once, each within --processing-timeout seconds,
-    its programs run under `nice` (below-normal priority on Windows) in their own session, and
-    on shutdown or time-out the running ffmpeg is terminated, then killed after KILL_GRACE_S.
+  * The original upload is only ever read; every derivative is written under a fixed name
+    (DERIVATIVE_TYPES), first as a temporary `.<name>.<token>.part` in the job's work folder,
+    and handed to the store only once all of the job's outputs are made, so a derivative that
+    is served is whole; it is served only when its job is done and names it.
+  * Local mode: jobs live in SQLite (uploads/jobs.sqlite3), so a job queued or running when
+    the server crashed runs again after the restart; an ffmpeg orphaned by the crash is
+    recognised by its pid and command line and killed first.
+  * S3 mode: jobs live in the bucket (SharedJobQueue: a field of the upload's manifest plus a
+    marker object), shared by every node: status agrees on all of them, one node claims each
+    job (compare-and-swap), renews a lease (JOB_LEASE_S) while it runs, and a job whose node
+    died is taken over by another once the lease has run out (by the same node at once when
+    it restarts). A duplicate run after a race writes the same derivatives again: harmless.
+  * Either way, a job cut short by MAX_INTERRUPTIONS crashes in a row is failed rather than
+    retried for ever, and an upload that completed while the server was down between its
+    sha256 and its job is found again at start-up (backfill).
+  * At most --processing-workers jobs run at once per server, each within
+    --processing-timeout seconds, its programs run under `nice` (below-normal priority on
+    Windows) in their own session, and on shutdown or time-out the running ffmpeg is
+    terminated, then killed after KILL_GRACE_S. A clean stop queues its job again.
   * A failure is recorded with the last lines ffmpeg wrote to stderr (server paths removed),
     shown in status as processing.error; input that is not really video fails that one job.
   * Without ffmpeg/ffprobe (not on PATH, or a --ffmpeg that does not exist) the server works
-    exactly as before and status says processing.state "unavailable"; uploads completed then
-    are processed after a restart that finds ffmpeg.
+    exactly as before and status says processing.state "unavailable"; jobs are still queued,
+    and run after a restart that finds ffmpeg (or, in S3 mode, on a node that has it).
 
 What it does not do: it never changes the original, never re-encodes in `remux` mode, and does
-not process uploads that completed before its queue (jobs.sqlite3) was first created. It does
-not coordinate several servers sharing one S3 bucket (each runs its own local queue).
+not process uploads that completed before its queue (jobs.sqlite3, or the bucket's
+processing.json) was first created. Nodes sharing a bucket should run the same --processing
+flags: whichever node claims a job runs it its way. Leases are absolute times, so the nodes'
+clocks must agree to well within JOB_LEASE_S (NTP does). Progress events are sent by the node
+running the job; other nodes see progress in status only as of the last lease renewal.
 
 Why a file of its own (jobs.sqlite3) rather than a table in m1.sqlite3: the ledger is the
 uploads' crash journal, committed with synchronous=FULL on every chunk; job writes must never
@@ -434,8 +456,8 @@ class Processor:
                 self._emit("failed", file_id, reason=reason[:MAX_ERROR_CHARS])
         else:
             if not self.queue.finish(file_id, run.video, derivatives):
-                log.warning("processing %s: finished, but another node held its lease by "
-                            "then; its record stands", file_id)
+                log.warning("processing %s: finished, but the job was no longer this "
+                            "node's (taken over by another, or the upload deleted)", file_id)
                 return
             log.info("processing %s done in %.1fs (%s): %s", file_id,
                      time.monotonic() - started, self.mode,
