@@ -138,7 +138,8 @@ class Manifest:
     uploadId (the multipart upload, once the first part is folded), parts [{n, etag, from, to,
     end, endOffset}] (part n holds bytes [from, to); chunks < end are wholly in parts and chunk
     `end` starts at byte endOffset), records [[a, b]] (fold records written), lastIndex,
-    completedAt, size, etag (the final object's), sha256, deleting."""
+    completedAt, size, etag (the final object's), sha256, deleting, job (processing's, set
+    only through change_job)."""
 
     def __init__(self, data, etag):
         self.data = data
