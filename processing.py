@@ -300,6 +300,10 @@ class Processor:
     def _backfill(self):
         try:
             added = self.queue.backfill(self.store)
+        except ApiError as error:        # the store did not answer: the next start retries
+            log.warning("processing: cannot look for completed uploads without a job: %s",
+                        error.message)
+            return
         except Exception:
             log.exception("processing: looking for completed uploads without a job failed")
             return
@@ -366,9 +370,9 @@ class Processor:
             return {"processing": {"state": "queued", "progress": 0.0}}
         state = job["state"]
         summary = {"state": state, "progress": 1.0 if state == "done" else 0.0}
-        if state == "running" and job.get("progress"):      # another node's, as last renewed
-            summary["progress"] = round(job["progress"], 3)
-            summary["stage"] = job.get("stage") or "probe"
+        if state == "running" and job.get("stage"):     # another node's, as last renewed
+            summary["progress"] = round(job.get("progress") or 0.0, 3)
+            summary["stage"] = job["stage"]
         video = job["video"]
         with self._runs_lock:
             run = self._runs.get(upload.file_id)
@@ -412,7 +416,10 @@ class Processor:
         while not self._stopping.is_set():
             try:
                 file_id = self.queue.claim_next()
-            except (sqlite3.Error, ApiError):
+            except ApiError as error:    # the store did not answer: try at the next poll
+                log.warning("processing queue read failed: %s", error.message)
+                file_id = None
+            except sqlite3.Error:
                 log.exception("processing queue read failed")
                 file_id = None
             if file_id is None:
@@ -422,6 +429,10 @@ class Processor:
                 continue
             try:
                 self._run_job(file_id)
+            except ApiError as error:    # the store did not answer: the job stays running,
+                log.warning("processing %s: could not record the outcome (%s); it runs "
+                            "again once its lease is found abandoned", file_id, error.message)
+                self._stopping.wait(IDLE_POLL_S)
             except Exception:            # the queue itself failed: keep the worker alive
                 log.exception("processing %s: could not record the outcome", file_id)
                 self._stopping.wait(IDLE_POLL_S)
@@ -444,6 +455,14 @@ class Processor:
                 self.queue.requeue(file_id)
                 log.info("processing %s: stopped; it will run again at the next start "
                          "(or on another node sharing the queue)", file_id)
+        except ApiError as error:        # from the store: S3 did not answer, or the upload is gone
+            if error.code == "upload_gone":
+                self.queue.forget(file_id)
+            else:                        # not the upload's fault: again later, not at once
+                log.warning("processing %s: the store failed (%s); queued again", file_id,
+                            error.message)
+                self.queue.requeue(file_id)
+                self._stopping.wait(IDLE_POLL_S)
         except JobFailed as failure:
             reason = str(failure)[:MAX_ERROR_CHARS]
             log.warning("processing %s failed: %s", file_id, reason)

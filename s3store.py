@@ -840,7 +840,8 @@ class S3Store(chunkstore.EventSource):
 
     def job_queue_created_at(self):
         """When processing first used this bucket prefix (P/processing.json, created once
-        with If-None-Match: *, so every node reads the same time)."""
+        with If-None-Match: *, so every node reads the same time). Never written into a
+        bucket that is missing (some stores create one on PutObject)."""
         key = self._key("processing.json")
         with self._storage_errors():
             for _ in range(CAS_ATTEMPTS):
@@ -848,7 +849,7 @@ class S3Store(chunkstore.EventSource):
                     body = self.client.get_object(key).body
                     return float(json.loads(body.decode("utf-8"))["createdAt"])
                 except S3Error as error:
-                    if error.status != 404:
+                    if error.status != 404 or error.code == "NoSuchBucket":
                         raise
                 try:
                     self.client.put_object(key, _json({"createdAt": round(time.time(), 3)}),
