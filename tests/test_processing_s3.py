@@ -5,8 +5,12 @@
   both nodes, and both serve the derivatives byte for byte, with Range.
 - A node killed with -9 in the middle of a job: the other node takes the job over once the
   lease (M1_TEST_PROCESSING_LEASE, shortened here) runs out, and finishes it.
+- A node stalled (SIGSTOP) past its lease: the other node takes the job over and finishes it;
+  the stalled node, resumed, finds the job is no longer its own and records nothing.
 - A job already interrupted MAX_INTERRUPTIONS - 1 times whose node is gone fails instead of
   running again.
+- An upload whose completion no queue heard of (a node without processing stored it) is
+  queued by the start-up backfill of the next node that processes.
 - DELETE removes the job, its marker and every derivative from the bucket.
 - A node without ffmpeg says "unavailable", and queues the job for the nodes that have it.
 
@@ -230,3 +234,53 @@ def test_a_node_without_ffmpeg_says_unavailable_and_another_node_processes_its_u
     poster = session.get(without.url + done["derivatives"]["poster"], timeout=30)
     assert poster.status_code == 200 and poster.content[:2] == b"\xff\xd8"
     assert runs_logged(able, file_id) == 1 and runs_logged(without, file_id) == 0
+
+
+def test_a_node_that_stalls_past_its_lease_leaves_the_job_to_the_node_that_took_it_over(
+        server_factory, seaweed, session, sample_webm):
+    need_ffmpeg()
+    prefix = new_prefix("proc-stall")
+    bucket = Bucket(seaweed, prefix)
+    lease = {"M1_TEST_PROCESSING_LEASE": str(TEST_LEASE_S)}
+    stalled = start_node(server_factory, seaweed, prefix, "--processing", "mp4",
+                         env=dict(SLOW, **lease))
+    file_id = new_id("stall")
+    upload(session, stalled, file_id, sample_webm, chunks=4)
+    wait_for_stage(session, stalled, file_id, "mp4")
+    other = start_node(server_factory, seaweed, prefix, "--processing", "mp4", env=lease)
+    stalled.proc.send_signal(signal.SIGSTOP)                # no renewals from here on
+    try:
+        data = wait_for_state(session, other, file_id, deadline=TAKEOVER_DEADLINE_S)
+        assert data["processing"]["state"] == "done", data
+    finally:
+        stalled.proc.send_signal(signal.SIGCONT)
+    # Back, it finds the job is another node's (at its next renewal, or when it tries to
+    # record its outcome), and records nothing.
+    wait_until(lambda: "another node holds its lease now" in stalled.log() or
+               "was no longer this node's" in stalled.log(), timeout=60,
+               message="the stalled node to let go")
+    job = bucket.job(file_id)
+    assert job["state"] == "done" and job["attempts"] == 2, job
+    assert job["owner"] is None and job["finishedAt"] >= job["startedAt"]
+    assert runs_logged(stalled, file_id) == 0 and runs_logged(other, file_id) == 1
+    assert status_of(session, stalled, file_id)["processing"] == data["processing"]
+
+
+def test_a_completion_no_queue_heard_of_is_queued_by_the_next_node_to_start(
+        server_factory, seaweed, session, sample_webm):
+    need_ffmpeg()
+    prefix = new_prefix("proc-backfill")
+    bucket = Bucket(seaweed, prefix)
+    start_node(server_factory, seaweed, prefix).stop()      # processing has used the prefix
+    # A node that does not process: the upload completes and no job is queued, as when the
+    # node that recorded the sha256 died before its "completed" event queued one.
+    deaf = start_node(server_factory, seaweed, prefix, "--processing", "off")
+    file_id = new_id("backfill")
+    upload(session, deaf, file_id, sample_webm, chunks=4)
+    wait_until(lambda: (bucket.view.manifest(file_id) or {}).get("sha256"), timeout=30,
+               message="the sha256 recorded")
+    assert bucket.job(file_id) is None and not bucket.marker(file_id)
+    late = start_node(server_factory, seaweed, prefix)
+    data = wait_for_state(session, late, file_id)
+    assert data["processing"]["state"] == "done", data
+    assert "queued 1 completed upload(s) that had no job yet" in late.log()
