@@ -399,12 +399,6 @@ class Config:
         self.one_shot = False              # `gc`: one sweep, then exit
         self.crash_at = os.environ.get("M1_TEST_CRASH_AT")    # tests only, see chunkstore
         self.processing = args.processing
-        if self.storage != "local" and self.processing != "off":
-            # processing keeps its queue and derivatives in the local folder: not on S3 yet
-            logging.getLogger("m1server").warning(
-                "--processing %s is not available with --storage s3 yet; it is off",
-                self.processing)
-            self.processing = "off"
         self.ffmpeg = args.ffmpeg
         self.ffprobe = args.ffprobe
         self.max_height = args.max_height
@@ -413,6 +407,9 @@ class Config:
         self.processing_workers = args.processing_workers
         # tests only: transcode at the input's own pace (ffmpeg -re), so a test can act on it
         self.slow_transcode = os.environ.get("M1_TEST_SLOW_TRANSCODE") == "1"
+        # tests only: a shorter lease on shared (S3) processing jobs, so a takeover is quick
+        self.processing_lease = float(os.environ.get("M1_TEST_PROCESSING_LEASE") or
+                                      processing.JOB_LEASE_S)
         self.api_key = args.api_key
         if args.api_key_file:
             with open(args.api_key_file, encoding="utf-8") as f:
@@ -466,7 +463,8 @@ class M1Server(ThreadingHTTPServer):
         self.webhooks = None         # webhooks.Webhooks, set by serve()
         self.metrics = Metrics()
         store.add_listener(self.metrics.on_store_event)
-        # tus works through the store in both modes (its records: the ledger, or the bucket)
+        # tus works through the store in both modes (its records: the ledger, or the bucket);
+        # processing picks its own queue the same way (processing.open_queue)
         self.tus = tus.TusEndpoint(config, store, _Body, IncompleteBody)
         self.processor = processing.Processor(config, store)
         self.guard = auth.Guard(config.api_key, config.secret)
@@ -832,18 +830,14 @@ class Handler(BaseHTTPRequestHandler):
             else None
         if media is None:
             raise HttpError(404, "not_found", "no such video")
-        if media.redirect_url:                # --s3-presign: the store serves it
-            return self.send_plain(307, {"Location": media.redirect_url,
-                                         "Cache-Control": "no-store"})
         self.send_media(media, chunkstore.MEDIA_TYPES.get(ext, "application/octet-stream"))
-
-    def send_file(self, path, size, mtime, content_type):
-        """The first `size` bytes of a local file (processing's derivatives)."""
-        self.send_media(chunkstore.FileMedia(path, size, mtime), content_type)
 
     def send_media(self, media, content_type):
         """A stored video with Range (206/416), ETag, If-None-Match, If-Range and
         Last-Modified: the original and its derivatives alike, from disk or S3."""
+        if media.redirect_url:                # --s3-presign: the store serves it
+            return self.send_plain(307, {"Location": media.redirect_url,
+                                         "Cache-Control": "no-store"})
         size, mtime, etag = media.size, media.mtime, media.etag
         headers = {"Accept-Ranges": "bytes", "ETag": etag,
                    "Last-Modified": email.utils.formatdate(mtime, usegmt=True),

@@ -15,27 +15,49 @@ programs (subprocess, no Python packages) through the steps `--processing` asks 
     mp4     + video.mp4: H.264/AAC, `+faststart`, at most --max-height lines, quality
             --mp4-crf, for Safari and for size (CPU-bound: opt in on small machines)
 
+It goes through the store's interface only, so the same code runs on a local folder and on
+S3 (chunkstore.ChunkStore, s3store.S3Store): `store.media_file(upload)` gives a local file
+holding the original (S3: a download into the temp dir), every program writes into a work
+folder of its own under the store's temp dir, and the finished derivatives are handed over
+with `store.put_derivative` (local: an fsynced rename into uploads/derived/<fileId>/; S3: a
+PUT under the upload's generation) and served with `store.open_derivative` + send_media.
+
+Where jobs live is chosen once, by what the store offers (open_queue): a store that can
+change a job by compare-and-swap (S3Store.change_job) gets a SharedJobQueue, every other a
+local JobQueue in SQLite. Both have the same methods; nothing else here knows which it has.
+
 What it guarantees:
-  * The original upload is only ever read; every derivative is written beside it in
-    uploads/derived/<fileId>/ under a fixed name (DERIVATIVE_TYPES), first as a temporary
-    `.<name>.<token>.part`, fsynced, then renamed, so a derivative that is served is whole.
-  * Jobs live in SQLite (uploads/jobs.sqlite3), so a job queued or running when the server
-    crashed runs again after the restart; an ffmpeg orphaned by the crash is recognised by its
-    pid and command line and killed first. A job cut short by MAX_INTERRUPTIONS crashes in a
-    row is failed rather than retried for ever. An upload that completed while the server was
-    down between its sha256 and its job row is found again at start-up (backfill).
-  * At most --processing-workers jobs run at once, each within --processing-timeout seconds,
-    its programs run under `nice` (below-normal priority on Windows) in their own session, and
-    on shutdown or time-out the running ffmpeg is terminated, then killed after KILL_GRACE_S.
+  * The original upload is only ever read; every derivative is written under a fixed name
+    (DERIVATIVE_TYPES), first as a temporary `.<name>.<token>.part` in the job's work folder,
+    and handed to the store only once all of the job's outputs are made, so a derivative that
+    is served is whole; it is served only when its job is done and names it.
+  * Local mode: jobs live in SQLite (uploads/jobs.sqlite3), so a job queued or running when
+    the server crashed runs again after the restart; an ffmpeg orphaned by the crash is
+    recognised by its pid and command line and killed first.
+  * S3 mode: jobs live in the bucket (SharedJobQueue: a field of the upload's manifest plus a
+    marker object), shared by every node: status agrees on all of them, one node claims each
+    job (compare-and-swap), renews a lease (JOB_LEASE_S) while it runs, and a job whose node
+    died is taken over by another once the lease has run out (by the same node at once when
+    it restarts). A duplicate run after a race writes the same derivatives again: harmless.
+  * Either way, a job cut short by MAX_INTERRUPTIONS crashes in a row is failed rather than
+    retried for ever, and an upload that completed while the server was down between its
+    sha256 and its job is found again at start-up (backfill).
+  * At most --processing-workers jobs run at once per server, each within
+    --processing-timeout seconds, its programs run under `nice` (below-normal priority on
+    Windows) in their own session, and on shutdown or time-out the running ffmpeg is
+    terminated, then killed after KILL_GRACE_S. A clean stop queues its job again.
   * A failure is recorded with the last lines ffmpeg wrote to stderr (server paths removed),
     shown in status as processing.error; input that is not really video fails that one job.
   * Without ffmpeg/ffprobe (not on PATH, or a --ffmpeg that does not exist) the server works
-    exactly as before and status says processing.state "unavailable"; uploads completed then
-    are processed after a restart that finds ffmpeg.
+    exactly as before and status says processing.state "unavailable"; jobs are still queued,
+    and run after a restart that finds ffmpeg (or, in S3 mode, on a node that has it).
 
 What it does not do: it never changes the original, never re-encodes in `remux` mode, and does
-not process uploads that completed before its queue (jobs.sqlite3) was first created. It does
-not coordinate several servers sharing one S3 bucket (each runs its own local queue).
+not process uploads that completed before its queue (jobs.sqlite3, or the bucket's
+processing.json) was first created. Nodes sharing a bucket should run the same --processing
+flags: whichever node claims a job runs it its way. Leases are absolute times, so the nodes'
+clocks must agree to well within JOB_LEASE_S (NTP does). Progress events are sent by the node
+running the job; other nodes see progress in status only as of the last lease renewal.
 
 Why a file of its own (jobs.sqlite3) rather than a table in m1.sqlite3: the ledger is the
 uploads' crash journal, committed with synchronous=FULL on every chunk; job writes must never
@@ -99,6 +121,12 @@ MAX_ERROR_CHARS = 1000
 PROGRESS_EVENT_INTERVAL_S = 0.5          # at most two "processing" events a second per job
 JOBS_DB_NAME = "jobs.sqlite3"
 DERIVED_DIR_NAME = "derived"
+WORK_DIR_NAME = ".processing"            # in the store's temp dir: one folder per running job
+JOB_LEASE_S = 60.0                       # shared queue: a job whose node stopped renewing its
+                                         # lease this long is taken over (M1_TEST_PROCESSING_LEASE)
+LEASE_RENEW_FRACTION = 1.0 / 3           # renewed every third of the lease while ffmpeg runs
+NODE_ID_NAME = ".processing-node"        # in --dir: this node's id in the shared queue
+PIDS_DIR_NAME = ".processing-pids"       # in --dir: the programs this node runs (shared queue)
 SCHEMA_VERSION = 1
 DB_BUSY_TIMEOUT_S = 30.0
 
@@ -153,14 +181,10 @@ def parse_crf(text):
 
 def routes(processor):
     def get_derivative(handler, file_id, name):
-        path = processor.derivative_path(file_id, name)
-        if path is None:
+        media = processor.open_derivative(file_id, name)
+        if media is None:
             raise ApiError(404, "not_found", "no such derivative")
-        try:
-            info = os.stat(path)
-        except OSError:
-            raise ApiError(404, "not_found", "no such derivative")
-        handler.send_file(path, info.st_size, info.st_mtime, DERIVATIVE_TYPES[name])
+        handler.send_media(media, DERIVATIVE_TYPES[name])
 
     return ((r"/uploads/derived/([^/]+)/([^/]+)", {"GET": get_derivative,
                                                   "HEAD": get_derivative}),)
@@ -193,7 +217,8 @@ class Processor:
         self.timeout = config.processing_timeout
         self.workers = config.processing_workers
         self.slow_transcode = getattr(config, "slow_transcode", False)   # tests only
-        self.derived_root = os.path.join(store.root, DERIVED_DIR_NAME)
+        self.lease_s = getattr(config, "processing_lease", None) or JOB_LEASE_S
+        self.work_root = os.path.join(store.temp_dir, WORK_DIR_NAME)
         self.ffmpeg, self.ffprobe, self.unavailable_reason = find_tools(
             config.ffmpeg, config.ffprobe)
         self._nice = _nice_prefix()
@@ -207,8 +232,8 @@ class Processor:
         if self.mode == "off":
             return
         try:
-            self.queue = JobQueue(os.path.join(store.root, JOBS_DB_NAME))
-        except (sqlite3.Error, OSError, RuntimeError) as error:
+            self.queue = open_queue(store, self.lease_s)
+        except (sqlite3.Error, OSError, RuntimeError, ApiError) as error:
             log.error("processing disabled: cannot open its queue: %s", error)
             self.unavailable_reason = "processing queue unusable: %s" % error
         if self.unavailable_reason:
@@ -235,19 +260,23 @@ class Processor:
                 log.exception("processing listener failed on %s", event_type)
 
     def _on_store_event(self, event):
-        if event.get("type") == "completed" and self.available and \
+        # Queued even without ffmpeg: a restart that finds it, or (shared queue) another
+        # node, runs it; status says "unavailable" here meanwhile.
+        if event.get("type") == "completed" and self.queue is not None and \
                 not self._stopping.is_set():
             self.enqueue(event["fileId"])
-        elif event.get("type") == "deleted":
-            self.forget(event["fileId"])        # stop its job, drop its row and derivatives
+        elif event.get("type") == "deleted" and self.queue is not None:
+            self.forget(event["fileId"])        # stop its job, drop it and its derivatives
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self):
-        """Recover jobs a crash left running, queue completed uploads that have no job yet,
-        and start the workers. Call once, after the store's repair."""
-        if not self.available:
+        """Recover jobs a crash left running, queue completed uploads that have no job yet
+        (in the background: a shared queue reads the bucket), and start the workers. Call
+        once, after the store's repair."""
+        if self.queue is None:
             return
+        shutil.rmtree(self.work_root, ignore_errors=True)    # what a crashed run left
         for file_id, pid, marker in self.queue.left_running():
             if pid:
                 _kill_orphan(pid, marker, (self.ffmpeg, self.ffprobe))
@@ -256,14 +285,32 @@ class Processor:
             else:
                 log.error("processing %s: failed after %d interrupted runs", file_id,
                           MAX_INTERRUPTIONS)
-        added = self.queue.add_missing(self.store.completed_ids(since=self.queue.created_at))
-        if added:
-            log.info("processing: queued %d completed upload(s) that had no job yet", added)
+        backfill = threading.Thread(target=self._backfill, name="m1-processing-backfill",
+                                    daemon=True)
+        backfill.start()
+        self._threads.append(backfill)
+        if not self.available:
+            return
         for number in range(self.workers):
             thread = threading.Thread(target=self._work, name="m1-processing-%d" % number,
                                       daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def _backfill(self):
+        try:
+            added = self.queue.backfill(self.store)
+        except ApiError as error:        # the store did not answer: the next start retries
+            log.warning("processing: cannot look for completed uploads without a job: %s",
+                        error.message)
+            return
+        except Exception:
+            log.exception("processing: looking for completed uploads without a job failed")
+            return
+        if added:
+            log.info("processing: queued %d completed upload(s) that had no job yet", added)
+            with self._wakeup:
+                self._wakeup.notify_all()
 
     def stop(self):
         """Stop taking jobs, terminate the running ffmpeg(s) and leave their jobs queued for
@@ -278,6 +325,7 @@ class Processor:
         deadline = time.monotonic() + STOP_JOIN_S
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        shutil.rmtree(self.work_root, ignore_errors=True)
 
     def close(self):
         """Close the queue (after stop(), once no request can read status any more)."""
@@ -285,7 +333,12 @@ class Processor:
             self.queue.close()
 
     def enqueue(self, file_id):
-        if self.queue.add(file_id):
+        try:
+            added = self.queue.add(file_id)
+        except (sqlite3.Error, ApiError) as error:   # the backfill at a start catches up
+            log.error("processing %s: could not queue its job: %s", file_id, error)
+            return
+        if added:
             with self._wakeup:
                 self._wakeup.notify()
 
@@ -296,9 +349,10 @@ class Processor:
         if run is not None:
             run.forgotten = True
             run.interrupt()
-        if self.queue is not None:
-            self.queue.delete(file_id)
-        shutil.rmtree(os.path.join(self.derived_root, file_id), ignore_errors=True)
+        try:
+            self.queue.forget(file_id)
+        except (sqlite3.Error, ApiError) as error:
+            log.warning("processing %s: could not drop its job: %s", file_id, error)
 
     # -- status (server.status_extras) ----------------------------------------------------
 
@@ -306,7 +360,7 @@ class Processor:
         """`processing`, `video`, `derivatives` and `playbackUrl` for the status reply."""
         if self.mode == "off" or not upload.completed:
             return {}
-        job = self.queue.load(upload.file_id) if self.queue is not None else None
+        job = self.queue.job_of(upload) if self.queue is not None else None
         if job is None:
             if not self.available:
                 return {"processing": {"state": "unavailable", "progress": 0.0,
@@ -316,6 +370,9 @@ class Processor:
             return {"processing": {"state": "queued", "progress": 0.0}}
         state = job["state"]
         summary = {"state": state, "progress": 1.0 if state == "done" else 0.0}
+        if state == "running" and job.get("stage"):     # another node's, as last renewed
+            summary["progress"] = round(job.get("progress") or 0.0, 3)
+            summary["stage"] = job["stage"]
         video = job["video"]
         with self._runs_lock:
             run = self._runs.get(upload.file_id)
@@ -338,16 +395,20 @@ class Processor:
             fields.update(_derivative_fields(upload.file_id, job["derivatives"]))
         return fields
 
-    def derivative_path(self, file_id, name):
-        """Where derivative `name` of `file_id` is, or None unless a finished job made it.
-        Only names of DERIVATIVE_TYPES are ever joined to a validated fileId."""
+    def open_derivative(self, file_id, name):
+        """Derivative `name` of `file_id` to serve (store.open_derivative: Range, ETag, or a
+        presigned redirect), or None unless a finished job made it. Only names of
+        DERIVATIVE_TYPES ever reach the store, with a validated fileId."""
         if name not in DERIVATIVE_TYPES or self.queue is None or \
                 not chunkstore.valid_file_id(file_id):
             return None
-        job = self.queue.load(file_id)
+        upload = self.store.status(file_id)
+        if upload is None or not upload.completed:
+            return None
+        job = self.queue.job_of(upload)
         if job is None or job["state"] != "done" or name not in job["derivatives"].values():
             return None
-        return os.path.join(self.derived_root, file_id, name)
+        return self.store.open_derivative(upload, name)
 
     # -- the workers ----------------------------------------------------------------------
 
@@ -355,6 +416,9 @@ class Processor:
         while not self._stopping.is_set():
             try:
                 file_id = self.queue.claim_next()
+            except ApiError as error:    # the store did not answer: try at the next poll
+                log.warning("processing queue read failed: %s", error.message)
+                file_id = None
             except sqlite3.Error:
                 log.exception("processing queue read failed")
                 file_id = None
@@ -365,6 +429,10 @@ class Processor:
                 continue
             try:
                 self._run_job(file_id)
+            except ApiError as error:    # the store did not answer: the job stays running,
+                log.warning("processing %s: could not record the outcome (%s); it runs "
+                            "again once its lease is found abandoned", file_id, error.message)
+                self._stopping.wait(IDLE_POLL_S)
             except Exception:            # the queue itself failed: keep the worker alive
                 log.exception("processing %s: could not record the outcome", file_id)
                 self._stopping.wait(IDLE_POLL_S)
@@ -373,46 +441,93 @@ class Processor:
         run = JobRun(self, file_id)
         with self._runs_lock:
             self._runs[file_id] = run
+        renewing = self._keep_lease(run)
         started = time.monotonic()
         try:
             derivatives = self._process(run)
         except JobInterrupted:
             if run.forgotten:
-                self.queue.delete(file_id)
+                self.queue.forget(file_id)
+            elif run.lost:
+                log.warning("processing %s: another node holds its lease now; left to it",
+                            file_id)
             else:
                 self.queue.requeue(file_id)
-                log.info("processing %s: stopped; it will run again at the next start",
-                         file_id)
+                log.info("processing %s: stopped; it will run again at the next start "
+                         "(or on another node sharing the queue)", file_id)
+        except ApiError as error:        # from the store: S3 did not answer, or the upload is gone
+            if error.code == "upload_gone":
+                self.queue.forget(file_id)
+            else:                        # not the upload's fault: again later, not at once
+                log.warning("processing %s: the store failed (%s); queued again", file_id,
+                            error.message)
+                self.queue.requeue(file_id)
+                self._stopping.wait(IDLE_POLL_S)
         except JobFailed as failure:
             reason = str(failure)[:MAX_ERROR_CHARS]
-            self.queue.fail(file_id, reason, run.video)
             log.warning("processing %s failed: %s", file_id, reason)
-            self._emit("failed", file_id, reason=reason)
+            if self.queue.fail(file_id, reason, run.video):
+                self._emit("failed", file_id, reason=reason)
         except Exception as error:
             reason = "internal error: %s" % error
             log.exception("processing %s: unexpected error", file_id)
-            self.queue.fail(file_id, reason[:MAX_ERROR_CHARS], run.video)
-            self._emit("failed", file_id, reason=reason[:MAX_ERROR_CHARS])
+            if self.queue.fail(file_id, reason[:MAX_ERROR_CHARS], run.video):
+                self._emit("failed", file_id, reason=reason[:MAX_ERROR_CHARS])
         else:
-            self.queue.finish(file_id, run.video, derivatives)
+            if not self.queue.finish(file_id, run.video, derivatives):
+                log.warning("processing %s: finished, but the job was no longer this "
+                            "node's (taken over by another, or the upload deleted)", file_id)
+                return
             log.info("processing %s done in %.1fs (%s): %s", file_id,
                      time.monotonic() - started, self.mode,
                      ", ".join(sorted(derivatives.values())) or "probe only")
             self._emit("ready", file_id, video=run.video,
                        **_derivative_fields(file_id, derivatives))
         finally:
-            run.remove_parts()
+            renewing.set()
+            run.remove_folder()
+            self.queue.release(file_id)
             with self._runs_lock:
                 self._runs.pop(file_id, None)
 
+    def _keep_lease(self, run):
+        """A shared queue's job has a lease: renew it (with the progress, for status on
+        other nodes) every queue.renew_interval until the returned event is set. Losing it
+        (another node took the job over, or the upload was deleted) stops the run."""
+        done = threading.Event()
+        interval = self.queue.renew_interval
+        if interval is None:                 # a local queue: the server's own restart decides
+            return done
+
+        def renew():
+            while not done.wait(interval):
+                try:
+                    outcome = self.queue.renew(run.file_id, run.progress, run.stage, run.video)
+                except ApiError as error:    # the store is away: try again; the lease may run out
+                    log.warning("processing %s: lease renewal failed: %s", run.file_id, error)
+                    continue
+                if outcome != "renewed" and not done.is_set():
+                    run.forgotten = outcome == "gone"
+                    run.lost = outcome == "lost"
+                    run.interrupt()
+                    return
+        threading.Thread(target=renew, name="m1-processing-lease", daemon=True).start()
+        return done
+
     def _process(self, run):
-        """The steps of one job; returns {kind: name} of the derivatives it wrote."""
+        """The steps of one job, in a work folder; the derivatives are handed to the store
+        (put_derivative) only once all are made. Returns {kind: name} of them."""
         upload = self.store.status(run.file_id)
         if upload is None or not upload.completed:
             run.forgotten = True
             raise JobInterrupted()
-        source = self.store.media_path(upload)
-        run.prepare_folder(create=self.mode != "probe")
+        run.prepare_folder()
+        with self.store.media_file(upload) as source:   # S3: a download into the temp dir
+            derivatives = self._steps(run, upload, source)
+        run.publish(upload, derivatives)
+        return derivatives
+
+    def _steps(self, run, upload, source):
         info = run.probe(source)
         video = video_facts(info, upload.bytes_appended)
         run.video = video
@@ -425,9 +540,8 @@ class Processor:
             run.advance("scan")
             return derivatives
         name, container = remux_target(upload.ext, info)
-        run.remux(source, name, container, upload.bytes_appended)
+        remuxed = run.remux(source, name, container, upload.bytes_appended)
         derivatives["remux"] = name
-        remuxed = run.path(name)
         remux_info = run.probe(remuxed)
         duration = _duration_of(remux_info)
         if duration is None:
@@ -446,18 +560,19 @@ class Processor:
 
 
 class JobRun:
-    """One run of one job: its folder, its current program, its progress and deadline."""
+    """One run of one job: its work folder, its current program, its progress and deadline."""
 
     def __init__(self, processor, file_id):
         self.processor = processor
         self.file_id = file_id
-        self.folder = os.path.join(processor.derived_root, file_id)
-        self.deadline = time.monotonic() + processor.timeout
         self.token = uuid.uuid4().hex[:12]
+        self.folder = os.path.join(processor.work_root, "%s.%s" % (file_id, self.token))
+        self.deadline = time.monotonic() + processor.timeout
         self.stage = "probe"
         self.progress = 0.0
         self.video = None
-        self.forgotten = False
+        self.forgotten = False           # the upload is gone: drop the job
+        self.lost = False                # another node holds the job's lease now
         self.timed_out = False
         self._interrupted = False
         self._proc = None
@@ -472,41 +587,33 @@ class JobRun:
 
     # -- files ----------------------------------------------------------------------------
 
-    def path(self, name):
-        return os.path.join(self.folder, name)
-
     def part_path(self, name):
         return os.path.join(self.folder, ".%s.%s.part" % (name, self.token))
 
-    def prepare_folder(self, create):
-        """Each run rebuilds the folder: whatever an earlier (crashed) run left goes."""
-        if os.path.isdir(self.folder):
-            for name in os.listdir(self.folder):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(self.folder, name))
-            if not create:
-                with contextlib.suppress(OSError):
-                    os.rmdir(self.folder)
-        elif create:
-            os.makedirs(self.folder)
+    def prepare_folder(self):
+        """A fresh work folder in the store's temp dir (the same file system as local mode's
+        derived/, so that handing a derivative over is a rename there)."""
+        os.makedirs(self.folder)
 
-    def publish(self, name):
-        """Make a finished part file the derivative `name`: fsync, rename, fsync the folder,
-        so a name that exists (and is served) always holds a whole file."""
+    def check_output(self, name):
         part = self.part_path(name)
         if not os.path.exists(part) or os.path.getsize(part) == 0:
             raise JobFailed("ffmpeg wrote no %s" % name)
-        with open(part, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(part, self.path(name))
-        chunkstore.fsync_dir(self.folder)
+        return part
 
-    def remove_parts(self):
-        if os.path.isdir(self.folder):
-            for name in os.listdir(self.folder):
-                if name.endswith(".part"):
-                    with contextlib.suppress(OSError):
-                        os.remove(os.path.join(self.folder, name))
+    def publish(self, upload, derivatives):
+        """Hand every derivative to the store: local mode fsyncs and renames it into
+        derived/<fileId>/, S3 uploads it. Either way a name that exists holds a whole file,
+        and a run that repeats this (after a crash) writes the same names again."""
+        for name in derivatives.values():
+            with self._lock:
+                if self._interrupted:
+                    raise JobInterrupted()
+            self.processor.store.put_derivative(upload, name, self.check_output(name),
+                                                DERIVATIVE_TYPES[name])
+
+    def remove_folder(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     # -- progress ---------------------------------------------------------------------------
 
@@ -556,8 +663,8 @@ class JobRun:
 
         self.run(self.processor.ffmpeg, remux_args(source, part, container), "remux",
                  marker=part, progress=_Progress(moved))
-        self.publish(name)
         self.advance("remux")
+        return self.check_output(name)
 
     def poster(self, source, duration):
         part = self.part_path("poster.jpg")
@@ -568,7 +675,7 @@ class JobRun:
             self.run(self.processor.ffmpeg,           # no frame there: take the first one
                      poster_args(source, part, 0, self.processor.max_height), "poster",
                      marker=part)
-        self.publish("poster.jpg")
+        self.check_output("poster.jpg")
         self.advance("poster")
 
     def transcode(self, source, duration, info):
@@ -585,7 +692,7 @@ class JobRun:
                         realtime=processor.slow_transcode)
         self.stage = "mp4"
         self.run(processor.ffmpeg, args, "mp4", marker=part, progress=_Progress(encoded))
-        self.publish("video.mp4")
+        self.check_output("video.mp4")
         self.advance("mp4")
 
     # -- running a program ------------------------------------------------------------------
@@ -681,7 +788,22 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------------------------------
-# The job queue: SQLite, its own file, one connection behind a lock, schema versioned
+# The job queues: where jobs live is chosen here, once, by what the store offers
+# ---------------------------------------------------------------------------------------------
+
+def open_queue(store, lease_s=JOB_LEASE_S):
+    """The queue for `store`: a store that can change a job by compare-and-swap
+    (s3store.S3Store.change_job) shares its jobs between every node on its bucket
+    (SharedJobQueue); any other keeps them in SQLite in its upload folder (JobQueue). Both
+    offer the same methods, so nothing else in this module knows which it has."""
+    if hasattr(store, "change_job"):
+        return SharedJobQueue(store, store.root, lease_s)
+    return JobQueue(os.path.join(store.root, JOBS_DB_NAME),
+                    os.path.join(store.root, DERIVED_DIR_NAME))
+
+
+# ---------------------------------------------------------------------------------------------
+# The local queue: SQLite, its own file, one connection behind a lock, schema versioned
 # ---------------------------------------------------------------------------------------------
 
 _SCHEMA = """
@@ -712,8 +834,11 @@ _JOB_COLUMNS = ("file_id", "state", "queued_at", "started_at", "finished_at", "i
 class JobQueue:
     """The jobs table. Threads never share the connection at the same time (one lock)."""
 
-    def __init__(self, path):
+    renew_interval = None                # one server per folder: no lease to renew
+
+    def __init__(self, path, derived_dir=None):
         self.path = path
+        self.derived_dir = derived_dir
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, timeout=DB_BUSY_TIMEOUT_S, isolation_level=None,
                                    check_same_thread=False)
@@ -764,6 +889,11 @@ class JobQueue:
             return db.execute("INSERT OR IGNORE INTO jobs (file_id, state, queued_at) "
                               "VALUES (?, 'queued', ?)", (file_id, time.time())).rowcount > 0
 
+    def backfill(self, store):
+        """Queue the uploads completed since this queue was created that have no job (their
+        "completed" event was lost to a crash, or came before ffmpeg was found)."""
+        return self.add_missing(store.completed_ids(since=self.created_at))
+
     def add_missing(self, file_ids):
         """Queue every upload of `file_ids` that has no job, in one transaction; returns how
         many were added (start-up backfill: one query however many uploads there are)."""
@@ -793,17 +923,23 @@ class JobQueue:
                        (pid, marker, file_id))
 
     def finish(self, file_id, video, derivatives):
+        """Record the outcome; True (a local job is never taken over by anyone else)."""
         with self._write() as db:
             db.execute("UPDATE jobs SET state = 'done', finished_at = ?, interrupted = 0, "
                        "pid = NULL, marker = NULL, error = NULL, video = ?, derivatives = ? "
                        "WHERE file_id = ?", (time.time(), _dumps(video), _dumps(derivatives),
                                              file_id))
+        return True
 
     def fail(self, file_id, reason, video):
         with self._write() as db:
             db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, interrupted = 0, "
                        "pid = NULL, marker = NULL, error = ?, video = ?, derivatives = NULL "
                        "WHERE file_id = ?", (time.time(), reason, _dumps(video), file_id))
+        return True
+
+    def release(self, file_id):
+        """The run of `file_id` on this server is over (nothing to let go of here)."""
 
     def requeue(self, file_id):
         """A clean stop: the job runs again at the next start, and it was not its fault."""
@@ -837,6 +973,16 @@ class JobQueue:
         with self._write() as db:
             db.execute("DELETE FROM jobs WHERE file_id = ?", (file_id,))
 
+    def forget(self, file_id):
+        """The upload is deleted: drop its row and whatever derivatives a run that raced the
+        deletion put back into derived/<fileId>/ (the store's delete took the rest)."""
+        self.delete(file_id)
+        if self.derived_dir is not None and chunkstore.valid_file_id(file_id):
+            shutil.rmtree(os.path.join(self.derived_dir, file_id), ignore_errors=True)
+
+    def job_of(self, upload):
+        return self.load(upload.file_id)
+
     def load(self, file_id):
         with self._read() as db:
             row = db.execute("SELECT %s FROM jobs WHERE file_id = ?" % ", ".join(_JOB_COLUMNS),
@@ -853,6 +999,306 @@ class JobQueue:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared queue: jobs in the bucket, for every node that serves it
+# ---------------------------------------------------------------------------------------------
+
+class SharedJobQueue:
+    """Jobs kept by the store for all nodes (S3): the job is the `job` field of the upload's
+    manifest, changed only by compare-and-swap (store.change_job), and an empty marker object
+    P/jobs/<fileId> exists while it is queued or running, so a worker finds work with one
+    LIST per poll (store.job_markers). The job (JSON, camelCase like the manifest):
+
+        state        queued | running | done | failed
+        owner        {"node", "token"} of the run holding it (running only)
+        leaseUntil   unix time; a running job whose lease has passed is taken over
+        attempts     runs started; interrupted: runs in a row cut short by a crash
+        queuedAt, startedAt, finishedAt, progress, stage, error, video, derivatives
+
+    Every step is safe to repeat after a crash, on any node (docs/s3.md, "Processing"):
+      add      marker first, then the job `queued` (only if there is none). A crash between
+               leaves a marker without a job: a worker claims it all the same.
+      claim    CAS queued (or running with a lost lease) -> running with our owner token and
+               a lease: one CAS wins, so one node runs it; a loser re-reads and sees running.
+      renew    CAS leaseUntil forward (only while the owner is us) every renew_interval.
+      finish   derivatives are stored first (same names each run), then CAS done (only while
+               the owner is us), then the marker goes. A crash before the CAS: the lease runs
+               out and the job runs again; after it: the next poll drops the stale marker.
+    Node clocks must agree to well within JOB_LEASE_S (NTP): leases are absolute times.
+    The programs this node runs are recorded locally (PIDS_DIR_NAME), so a restart kills an
+    ffmpeg its crash left behind, and its own jobs are taken over at once, not after the lease.
+    """
+
+    def __init__(self, store, root, lease_s=JOB_LEASE_S):
+        self.store = store
+        self.lease_s = float(lease_s)
+        self.renew_interval = self.lease_s * LEASE_RENEW_FRACTION
+        self.node = _node_id(os.path.join(root, NODE_ID_NAME))
+        self.pid_dir = os.path.join(root, PIDS_DIR_NAME)
+        os.makedirs(self.pid_dir, exist_ok=True)
+        self.created_at = store.job_queue_created_at()
+        self._claims = {}                # fileId -> owner token of the runs of this process
+        self._lock = threading.Lock()
+
+    # -- queueing -------------------------------------------------------------------------
+
+    def add(self, file_id):
+        """Queue a job unless the upload has one already; True when it was added."""
+        self.store.put_job_marker(file_id)       # first: a job that exists is always found
+        created = {}
+
+        def change(job):
+            created["yes"] = job is None
+            if job is not None:
+                return None
+            return {"state": "queued", "queuedAt": round(time.time(), 3), "attempts": 0,
+                    "interrupted": 0}
+        try:
+            self.store.change_job(file_id, change)
+        except ApiError as error:
+            if error.code != "upload_gone":
+                raise
+            self.store.drop_job_marker(file_id)
+            return False
+        return created.get("yes", False)
+
+    def backfill(self, store):
+        """As JobQueue.backfill, from the bucket (store.completed_since)."""
+        added = 0
+        for upload in store.completed_since(self.created_at):
+            if store.job_of(upload) is None and self.add(upload.file_id):
+                added += 1
+        return added
+
+    # -- claiming, the lease, the outcome -----------------------------------------------------
+
+    def claim_next(self):
+        """The oldest job waiting (or abandoned by its node), now running under our lease;
+        None when there is none."""
+        for file_id, _ in self.store.job_markers():
+            with self._lock:
+                if file_id in self._claims:
+                    continue
+            if self._claim(file_id):
+                return file_id
+        return None
+
+    def _claim(self, file_id):
+        token = uuid.uuid4().hex
+        seen = {}
+
+        def change(job):
+            seen.clear()
+            now = time.time()
+            if job is None:                       # its marker was written, its job not yet
+                job = {"state": "queued", "queuedAt": round(now, 3), "attempts": 0,
+                       "interrupted": 0}
+            if job.get("state") in ("done", "failed"):
+                seen["finished"] = True
+                return None
+            if job.get("state") == "running":
+                if not self._abandoned(job, now):
+                    seen["busy"] = True
+                    return None
+                count = job.get("interrupted", 0) + 1
+                seen["taken_from"] = (job.get("owner") or {}).get("node")
+                if count >= MAX_INTERRUPTIONS:
+                    seen["gave_up"] = count
+                    job.update(state="failed", finishedAt=round(now, 3), owner=None,
+                               leaseUntil=None, interrupted=count, derivatives=None,
+                               error="interrupted by %d server crashes in a row; not tried "
+                                     "again" % count)
+                    return job
+                job["interrupted"] = count
+            job.update(state="running", owner={"node": self.node, "token": token},
+                       leaseUntil=round(now + self.lease_s, 3), startedAt=round(now, 3),
+                       finishedAt=None, error=None, progress=0.0, stage="probe",
+                       derivatives=None, attempts=job.get("attempts", 0) + 1)
+            return job
+        try:
+            job = self.store.change_job(file_id, change)
+        except ApiError as error:
+            if error.code != "upload_gone":
+                raise
+            self.store.drop_job_marker(file_id)   # deleted: its marker is all that is left
+            return False
+        if seen.get("finished") or seen.get("gave_up"):
+            self.store.drop_job_marker(file_id)   # a crash came between the outcome and this
+            if seen.get("gave_up"):
+                log.error("processing %s: failed after %d interrupted runs", file_id,
+                          seen["gave_up"])
+            return False
+        if seen.get("busy") or (job.get("owner") or {}).get("token") != token:
+            return False
+        if seen.get("taken_from"):
+            log.warning("processing %s: taken over from node %s (its lease ran out, or it "
+                        "was this node before a crash); attempt %d", file_id,
+                        seen["taken_from"], job["attempts"])
+        with self._lock:
+            self._claims[file_id] = token
+        return True
+
+    def _abandoned(self, job, now):
+        """A running job nobody runs any more: its lease ran out, or it is this node's from
+        before a restart (its token is not one of this process's runs)."""
+        if (job.get("leaseUntil") or 0) < now:
+            return True
+        owner = job.get("owner") or {}
+        with self._lock:
+            return owner.get("node") == self.node and owner.get("token") not in \
+                self._claims.values()
+
+    def _ours(self, file_id):
+        """A check for change(): the job is still held by our run of it."""
+        with self._lock:
+            token = self._claims.get(file_id)
+        return lambda job: token is not None and job is not None and \
+            job.get("state") == "running" and (job.get("owner") or {}).get("token") == token
+
+    def renew(self, file_id, progress, stage, video):
+        """Move our lease forward, with the progress for status on other nodes: "renewed",
+        "lost" (another node holds the job now) or "gone" (the upload was deleted)."""
+        ours = self._ours(file_id)
+
+        def change(job):
+            if not ours(job):
+                return None
+            job.update(leaseUntil=round(time.time() + self.lease_s, 3),
+                       progress=round(progress, 3), stage=stage, video=video)
+            return job
+        try:
+            job = self.store.change_job(file_id, change)
+        except ApiError as error:
+            if error.code != "upload_gone":
+                raise
+            return "gone"
+        with self._lock:
+            token = self._claims.get(file_id)
+        return "renewed" if job and (job.get("owner") or {}).get("token") == token else "lost"
+
+    def _settle(self, file_id, **fields):
+        """Our run's outcome, if the job is still ours; the marker goes either way (unless
+        another node runs it now). True when recorded."""
+        ours = self._ours(file_id)
+        recorded = {}
+
+        def change(job):
+            recorded["yes"] = ours(job)
+            if not recorded["yes"]:
+                return None
+            job.update(fields, finishedAt=round(time.time(), 3), owner=None, leaseUntil=None)
+            return job
+        try:
+            job = self.store.change_job(file_id, change)
+        except ApiError as error:
+            if error.code != "upload_gone":
+                raise
+            self.store.drop_job_marker(file_id)
+            return False
+        if job is None or job.get("state") in ("done", "failed"):
+            self.store.drop_job_marker(file_id)
+        return recorded.get("yes", False)
+
+    def finish(self, file_id, video, derivatives):
+        return self._settle(file_id, state="done", interrupted=0, error=None, video=video,
+                            derivatives=derivatives, progress=1.0, stage=None)
+
+    def fail(self, file_id, reason, video):
+        return self._settle(file_id, state="failed", interrupted=0, error=reason,
+                            video=video, derivatives=None, progress=0.0, stage=None)
+
+    def requeue(self, file_id):
+        """A clean stop: queued again (not counted as a crash), for any node; the marker
+        stays."""
+        ours = self._ours(file_id)
+
+        def change(job):
+            if not ours(job):
+                return None
+            job.update(state="queued", owner=None, leaseUntil=None, progress=0.0)
+            return job
+        try:
+            self.store.change_job(file_id, change)
+        except ApiError as error:
+            if error.code != "upload_gone":
+                raise
+
+    def release(self, file_id):
+        with self._lock:
+            self._claims.pop(file_id, None)
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(self.pid_dir, file_id))
+
+    def forget(self, file_id):
+        """The upload is deleted: the store removed the job (with the manifest) and the
+        derivatives (with the upload's generation); only the marker is left to drop."""
+        self.store.drop_job_marker(file_id)
+
+    # -- this node's programs (crash clean-up) ----------------------------------------------
+
+    def set_process(self, file_id, pid, marker):
+        path = os.path.join(self.pid_dir, file_id)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump({"pid": pid, "marker": marker}, f)
+        os.replace(path + ".tmp", path)
+
+    def left_running(self):
+        """(fileId, pid, marker) of the programs this node ran when it crashed."""
+        found = []
+        for name in os.listdir(self.pid_dir):
+            path = os.path.join(self.pid_dir, name)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    record = json.load(f)
+                found.append((name, int(record["pid"]), str(record["marker"])))
+            except (OSError, ValueError, KeyError, TypeError):   # a write a crash cut short
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+        return [entry for entry in found if chunkstore.valid_file_id(entry[0])]
+
+    def requeue_after_crash(self, file_id, limit):
+        """The job itself is in the bucket, still `running` under this node's old token:
+        the next claim takes it over at once and counts the crash (failing it at `limit`)."""
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(self.pid_dir, file_id))
+        return True
+
+    # -- status -------------------------------------------------------------------------------
+
+    def job_of(self, upload):
+        """The job as JobQueue.load gives it, from the manifest status already read."""
+        job = self.store.job_of(upload)
+        if job is None:
+            return None
+        return {"file_id": upload.file_id, "state": job.get("state"),
+                "queued_at": job.get("queuedAt"), "started_at": job.get("startedAt"),
+                "finished_at": job.get("finishedAt"), "interrupted": job.get("interrupted", 0),
+                "error": job.get("error"), "video": job.get("video"),
+                "derivatives": job.get("derivatives") or {}, "progress": job.get("progress"),
+                "stage": job.get("stage"), "attempts": job.get("attempts", 0)}
+
+    def close(self):
+        """Nothing to close: the store owns the connection to the bucket."""
+
+
+def _node_id(path):
+    """This node's id in the shared queue, kept in its --dir so that it survives a restart."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read().strip()
+        if chunkstore.valid_file_id(value):
+            return value
+    except OSError:
+        pass
+    value = uuid.uuid4().hex[:16]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(value + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,9 @@ design; in short, for an upload <id> under the prefix P:
                                      duplicate is still recognised after its object is gone
   P/uploads/<id>/<gen>/<id>.<ext>    the assembled video (a multipart upload until complete)
   P/uploads/<id>/<gen>/derived/...   derivatives of processing
+  P/jobs/<id>                        empty; a processing job is queued or running (its state is
+                                     the manifest's `job` field: processing.SharedJobQueue)
+  P/processing.json                  when processing first used this prefix
   P/index/<inverted ms>-<id>         empty; lists uploads newest first
   P/done/<id>                        empty; counts completed uploads
   P/tus/..., P/tus-partials/...      tus.py's records (json_folder: JSON objects changed by
@@ -87,6 +90,7 @@ MANIFEST_VERSION = 1
 SHA256_META = "sha256"                 # x-amz-meta-sha256 on every chunk object
 RECORD_CACHE_SIZE = 256                # fold records kept in memory (they never change)
 PARALLEL_REQUESTS = 4                  # chunk GETs / DELETEs of one fold in flight at once
+DONE_MARKER_SLACK_S = 60.0             # done/ markers are written just after completedAt
 
 # What an S3 error means for the client of m1server (apierror envelope).
 DENIED_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
@@ -137,7 +141,8 @@ class Manifest:
     uploadId (the multipart upload, once the first part is folded), parts [{n, etag, from, to,
     end, endOffset}] (part n holds bytes [from, to); chunks < end are wholly in parts and chunk
     `end` starts at byte endOffset), records [[a, b]] (fold records written), lastIndex,
-    completedAt, size, etag (the final object's), sha256, deleting."""
+    completedAt, size, etag (the final object's), sha256, deleting, job (processing's, set
+    only through change_job)."""
 
     def __init__(self, data, etag):
         self.data = data
@@ -804,6 +809,96 @@ class S3Store(chunkstore.EventSource):
         return ObjectMedia(self, key, size, head.header("etag"), upload.manifest.completed_at,
                            redirect)
 
+    # -- processing jobs shared through the bucket (processing.SharedJobQueue's storage) ----
+    #
+    # A store that offers change_job shares its processing queue between nodes (processing.py
+    # picks its queue by that, in one place). The job itself is the `job` field of the
+    # upload's manifest, changed by compare-and-swap like every other field, so a status read
+    # (which reads the manifest anyway) sees it without another request. While a job is
+    # queued or running, an empty marker P/jobs/<fileId> lets workers find work with one
+    # LIST per poll. The policy (states, leases, retries) is processing.py's; these only
+    # store. P/processing.json holds when the shared queue was first used (its createdAt).
+
+    def job_of(self, upload):
+        """The `job` field of the manifest `upload` was read from (a copy), or None."""
+        manifest = getattr(upload, "manifest", None)
+        job = manifest.data.get("job") if manifest is not None else None
+        return copy.deepcopy(job) if job is not None else None
+
+    def change_job(self, file_id, change):
+        """Compare-and-swap the job of a completed upload: `change(job)` gets a copy of the
+        job (None when there is none) and returns the new job, or None to leave it as it is.
+        It may be called again after a lost race, with what the winner wrote. Returns the job
+        as stored afterwards; StoreError upload_gone when the upload is gone or deleting."""
+        def edit(data):
+            if data.get("deleting") or data.get("completedAt") is None:
+                raise StoreError(409, "upload_gone", "upload %s is gone" % file_id)
+            new = change(copy.deepcopy(data.get("job")))
+            if new is None:
+                return False
+            data["job"] = new
+            return True
+        with self._storage_errors():
+            manifest = self._load(file_id)
+            if manifest is None:
+                raise StoreError(409, "upload_gone", "upload %s is gone" % file_id)
+            return copy.deepcopy(self._update(manifest, edit).data.get("job"))
+
+    def put_job_marker(self, file_id):
+        with self._storage_errors():
+            self.client.put_object(self._job_marker_key(file_id), b"")
+
+    def drop_job_marker(self, file_id):
+        with self._storage_errors():
+            self._delete_quietly(self._job_marker_key(file_id))
+
+    def job_markers(self):
+        """[(fileId, when the marker was written)] of the queued and running jobs, oldest
+        first: one LIST (a page per 1000 jobs)."""
+        prefix = self._key("jobs") + "/"
+        with self._storage_errors():
+            found = [(info.key[len(prefix):], info.last_modified)
+                     for info in self.client.iter_objects(prefix)]
+        return sorted((f for f in found if valid_file_id(f[0])), key=lambda f: (f[1], f[0]))
+
+    def job_queue_created_at(self):
+        """When processing first used this bucket prefix (P/processing.json, created once
+        with If-None-Match: *, so every node reads the same time). Never written into a
+        bucket that is missing (some stores create one on PutObject)."""
+        key = self._key("processing.json")
+        with self._storage_errors():
+            for _ in range(CAS_ATTEMPTS):
+                try:
+                    body = self.client.get_object(key).body
+                    return float(json.loads(body.decode("utf-8"))["createdAt"])
+                except S3Error as error:
+                    if error.status != 404 or error.code == "NoSuchBucket":
+                        raise
+                try:
+                    self.client.put_object(key, _json({"createdAt": round(time.time(), 3)}),
+                                           content_type="application/json",
+                                           if_none_match=True)
+                except S3Error as error:
+                    if error.status not in (409, 412):
+                        raise
+        raise StoreError(503, "storage_contention", "cannot read %s" % key)
+
+    def completed_since(self, since):
+        """Uploads completed at or after `since` whose sha256 is known (as ChunkStore's),
+        oldest first: the `done/` markers written since then (one LIST), then their
+        manifests (a GET each, a few at a time). Processing's start-up backfill."""
+        prefix = self._key("done") + "/"
+        with self._storage_errors():
+            ids = [info.key[len(prefix):] for info in self.client.iter_objects(prefix)
+                   if info.last_modified >= since - DONE_MARKER_SLACK_S]
+            found = [m for m in _in_parallel(self._load, [f for f in ids if valid_file_id(f)])
+                     if m is not None and not m.deleting and m.completed and m.sha256 and
+                     m.completed_at >= since]
+        return [self._state(m, None) for m in sorted(found, key=lambda m: m.completed_at)]
+
+    def _job_marker_key(self, file_id):
+        return self._key("jobs", file_id)
+
     # -- the manifest: load, create, compare-and-swap ---------------------------------------
 
     def _load(self, file_id):
@@ -1025,7 +1120,7 @@ class S3Store(chunkstore.EventSource):
                         sha256=sha256, records=[[0, last + 1]])
             return True
         done = self._update(m, change)
-        self._after_completion(done, emit=done.sha256 == sha256 and done.etag == etag)
+        self._after_completion(done, emit=done.sha256 == sha256 and done.final_etag == etag)
 
     def _fold_part(self, m, progress, start, end):
         """Part n = bytes [start, end) of the upload, from the chunk objects holding them."""

@@ -5,6 +5,10 @@ Opus, no duration, no cues) in chunks, wait for `processing.state`, and then che
 derivatives with ffprobe/ffmpeg themselves and by reading bytes (MP4 boxes, JPEG markers,
 Matroska element ids). Tests that need ffmpeg call conftest.need (skip locally, fail in CI).
 
+Under M1_TEST_STORAGE=s3 (`make test-s3`) the same tests run with every server storing in the
+bucket: what they read back from storage goes through `srv.storage` (derivatives, the
+original) and the helpers below; the few that are about local files only say so and skip.
+
 Slow-on-purpose jobs use M1_TEST_SLOW_TRANSCODE=1, which makes the server's MP4 transcode read
 its input at the input's own pace (ffmpeg -re): the 4 s sample then takes at least 4 s of wall
 time in the "mp4" stage whatever the machine's speed, so a test that polls for that stage can
@@ -27,7 +31,7 @@ import uuid
 import pytest
 import requests
 
-from conftest import ROOT, get_status, need, send_chunk, split_chunks, wait_until
+from conftest import ROOT, STORAGE, get_status, need, send_chunk, split_chunks, wait_until
 
 sys.path.insert(0, ROOT)
 import processing  # noqa: E402  (the module under test, for its pure functions)
@@ -217,8 +221,8 @@ def sha256(data):
 
 
 def assert_original_untouched(session, srv, file_id, data, ext="webm"):
-    with open(os.path.join(srv.upload_dir, "%s.%s" % (file_id, ext)), "rb") as f:
-        assert sha256(f.read()) == sha256(data), "the original changed on disk"
+    assert sha256(srv.storage.media(file_id, ext) or b"") == sha256(data), \
+        "the original changed in storage"
     assert sha256(download(session, srv, "/uploads/%s.%s" % (file_id, ext)).content) == \
         sha256(data)
 
@@ -240,10 +244,62 @@ def our_programs(upload_dir):
 
 
 def part_files(upload_dir):
+    """Part files left anywhere in the folder (jobs write theirs in temp/.processing/)."""
     found = []
-    for directory, _, names in os.walk(os.path.join(str(upload_dir), "derived")):
+    for directory, _, names in os.walk(str(upload_dir)):
         found.extend(os.path.join(directory, n) for n in names if n.endswith(".part"))
     return found
+
+
+def in_bucket(srv):
+    return hasattr(srv.storage, "client")          # conftest.BucketStorageView
+
+
+def _derived_prefix(srv, file_id):
+    manifest = srv.storage.manifest(file_id)
+    if manifest is None:
+        return None
+    return "%s/uploads/%s/%s/derived/" % (srv.storage.prefix, file_id, manifest["generation"])
+
+
+def stored_derivatives(srv, file_id):
+    """Names kept as derivatives of `file_id`: in derived/<fileId>/, or in the bucket under
+    the upload's generation (s3store.py's layout)."""
+    if not in_bucket(srv):
+        folder = os.path.join(srv.upload_dir, "derived", file_id)
+        return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    prefix = _derived_prefix(srv, file_id)
+    if prefix is None:
+        return []
+    return sorted(info.key[len(prefix):] for info in srv.storage.client.iter_objects(prefix))
+
+
+def store_stray_derivative(srv, file_id, name, data):
+    """Put a file that no job made beside the derivatives (the route must not serve it)."""
+    if not in_bucket(srv):
+        with open(os.path.join(srv.upload_dir, "derived", file_id, name), "wb") as f:
+            f.write(data)
+    else:
+        srv.storage.client.put_object(_derived_prefix(srv, file_id) + name, data)
+
+
+def queue_exists(srv):
+    """Whether processing ever opened its queue for this server's uploads."""
+    if not in_bucket(srv):
+        return os.path.exists(os.path.join(srv.upload_dir, "jobs.sqlite3"))
+    return any(srv.storage.client.iter_objects(srv.storage.prefix + "/processing.json"))
+
+
+def same_uploads(server_factory, srv, **kw):
+    """Another server on `srv`'s uploads: its folder, and in S3 mode its bucket prefix."""
+    if not in_bucket(srv):
+        return server_factory(upload_dir=srv.upload_dir, **kw)
+    at = srv.args.index("--storage")
+    later = server_factory(upload_dir=srv.upload_dir, args=srv.args[at:at + 4] +
+                           list(kw.pop("args", [])), env=dict(srv.env, **kw.pop("env", {})),
+                           **kw)
+    later.storage = srv.storage
+    return later
 
 
 def corrupt_webm(sample):
@@ -371,7 +427,7 @@ def test_probe_mode_measures_a_live_webm_and_writes_no_derivatives(server_factor
     assert (data["video"]["width"], data["video"]["height"]) == SAMPLE_SIZE
     assert "derivatives" not in data and "playbackUrl" not in data
     assert session.get(srv.url + "/uploads/derived/%s/remux.webm" % file_id).status_code == 404
-    assert not os.path.exists(os.path.join(srv.upload_dir, "derived", file_id))
+    assert stored_derivatives(srv, file_id) == []
 
 
 def test_processing_off_adds_nothing_and_earlier_uploads_stay_unprocessed(server_factory,
@@ -381,11 +437,12 @@ def test_processing_off_adds_nothing_and_earlier_uploads_stay_unprocessed(server
     upload(session, srv, file_id, sample_webm)
     data = status_of(session, srv, file_id)
     assert "processing" not in data and "video" not in data
-    assert not os.path.exists(os.path.join(srv.upload_dir, "jobs.sqlite3"))
+    assert not queue_exists(srv)
     assert not os.path.exists(os.path.join(srv.upload_dir, "derived"))
+    assert stored_derivatives(srv, file_id) == []
     srv.stop()
     # Turned on later, processing leaves uploads that completed before its queue existed alone.
-    later = server_factory(upload_dir=srv.upload_dir)
+    later = same_uploads(server_factory, srv)
     data = status_of(session, later, file_id)
     assert "processing" not in data and "video" not in data
     assert_original_untouched(session, later, file_id, sample_webm)
@@ -414,8 +471,7 @@ def test_derivatives_are_served_with_range_and_only_by_their_fixed_names(server_
     past = session.get(url, headers={"Range": "bytes=%d-" % len(whole)})
     assert past.status_code == 416 and past.json()["error"]["code"] == "range_not_satisfiable"
 
-    with open(os.path.join(srv.upload_dir, "derived", file_id, "notes.txt"), "w") as f:
-        f.write("not a derivative")
+    store_stray_derivative(srv, file_id, "notes.txt", b"not a derivative")
     for path in ("/uploads/derived/%s/video.mp4" % file_id,          # not made in remux mode
                  "/uploads/derived/%s/notes.txt" % file_id,          # not a derivative name
                  "/uploads/derived/%s/..%%2F%s.webm" % (file_id, file_id),
@@ -542,7 +598,7 @@ def test_uploads_completed_while_ffmpeg_was_missing_are_processed_after_a_restar
     upload(session, srv, file_id, sample_webm)
     assert status_of(session, srv, file_id)["processing"]["state"] == "unavailable"
     srv.stop()
-    found = server_factory(upload_dir=srv.upload_dir)     # ffmpeg on PATH this time
+    found = same_uploads(server_factory, srv)             # ffmpeg on PATH this time
     data = wait_for_state(session, found, file_id)
     assert data["processing"]["state"] == "done", data
 
@@ -597,6 +653,8 @@ def test_corrupt_upload_ends_failed_with_ffmpegs_reason_and_harms_nothing_else(
 def test_a_newer_queue_schema_disables_processing_but_not_uploads(server_factory, session,
                                                                   sample_webm, tmp_path):
     need_ffmpeg()
+    if STORAGE == "s3":
+        pytest.skip("jobs.sqlite3 is local mode's queue; in S3 mode jobs live in the bucket")
     directory = tmp_path / "future"
     directory.mkdir()
     db = sqlite3.connect(str(directory / "jobs.sqlite3"))
