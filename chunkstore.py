@@ -223,8 +223,8 @@ class UploadState:
 # ---------------------------------------------------------------------------------------------
 
 class EventSource:
-    """What stores have in common for listeners (ChunkStore here, S3Store in s3store.py);
-    a store sets self._listeners = [] in its __init__."""
+    """Listeners of a source of events: ChunkStore here, S3Store in s3store.py, processing's
+    Processor. A source sets self._listeners = [] in its __init__."""
 
     def add_listener(self, listener):
         """Call `listener(event)` after each change, with event a dict such as
@@ -605,7 +605,9 @@ class ChunkStore(EventSource):
                     mended += 1
         for name in os.listdir(self.temp_dir):
             if name not in (INCOMING_DIR_NAME, DELETING_DIR_NAME) and name not in known:
-                log.warning("repair: removing temp chunks of unknown upload %r", name)
+                # Not a fileId (no dot in those): work files a crash left, e.g. processing's.
+                what = "temp chunks of unknown upload" if valid_file_id(name) else "leftover"
+                log.warning("repair: removing %s %r", what, name)
                 shutil.rmtree(os.path.join(self.temp_dir, name), ignore_errors=True)
         if os.path.isdir(self.derived_dir):
             for name in os.listdir(self.derived_dir):

@@ -206,8 +206,10 @@ class JobInterrupted(Exception):
     """The server is stopping (or the upload was forgotten): leave the job for later."""
 
 
-class Processor:
-    """Processes completed uploads in the background. Thread-safe; one per server."""
+class Processor(chunkstore.EventSource):
+    """Processes completed uploads in the background. Thread-safe; one per server. Its
+    listeners (add_listener) get the processing/ready/failed events of the module docstring,
+    from a worker thread; they must return at once (exceptions are logged)."""
 
     def __init__(self, config, store):
         self.store = store
@@ -244,20 +246,7 @@ class Processor:
     def available(self):
         return self.mode != "off" and self.queue is not None and not self.unavailable_reason
 
-    # -- events ---------------------------------------------------------------------------
-
-    def add_listener(self, listener):
-        """Call `listener(event)` for each processing/ready/failed event (see the module
-        docstring), from a worker thread. It must return at once; exceptions are logged."""
-        self._listeners.append(listener)
-
-    def _emit(self, event_type, file_id, **data):
-        event = dict(data, type=event_type, fileId=file_id)
-        for listener in self._listeners:
-            try:
-                listener(event)
-            except Exception:
-                log.exception("processing listener failed on %s", event_type)
+    # -- events (add_listener, _emit: chunkstore.EventSource) ------------------------------
 
     def _on_store_event(self, event):
         # Queued even without ffmpeg: a restart that finds it, or (shared queue) another
