@@ -315,11 +315,9 @@ class ChunkStore(EventSource):
             # The last index is recorded in the same transaction as the chunk itself, so no
             # crash can leave a stored last chunk that the ledger does not know is the last.
             last = index if is_last else None
-            if index == upload.next_index and 0 < self.journal_chunk_bytes and \
-                    size <= self.journal_chunk_bytes:
-                self._append_journaled(upload, index, part_path, size, last)
-            elif index == upload.next_index:
-                self._append(upload, index, part_path, size, last)
+            if index == upload.next_index:
+                small = 0 < self.journal_chunk_bytes and size <= self.journal_chunk_bytes
+                self._append(upload, index, part_path, size, last, journal=small)
             else:
                 self._stash(file_id, index, part_path, size, last)
         elif is_last and upload.last_index is None:
@@ -378,49 +376,35 @@ class ChunkStore(EventSource):
 
     # -- the steps (see the module docstring for why this order is crash-safe) --------------
 
-    def _append(self, upload, index, source_path, size, last_index=None):
-        """Append `source_path` after the upload's consistent prefix, durable, then record it."""
+    def _append(self, upload, index, source_path, size, last_index=None, journal=False):
+        """Append `source_path` after the upload's consistent prefix, durable, then record it.
+        journal: a small chunk, written without an fsync of the file; its bytes go into the
+        ledger's transaction instead (one fsync in all, see the module docstring)."""
         offset = upload.bytes_appended
+        data = None
+        if journal:
+            with open(source_path, "rb") as f:
+                data = f.read(size)
         path = self.media_path(upload)
         created = not os.path.exists(path)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | _O_BINARY, 0o644)
         try:
             os.ftruncate(fd, offset)     # drop a torn tail an earlier failed write left
             os.lseek(fd, offset, os.SEEK_SET)
-            _copy_into(source_path, fd, size)
-            os.fsync(fd)
+            if data is None:
+                _copy_into(source_path, fd, size)
+                os.fsync(fd)
+            else:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
         finally:
             os.close(fd)
         if created:
             fsync_dir(self.root)        # the file's name must survive a power cut too
         self._crash.passed("appended")
-        self._ledger.record_append(upload.file_id, index, size, offset, last_index)
-        self._crash.passed("append_recorded")
-        os.remove(source_path)
-        self._crash.passed("cleaned")
-
-    def _append_journaled(self, upload, index, source_path, size, last_index=None):
-        """A small chunk: written after the consistent prefix without an fsync of the file;
-        its bytes go into the ledger's transaction instead (one fsync in all)."""
-        offset = upload.bytes_appended
-        with open(source_path, "rb") as f:
-            data = f.read(size)
-        path = self.media_path(upload)
-        created = not os.path.exists(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | _O_BINARY, 0o644)
-        try:
-            os.ftruncate(fd, offset)     # drop a torn tail an earlier failed write left
-            os.lseek(fd, offset, os.SEEK_SET)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        if created:
-            fsync_dir(self.root)        # the file's name must survive a power cut too
-        self._crash.passed("appended")
-        journaled = self._ledger.record_append(upload.file_id, index, size, offset,
-                                               last_index, journal=data)
+        journaled = self._ledger.record_append(upload.file_id, index, size, offset, last_index,
+                                               journal=data)
         self._crash.passed("append_recorded")
         os.remove(source_path)
         self._crash.passed("cleaned")
