@@ -1106,11 +1106,8 @@ class SharedJobQueue:
                        finishedAt=None, error=None, progress=0.0, stage="probe",
                        derivatives=None, attempts=job.get("attempts", 0) + 1)
             return job
-        try:
-            job = self.store.change_job(file_id, change)
-        except ApiError as error:
-            if error.code != "upload_gone":
-                raise
+        job, gone = self._change(file_id, change)
+        if gone:
             self.store.drop_job_marker(file_id)   # deleted: its marker is all that is left
             return False
         if seen.get("finished") or seen.get("gave_up"):
@@ -1157,15 +1154,22 @@ class SharedJobQueue:
             job.update(leaseUntil=round(time.time() + self.lease_s, 3),
                        progress=round(progress, 3), stage=stage, video=video)
             return job
-        try:
-            job = self.store.change_job(file_id, change)
-        except ApiError as error:
-            if error.code != "upload_gone":
-                raise
+        job, gone = self._change(file_id, change)
+        if gone:
             return "gone"
         with self._lock:
             token = self._claims.get(file_id)
         return "renewed" if job and (job.get("owner") or {}).get("token") == token else "lost"
+
+    def _change(self, file_id, change):
+        """store.change_job -> (the job afterwards, False), or (None, True) when the upload
+        is gone (deleted)."""
+        try:
+            return self.store.change_job(file_id, change), False
+        except ApiError as error:
+            if error.code != "upload_gone":
+                raise
+            return None, True
 
     def _settle(self, file_id, **fields):
         """Our run's outcome, if the job is still ours; the marker goes either way (unless
@@ -1179,11 +1183,8 @@ class SharedJobQueue:
                 return None
             job.update(fields, finishedAt=round(time.time(), 3), owner=None, leaseUntil=None)
             return job
-        try:
-            job = self.store.change_job(file_id, change)
-        except ApiError as error:
-            if error.code != "upload_gone":
-                raise
+        job, gone = self._change(file_id, change)
+        if gone:
             self.store.drop_job_marker(file_id)
             return False
         if job is None or job.get("state") in ("done", "failed"):
