@@ -359,18 +359,27 @@ class S3Store(chunkstore.EventSource):
             chunks = self._chunks(manifest)
             chunks.setdefault(index, s3client.ObjectInfo("", size, None, time.time()))
             progress = _Progress(manifest, chunks)
+        announce = not duplicate                 # a new chunk: one "chunk" event
         if manifest.completed:
             upload = self._state(manifest, None)
         elif progress.complete(manifest):
+            # The chunk's event goes before finishing, which emits "completed": a listener
+            # sees every chunk, then completed, as in local mode.
+            if announce:
+                self._emit_chunk(file_id, index, size, progress.bytes, progress.next_index)
+                announce = False
             upload = self._finished_state(file_id)
         else:
             if progress.bytes - manifest.cursor >= manifest.part_bytes:
                 self._folder.submit(file_id)
             upload = self._state(manifest, progress)
-        if not duplicate:
-            self._emit("chunk", file_id, index=index, size=size,
-                       bytesReceived=upload.bytes_appended, nextChunkIndex=upload.next_index)
+        if announce:
+            self._emit_chunk(file_id, index, size, upload.bytes_appended, upload.next_index)
         return ChunkResult(file_id, index, duplicate, upload)
+
+    def _emit_chunk(self, file_id, index, size, bytes_received, next_index):
+        self._emit("chunk", file_id, index=index, size=size, bytesReceived=bytes_received,
+                   nextChunkIndex=next_index)
 
     def _store_chunk(self, m, index, part_path, size, digest):
         """PUT the chunk object If-None-Match: *; returns True when it was there already with
