@@ -1029,6 +1029,8 @@ class SharedJobQueue:
         os.makedirs(self.pid_dir, exist_ok=True)
         self.created_at = store.job_queue_created_at()
         self._claims = {}                # fileId -> owner token of the runs of this process
+        self._busy = {}                  # fileId -> leaseUntil of another node's run of it:
+                                         # not read again before then (one GET saved a poll)
         self._lock = threading.Lock()
 
     # -- queueing -------------------------------------------------------------------------
@@ -1044,11 +1046,8 @@ class SharedJobQueue:
                 return None
             return {"state": "queued", "queuedAt": round(time.time(), 3), "attempts": 0,
                     "interrupted": 0}
-        try:
-            self.store.change_job(file_id, change)
-        except ApiError as error:
-            if error.code != "upload_gone":
-                raise
+        _, gone = self._change(file_id, change)
+        if gone:
             self.store.drop_job_marker(file_id)
             return False
         return created.get("yes", False)
@@ -1066,9 +1065,14 @@ class SharedJobQueue:
     def claim_next(self):
         """The oldest job waiting (or abandoned by its node), now running under our lease;
         None when there is none."""
-        for file_id, _ in self.store.job_markers():
+        waiting = [file_id for file_id, _ in self.store.job_markers()]
+        now = time.time()
+        with self._lock:
+            self._busy = dict((f, until) for f, until in self._busy.items()
+                              if f in set(waiting) and until > now)
+        for file_id in waiting:
             with self._lock:
-                if file_id in self._claims:
+                if file_id in self._claims or file_id in self._busy:
                     continue
             if self._claim(file_id):
                 return file_id
@@ -1089,7 +1093,7 @@ class SharedJobQueue:
                 return None
             if job.get("state") == "running":
                 if not self._abandoned(job, now):
-                    seen["busy"] = True
+                    seen["busy"] = job.get("leaseUntil") or 0
                     return None
                 count = job.get("interrupted", 0) + 1
                 seen["taken_from"] = (job.get("owner") or {}).get("node")
@@ -1116,7 +1120,11 @@ class SharedJobQueue:
                 log.error("processing %s: failed after %d interrupted runs", file_id,
                           seen["gave_up"])
             return False
-        if seen.get("busy") or (job.get("owner") or {}).get("token") != token:
+        if "busy" in seen:
+            with self._lock:
+                self._busy[file_id] = seen["busy"]
+            return False
+        if (job.get("owner") or {}).get("token") != token:
             return False
         if seen.get("taken_from"):
             log.warning("processing %s: taken over from node %s (its lease ran out, or it "

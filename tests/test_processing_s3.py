@@ -317,3 +317,50 @@ def test_a_store_outage_during_a_job_delays_it_without_a_traceback(
         assert "Traceback" not in node.log(), node.log()
     finally:
         weed.stop()
+
+
+# --- the queue's own bookkeeping, in process (a store that counts what it is asked) -----------
+
+class _CountingStore:
+    """What SharedJobQueue asks of S3Store, in memory, with the reads counted."""
+
+    def __init__(self):
+        self.jobs = {}
+        self.reads = 0
+
+    def job_queue_created_at(self):
+        return 0.0
+
+    def job_markers(self):
+        return [(file_id, None) for file_id in sorted(self.jobs)]
+
+    def change_job(self, file_id, change):
+        self.reads += 1
+        new = change(json.loads(json.dumps(self.jobs.get(file_id))))
+        if new is not None:
+            self.jobs[file_id] = new
+        return self.jobs.get(file_id)
+
+    def put_job_marker(self, file_id):
+        self.jobs.setdefault(file_id, None)
+
+    def drop_job_marker(self, file_id):
+        pass
+
+
+def test_a_job_running_on_another_node_is_not_read_again_before_its_lease_ends(tmp_path):
+    # An idle worker polls every IDLE_POLL_S; a job another node runs would cost one GET of
+    # its manifest per poll. Its lease says until when it is busy: no read before then.
+    store = _CountingStore()
+    now = time.time()
+    store.jobs["elsewhere"] = {"state": "running", "owner": {"node": "other", "token": "t"},
+                               "leaseUntil": now + 3600, "interrupted": 0}
+    store.jobs["lapsed"] = {"state": "running", "owner": {"node": "other", "token": "u"},
+                            "leaseUntil": now + 1.0, "interrupted": 0}
+    queue = processing.SharedJobQueue(store, str(tmp_path), lease_s=60)
+    assert queue.claim_next() is None and store.reads == 2          # each read once
+    assert queue.claim_next() is None and store.reads == 2          # neither read again
+    wait_until(lambda: time.time() > now + 1.0, timeout=5, message="the short lease to lapse")
+    assert queue.claim_next() == "lapsed" and store.reads == 3      # taken over, one read
+    assert store.jobs["lapsed"]["owner"]["node"] == queue.node
+    assert queue.claim_next() is None and store.reads == 3          # the long one: still busy
