@@ -38,6 +38,8 @@ What it guarantees (SPEC section 1 over S3):
     constant time, whatever the length. Small uploads (<= P) are one PutObject instead.
   * Every step can be repeated by any node, in any order after a crash: the next request for
     the upload (a chunk, a status) or the sweep finishes what a dead node left.
+  * Listeners get ChunkStore's events of what this node did, in the same order: one "chunk"
+    per new chunk, and "completed" after the chunk that completed the upload.
 
 What it does not do: serve an upload's bytes before it is complete (a multipart upload cannot
 be read until it is completed); pass events between nodes (each node emits the events of what
