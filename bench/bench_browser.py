@@ -33,7 +33,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import urllib.request
 
 import common as c
@@ -190,23 +189,9 @@ def main(argv=None):
     ctx = runner.Context(args.quick, args.python or c.base_python(), 1, [])
     seconds = [int(s) for s in args.seconds.split(",")] if args.seconds else None
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    started = time.perf_counter()
-    outcome = run(ctx, seconds, modes)
-    outcome["seconds"] = time.perf_counter() - started
-    outcome["foreign_cpu"] = None
-    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               "mode": "quick" if args.quick else "full", "machine": runner.machine(ctx.python),
-               "server_program": c.SERVER_PROGRAM, "server_source": runner.source_identity(),
-               "benchmarks": {NAME: outcome}, "could_not_run": [],
-               "seconds": outcome["seconds"],
-               "targets": [dict(t, benchmark=NAME) for t in outcome["targets"]]}
-    runner.print_table(results)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-        f.write("\n")
-    print("\nresults: %s" % os.path.abspath(args.out))
-    return 0
+    # The browser's own CPU would count as other load: no foreign-CPU figure here.
+    return runner.run_alone(ctx, NAME, lambda: run(ctx, seconds, modes), args.out,
+                            measure_cpu=False)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ for now, since a full run costs minutes of CPU that the SPEC §9 figures do not 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
@@ -314,24 +313,7 @@ def main(argv=None):
     ctx.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     ctx.processing_rounds = max(1, args.rounds)
     ctx.codec = args.codec
-    started = time.perf_counter()
-    cpu_before = suite.cpu_snapshot()
-    outcome = run(ctx)
-    outcome["seconds"] = time.perf_counter() - started
-    outcome["foreign_cpu"] = suite.foreign_cpu(cpu_before, suite.cpu_snapshot(),
-                                               outcome["seconds"])
-    results = {"date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
-               "mode": "quick" if args.quick else "full", "machine": suite.machine(ctx.python),
-               "benchmarks": {NAME: outcome}, "seconds": outcome["seconds"],
-               "targets": [dict(t, benchmark=NAME) for t in outcome["targets"]],
-               "could_not_run": []}
-    suite.print_table(results)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-        f.write("\n")
-    print("\nresults: %s" % os.path.abspath(args.out))
-    return 0
+    return suite.run_alone(ctx, NAME, lambda: run(ctx), args.out)
 
 
 if __name__ == "__main__":

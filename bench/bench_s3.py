@@ -38,7 +38,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import common as c                      # noqa: E402  (bench/ is on the path as the script's dir)
-import s3client                         # noqa: E402
 import seaweed                          # noqa: E402
 
 BUCKET = "m1bench"

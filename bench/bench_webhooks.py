@@ -24,8 +24,6 @@ Alone: python bench/bench_webhooks.py [--quick] [--recorders N] [--rounds R]
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import socket
 import sys
@@ -347,24 +345,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     ctx = bench_run.Context(args.quick, args.python or c.base_python(), args.rounds,
                             [args.recorders])
-    started = time.perf_counter()
-    cpu_before = bench_run.cpu_snapshot()
-    outcome = run(ctx)
-    outcome["seconds"] = time.perf_counter() - started
-    outcome["foreign_cpu"] = bench_run.foreign_cpu(cpu_before, bench_run.cpu_snapshot(),
-                                                   outcome["seconds"])
-    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               "mode": "quick" if args.quick else "full",
-               "machine": bench_run.machine(ctx.python), "seconds": outcome["seconds"],
-               "benchmarks": {NAME: outcome}, "targets": outcome["targets"],
-               "could_not_run": []}
-    bench_run.print_table(results)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-        f.write("\n")
-    print("\nresults: %s" % os.path.abspath(args.out))
-    return 0
+    return bench_run.run_alone(ctx, NAME, lambda: run(ctx), args.out)
 
 
 if __name__ == "__main__":

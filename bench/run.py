@@ -83,12 +83,7 @@ def main(argv=None):
     recorders = args.recorders or (QUICK_RECORDERS if args.quick else FULL_RECORDERS)
     ctx = Context(args.quick, args.python or c.base_python(), max(1, args.rounds), recorders)
 
-    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               "mode": "quick" if args.quick else "full",
-               "machine": machine(ctx.python),
-               "server_program": c.SERVER_PROGRAM,
-               "server_source": source_identity(),
-               "benchmarks": {}, "targets": []}
+    results = new_results(ctx)
     failed = []
     started = time.perf_counter()
     for module in selected:
@@ -106,19 +101,52 @@ def main(argv=None):
             failed.append(module.NAME)
         outcome["seconds"] = time.perf_counter() - t0
         outcome["foreign_cpu"] = foreign_cpu(cpu_before, cpu_snapshot(), outcome["seconds"])
-        results["benchmarks"][module.NAME] = outcome
-        results["targets"].extend(dict(t, benchmark=module.NAME) for t in outcome["targets"])
+        add_outcome(results, module.NAME, outcome)
     results["seconds"] = time.perf_counter() - started
     results["could_not_run"] = failed
+    write_results(results, args.out)
+    return 1 if failed else 0
 
+
+def run_alone(ctx, name, work, out, measure_cpu=True):
+    """One benchmark run on its own (`python bench/bench_<name>.py`): time `work()` (which
+    returns its outcome), then print and write the results as main() does."""
+    cpu_before = cpu_snapshot()
+    started = time.perf_counter()
+    outcome = work()
+    outcome["seconds"] = time.perf_counter() - started
+    outcome["foreign_cpu"] = (foreign_cpu(cpu_before, cpu_snapshot(), outcome["seconds"])
+                              if measure_cpu else None)
+    results = new_results(ctx)
+    add_outcome(results, name, outcome)
+    results["seconds"] = outcome["seconds"]
+    results["could_not_run"] = []
+    write_results(results, out)
+    return 0
+
+
+def new_results(ctx):
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "mode": "quick" if ctx.quick else "full",
+            "machine": machine(ctx.python),
+            "server_program": c.SERVER_PROGRAM,
+            "server_source": source_identity(),
+            "benchmarks": {}, "targets": []}
+
+
+def add_outcome(results, name, outcome):
+    results["benchmarks"][name] = outcome
+    results["targets"].extend(dict(t, benchmark=name) for t in outcome["targets"])
+
+
+def write_results(results, out):
+    """The table on stdout, the whole results as JSON in `out`."""
     print_table(results)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2, sort_keys=True)
         f.write("\n")
-    print("\nresults: %s" % os.path.abspath(args.out))
-    return 1 if failed else 0
+    print("\nresults: %s" % os.path.abspath(out))
 
 
 def source_identity():
