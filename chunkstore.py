@@ -248,6 +248,8 @@ class EventSource:
 class ChunkStore(EventSource):
     """Chunks of many uploads into one file each, crash-safe. Thread-safe."""
 
+    shared = False       # one server owns the folder (m1.lock): every change is its own
+
     def __init__(self, root, allow_any_content=False, max_upload_bytes=None, crash_at=None,
                  journal_chunk_bytes=DEFAULT_JOURNAL_CHUNK_BYTES):
         self.root = os.path.abspath(root)

@@ -34,8 +34,17 @@ What it guarantees:
     the expiry, then a `token_expired` event, then the end (WebSocket close 1008). The client
     reconnects with a fresh token and resumes from the last event id it saw.
 
+Several nodes on one bucket (a store with `shared` set, s3store.py): each node publishes the
+events of what it did itself, and a StoreRelay reads the status of every upload watched on
+this node every RELAY_POLL_S; a change that no event of this node explains, seen at two polls
+in a row, goes out as a `state` event (the status, as at the start of a stream). So a
+watcher on node B follows an upload whose chunks go to node A, in steps of 1-2 s, and no
+`state` is added when this node did the work itself. Cost: one status read (S3: a GET, and a
+LIST while the upload is incomplete) per watched upload per node per RELAY_POLL_S.
+
 What it does not do: keep events across a restart (a new process starts a new epoch, and
-reconnects get the state), share events between server processes, or check credentials.
+reconnects get the state), pass single events (chunk, processing progress) between server
+processes, or check credentials.
 """
 from __future__ import annotations
 
@@ -60,7 +69,7 @@ from apierror import ApiError
 log = logging.getLogger("m1server.events")
 
 # ---------------------------------------------------------------------------------------------
-# Limits (each a flag in m1server.py, except the last four)
+# Limits (each a flag in m1server.py, except the last five)
 # ---------------------------------------------------------------------------------------------
 
 AUTO = "auto"                        # --max-subscribers default: half of --max-connections
@@ -71,6 +80,7 @@ HISTORY_TTL_S = 300.0                # an upload nobody watches keeps its histor
 MAX_IDLE_TOPICS = 256                # and at most this many such uploads keep one
 SEND_BUFFER_BYTES = 16 << 10         # kernel send buffer of an event connection
 SSE_RETRY_MS = 2000                  # how long EventSource waits before reconnecting
+RELAY_POLL_S = 1.0                   # shared storage: a watched upload's status read this often
 
 EVENT_ID_PATTERN = re.compile(r"([0-9a-f]{1,16})-([0-9]{1,18})\Z")
 RESERVED_FIELDS = ("type", "id", "fileId")
@@ -151,6 +161,14 @@ class EventBus:
         for name in RESERVED_FIELDS:
             if name in fields:
                 raise ValueError("%r is set by the bus, not by the publisher" % name)
+        return self._publish(file_id, event_type, fields, explained=True)
+
+    def relay_state(self, file_id, status):
+        """StoreRelay: a `state` event for what another node did (it explains nothing that
+        happened on this node)."""
+        return self._publish(file_id, "state", {"status": status}, explained=False)
+
+    def _publish(self, file_id, event_type, fields, explained):
         with self._lock:
             topic = self._topics.get(file_id)
         if topic is None:
@@ -166,6 +184,8 @@ class EventBus:
             if len(topic.history) >= self.history_events:
                 topic.complete_after = topic.history.popleft().seq
             topic.history.append(event)
+            if explained:                    # for StoreRelay: this node knows of a change
+                topic.explained = True
             to_wake = [s for s in topic.subscribers if s._push(event)]
         if to_wake:
             self._waker.wake(to_wake)
@@ -193,6 +213,22 @@ class EventBus:
                 fields["url"] = "/uploads/%s.%s" % (event["fileId"], ext)
                 fields["mimeType"] = fields.get("mimeType") or chunkstore.MEDIA_TYPES.get(ext)
         self.publish(event["fileId"], event["type"], **fields)
+
+    # -- what StoreRelay reads ----------------------------------------------------------------
+
+    def watched(self):
+        """The topics somebody subscribes to now."""
+        with self._lock:
+            return [topic for topic in self._topics.values() if topic.holders > 0]
+
+    def observed(self, file_id, status):
+        """A stream was just sent `status` as its state: the relay's starting point."""
+        with self._lock:
+            topic = self._topics.get(file_id)
+        if topic is not None:
+            with topic.lock:
+                if topic.known is None:
+                    topic.known = status_facts(status)
 
     # -- subscribing --------------------------------------------------------------------------
 
@@ -269,6 +305,69 @@ class EventBus:
             subscription._wake()
 
 
+class StoreRelay:
+    """Shared storage: publishes a `state` event when a watched upload's status changes in a
+    way no event of this node explains (another node stored chunks, completed, processed or
+    deleted it); see the module docstring. A daemon thread; `describe(file_id)` returns the
+    status reply of GET /api/video/status/<fileId>."""
+
+    def __init__(self, bus, describe, interval=RELAY_POLL_S):
+        self._bus = bus
+        self._describe = describe
+        self._interval = interval
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="m1-events-relay", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stopping.wait(self._interval):
+            for topic in self._bus.watched():
+                try:
+                    status = self._describe(topic.file_id)
+                except ApiError as error:        # the store did not answer: next time
+                    log.warning("events relay: status of %s: %s", topic.file_id,
+                                error.message)
+                    continue
+                except Exception:
+                    log.exception("events relay: status of %s failed", topic.file_id)
+                    continue
+                if self.changed_elsewhere(topic, status):
+                    self._bus.relay_state(topic.file_id, status)
+
+    @staticmethod
+    def changed_elsewhere(topic, status):
+        """Whether `status` shows a change of `topic` that this node did not publish: seen
+        at two polls in a row with no event of this node in between. (One poll is not
+        enough: it may land between this node storing a chunk and publishing its event.)"""
+        facts = status_facts(status)
+        with topic.lock:
+            if topic.explained or topic.known is None:
+                topic.known, topic.explained, topic.pending = facts, False, False
+                return False
+            if facts == topic.known:
+                topic.pending = False
+                return False
+            if not topic.pending:
+                topic.pending = True
+                return False
+            topic.known, topic.pending = facts, False
+            return True
+
+    def stop(self):
+        self._stopping.set()
+        self._thread.join(5)
+
+
+def status_facts(status):
+    """What a status reply says happened, in the terms this node's events speak of: the
+    bytes and chunks received, completion (once its sha256 is known, when `completed` is
+    sent), processing's state, and whether the upload exists at all."""
+    processing = (status.get("processing") or {}).get("state")
+    return (bool(status.get("exists")), status.get("fileSize"), status.get("chunksReceived"),
+            status.get("state") == "completed" and bool(status.get("sha256")),
+            {"running": 1, "done": 2, "failed": 2}.get(processing, 0))
+
+
 class _Waker:
     """Wakes subscriber threads on behalf of publishers, from a thread of its own.
 
@@ -312,6 +411,11 @@ class _Topic:
         self.complete_after = start_seq  # every event of this upload after it is in history
         self.holders = 0                 # subscriptions (guarded by the bus lock)
         self.idle_since = time.monotonic()
+        # StoreRelay's view (guarded by self.lock): the status facts last seen or sent, an
+        # event published since the last poll, and a change seen once and not explained.
+        self.known = None
+        self.explained = False
+        self.pending = False
 
 
 class Subscription:
@@ -437,10 +541,12 @@ def get_events(handler, file_id):
 def state_text(handler, file_id, subscription=None):
     """The `state` event: what GET /api/video/status/<fileId> would answer as `data`."""
     upload = handler.server.store.status(file_id)
+    status = handler.describe(file_id, upload)
     if subscription is not None:
         subscription.note_state(upload)
-    return json.dumps({"type": "state", "fileId": file_id,
-                       "status": handler.describe(file_id, upload)}, separators=(",", ":"))
+        handler.server.events.observed(file_id, status)
+    return json.dumps({"type": "state", "fileId": file_id, "status": status},
+                      separators=(",", ":"))
 
 
 def _last_event_id(handler):

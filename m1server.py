@@ -482,11 +482,26 @@ class M1Server(ThreadingHTTPServer):
         self.processor.add_listener(self.forward_processing_event)
         self.cors_exposed_headers = cors.EXPOSED_HEADERS + tuple(tus.EXPOSED_HEADERS)
         self.stop_hooks = [self.events.close]    # run on SIGTERM before in-flight requests
+        if getattr(store, "shared", False):     # several nodes: what the others did, too
+            relay = events.StoreRelay(self.events, self.status_of)
+            self.stop_hooks.append(relay.stop)
         self.stopping = False
         self._connections = set()
         self._in_flight = 0
         self._counts = threading.Condition()
         ThreadingHTTPServer.__init__(self, (config.host, config.port), Handler)
+
+    def describe(self, file_id, upload):
+        """The status fields of one upload, with those feature modules add (processing...)."""
+        data = status_reply(file_id, upload)
+        if upload is not None:
+            for extra in self.status_extras:
+                data.update(extra(upload))
+        return data
+
+    def status_of(self, file_id):
+        """What GET /api/video/status/<fileId> answers as `data`."""
+        return self.describe(file_id, self.store.status(file_id))
 
     def stop(self):
         """SIGTERM/SIGINT: run the stop hooks (they end requests that would otherwise wait,
@@ -789,12 +804,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(200, {"success": True, "data": self.describe(file_id, upload)})
 
     def describe(self, file_id, upload):
-        """The status fields of one upload, with those feature modules add (processing...)."""
-        data = status_reply(file_id, upload)
-        if upload is not None:
-            for extra in self.server.status_extras:
-                data.update(extra(upload))
-        return data
+        return self.server.describe(file_id, upload)
 
     # -- GET /api/video?limit=&cursor= , DELETE /api/video/:fileId -------------------------
 

@@ -42,8 +42,9 @@ What it guarantees (SPEC section 1 over S3):
     per new chunk, and "completed" after the chunk that completed the upload.
 
 What it does not do: serve an upload's bytes before it is complete (a multipart upload cannot
-be read until it is completed); pass events between nodes (each node emits the events of what
-it did); the local ledger (m1.sqlite3) is not used at all. Part files stay local temp files.
+be read until it is completed); pass single events between nodes (each node emits the events
+of what it did; events.StoreRelay shows other nodes' changes as `state` events); the local
+ledger (m1.sqlite3) is not used at all. Part files stay local temp files.
 """
 from __future__ import annotations
 
@@ -230,6 +231,8 @@ class _Progress:
 
 class S3Store(chunkstore.EventSource):
     """Chunks of many uploads into one object each, on a bucket shared by many nodes."""
+
+    shared = True        # other nodes change uploads too (events.StoreRelay relays it)
 
     def __init__(self, client, prefix, root, allow_any_content=False, max_upload_bytes=None,
                  part_bytes=DEFAULT_PART_BYTES, presign=False, crash_at=None,

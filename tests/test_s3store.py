@@ -584,3 +584,70 @@ def test_random_crashes_around_every_s3_request_never_break_an_upload(seaweed, t
         logging.getLogger("m1server").setLevel(logging.NOTSET)
         for node in nodes:
             node.close()
+
+
+def test_a_watcher_on_one_node_follows_what_another_node_does(server_factory, seaweed):
+    """Events are published by the node that did the work; events.StoreRelay turns what the
+    others did to a watched upload into `state` events. Watch on B (WebSocket and SSE), send
+    every chunk to A: B's streams show the chunks arriving, the completion, the deletion."""
+    from websockets.sync.client import connect as ws_connect
+    prefix = new_prefix("relay")
+    args, env = s3_node_args(prefix, seaweed)
+    a, b = server_factory(args=args, env=env), server_factory(args=args, env=env)
+    chunks = [b"\x1a\x45\xdf\xa3" + os.urandom(2000)] + [os.urandom(1000) for _ in range(3)]
+    ws = ws_connect(b.url.replace("http://", "ws://") + "/api/video/events/watched",
+                    open_timeout=10)
+    sse = requests.get(b.url + "/api/video/events/watched", stream=True, timeout=30)
+    seen_ws, seen_sse = [], []
+
+    def read_sse():                    # until the deletion shows (or the server closes)
+        for line in iter(sse.raw.readline, b""):     # a line at a time: no read-ahead
+            if line.startswith(b"data:"):
+                seen_sse.append(json.loads(line[5:]))
+                if len(seen_sse) > 1 and seen_sse[-1]["type"] == "state" and \
+                        not seen_sse[-1]["status"]["exists"]:
+                    return
+    reader = threading.Thread(target=read_sse, daemon=True)
+    reader.start()
+    try:
+        first = json.loads(ws.recv(timeout=10))
+        assert first["type"] == "state" and first["status"]["exists"] is False
+        with requests.Session() as session:
+            ok(send_chunk(session, a.url, "watched", 0, chunks[0]))
+            wait_for_state(ws, seen_ws, lambda s: s["exists"] and s["fileSize"] == 2004)
+            for index in (1, 2, 3):
+                ok(send_chunk(session, a.url, "watched", index, chunks[index],
+                              status="completed" if index == 3 else "uploading"))
+            done = wait_for_state(ws, seen_ws, lambda s: s.get("state") == "completed")
+            assert done["fileSize"] == sum(len(c) for c in chunks) and done["sha256"] == \
+                hashlib.sha256(b"".join(chunks)).hexdigest()
+            assert ok(session.delete(a.url + "/api/video/watched", timeout=30))["deleted"]
+            wait_for_state(ws, seen_ws, lambda s: s["exists"] is False)
+        wait_until(lambda: [e["status"]["exists"] for e in seen_sse
+                            if e["type"] == "state"][-1:] == [False], timeout=30,
+                   message="the SSE stream on B to show the deletion")
+        states = [e["status"] for e in seen_sse if e["type"] == "state"]
+        assert any(s.get("state") == "completed" for s in states), states
+        # B did none of it: no chunk or completed event of its own, only states
+        assert {e["type"] for e in seen_ws + seen_sse} == {"state"}
+    finally:
+        ws.close()
+        reader.join(5)
+        if not reader.is_alive():        # a reader still blocked ends when B stops
+            sse.close()
+
+
+def wait_for_state(ws, seen, wanted, deadline_s=30.0):
+    """The status of the first `state` event on `ws` that satisfies `wanted`."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, "no matching state event within %.0f s: %s" % (deadline_s, seen)
+        try:
+            event = json.loads(ws.recv(timeout=left))
+        except TimeoutError:
+            raise AssertionError("no matching state event within %.0f s: %s"
+                                 % (deadline_s, seen))
+        seen.append(event)
+        if event["type"] == "state" and wanted(event["status"]):
+            return event["status"]
