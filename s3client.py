@@ -615,36 +615,33 @@ def _length(body):
     return len(body or b"")
 
 
+def _blocks(body):
+    """The bytes of a body (bytes, or a FileRegion read block by block), in order."""
+    if not isinstance(body, FileRegion):
+        if body:
+            yield body
+        return
+    with open(body.path, "rb") as f:
+        f.seek(body.offset)
+        remaining = body.length
+        while remaining > 0:
+            block = f.read(min(remaining, SEND_BLOCK_BYTES))
+            if not block:
+                raise IOError("%s is shorter than expected" % body.path)
+            yield block
+            remaining -= len(block)
+
+
 def _digest(body, algorithm):
     digest = hashlib.new(algorithm)
-    if isinstance(body, FileRegion):
-        with open(body.path, "rb") as f:
-            f.seek(body.offset)
-            remaining = body.length
-            while remaining > 0:
-                block = f.read(min(remaining, SEND_BLOCK_BYTES))
-                if not block:
-                    raise IOError("%s is shorter than expected" % body.path)
-                digest.update(block)
-                remaining -= len(block)
-    else:
-        digest.update(body or b"")
+    for block in _blocks(body):
+        digest.update(block)
     return digest.digest()
 
 
 def _send_body(connection, body):
-    if isinstance(body, FileRegion):
-        with open(body.path, "rb") as f:
-            f.seek(body.offset)
-            remaining = body.length
-            while remaining > 0:
-                block = f.read(min(remaining, SEND_BLOCK_BYTES))
-                if not block:
-                    raise IOError("%s is shorter than expected" % body.path)
-                connection.send(block)
-                remaining -= len(block)
-    elif body:
-        connection.send(body)
+    for block in _blocks(body):
+        connection.send(block)
 
 
 def _error_from(status, data, method, key, headers):
