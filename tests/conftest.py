@@ -59,6 +59,39 @@ def wait_until(predicate, timeout=10.0, interval=0.02, message="condition"):
         time.sleep(interval)
 
 
+def live_processes():
+    """{pid: (ppid, pgid)} of every process still running, read from /proc (Linux; {}
+    elsewhere). Zombies are left out: they have exited, only their parent's wait is due."""
+    found = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                stat = f.read().decode("ascii", "replace")
+        except OSError:
+            continue                                   # it ended while we looked
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses itself
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] not in ("Z", "X"):
+            found[int(name)] = (int(fields[1]), int(fields[2]))
+    return found
+
+
+def wait_group_gone(pgid, timeout):
+    """Poll until no live process is in process group `pgid`; False if some still are."""
+    deadline = time.monotonic() + timeout
+    while any(group == pgid for _, group in live_processes().values()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 # --- where a test server keeps its videos (M1_TEST_STORAGE) -------------------------------
 
 _weed = None                       # the session's SeaweedFS, once started (S3 mode, S3 tests)
