@@ -308,6 +308,39 @@ def server(server_factory):
     return server_factory()
 
 
+SMALL_DISK_BYTES = 20 << 20
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 20 MiB filesystem of the test's own (a tmpfs; mounting needs root, as here and in
+    CI), unmounted whatever happens."""
+    need(hasattr(os, "geteuid") and os.geteuid() == 0, "mounting a small tmpfs needs root")
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%d" % SMALL_DISK_BYTES,
+                              "tmpfs", str(folder)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
+    need(mounted.returncode == 0, "mount -t tmpfs failed: %s" % mounted.stdout[-200:])
+    try:
+        yield str(folder)
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def leave_free(disk, nbytes):
+    """Fill `disk` (a small_disk) with one filler file so that about `nbytes` stay free (in
+    whole pages); returns the bytes actually free."""
+    filler = os.path.join(disk, "filler")
+    with open(filler, "ab") as f:
+        f.truncate(0)
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        if free > nbytes:
+            os.posix_fallocate(f.fileno(), 0, free - nbytes)
+    stat = os.statvfs(disk)
+    return stat.f_bavail * stat.f_frsize
+
+
 @pytest.fixture
 def session():
     with requests.Session() as s:
