@@ -82,8 +82,8 @@ import time
 import localdisk
 from localdisk import FileMedia, UnsafePath, UploadFolder, fsync_dir, open_file, writing
 from storage import (DUPLICATE, IN_ORDER, Capabilities, ChunkResult, Store, StoreError,
-                     UploadState, check_budgets, check_chunk_request, choose_extension,
-                     classify_chunk, sha256_file, valid_file_id)
+                     UploadState, Workers, check_chunk_request, check_derivative_name,
+                     sha256_file, valid_file_id)
 
 log = logging.getLogger("m1server.store")
 
@@ -129,7 +129,9 @@ class ChunkStore(Store):
         self.derived_dir = os.path.join(self.root, DERIVED_DIR_NAME)
         os.makedirs(self.deleting_dir, exist_ok=True)
         self._ledger = _Ledger(os.path.join(self.root, LEDGER_NAME))
-        self._hasher = _BackgroundHasher(self)
+        # Completing must take constant time whatever the length (SPEC section 1): the file's
+        # sha256 is computed off the request path, and status shows it once it is known.
+        self._hasher = Workers("m1-hasher", 1, self._hash_in_background)
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -152,15 +154,12 @@ class ChunkStore(Store):
     def _put_locked(self, file_id, index, part_path, size, is_last, mime_type, budget):
         """Read the upload once, decide by the contract's rules, then take the steps."""
         upload = self._ledger.load(file_id) or UploadState.unknown(file_id)
-        stored = self._stored_as(upload, index, part_path, size)
-        kind = classify_chunk(index, upload.next_index, stored, upload.last_index,
-                              upload.highest_received, is_last)
-        ext = choose_extension(mime_type, upload.ext, upload.mime_type, upload.next_index > 0)
+        kind, ext = self.decide(upload, index, self._stored_as(upload, index, part_path, size),
+                                size, is_last, mime_type, budget)
         if kind == DUPLICATE:
             if is_last and upload.last_index is None:
                 self._ledger.set_last_index(file_id, index)
         else:
-            check_budgets(upload.bytes_held, size, self._budgets(budget))
             upload = self._record_type(upload, mime_type, ext)
             # The last index is recorded in the same transaction as the chunk itself, so no
             # crash can leave a stored last chunk that the ledger does not know is the last.
@@ -312,13 +311,17 @@ class ChunkStore(Store):
     def _stash_path(self, file_id, index):
         return os.path.join(self.temp_dir, file_id, "%d.chunk" % index)
 
-    def record_sha256(self, file_id, completed_at, digest):
-        """Store the digest of the upload that completed at `completed_at` (not of a newer
-        upload that took its id after a deletion)."""
+    def _hash_in_background(self, file_id):
+        """The hasher's work: the digest of the upload that completed, kept only for that
+        upload (not a newer one that took its id after a deletion)."""
+        upload = self.status(file_id)
+        if upload is None or upload.completed_at is None or upload.sha256 is not None:
+            return
+        digest = sha256_file(self.media_path(upload), upload.bytes_appended)
         # Under the upload's lock, like the chunk events: the hasher is handed the upload
         # before the last chunk's event is sent, and "completed" must not overtake it.
         with self._locks.held(file_id):
-            if not self._ledger.set_sha256(file_id, completed_at, digest):
+            if not self._ledger.set_sha256(file_id, upload.completed_at, digest):
                 return
             upload = self._ledger.load(file_id)
             self._emit("completed", file_id, size=upload.bytes_appended, sha256=digest,
@@ -361,7 +364,7 @@ class ChunkStore(Store):
     def put_derivative(self, upload, name, path, content_type=None):
         """Keep a derivative (poster.jpg, remux.webm, ...): `path` is moved, durably, to
         derived/<fileId>/<name>."""
-        _check_derivative_name(name)
+        check_derivative_name(name)
         folder = os.path.join(self.derived_dir, upload.file_id)
         with writing("keeping derivative %s" % name):
             self.folder.own_dir(self.derived_dir, "the derivatives folder", create=True)
@@ -890,43 +893,8 @@ class _Ledger:
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers: hashing after completion, names
+# Helpers
 # ---------------------------------------------------------------------------------------------
-
-class _BackgroundHasher:
-    """Computes the sha256 of completed uploads off the request path, one at a time.
-
-    Completing an upload must take constant time whatever its length (SPEC section 1), so the
-    whole-file digest is computed here afterwards; status shows it once it is known.
-    """
-
-    def __init__(self, store):
-        self._store = store
-        self._queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="m1-hasher", daemon=True)
-        self._thread.start()
-
-    def submit(self, file_id):
-        self._queue.put(file_id)
-
-    def _run(self):
-        while True:
-            file_id = self._queue.get()
-            if file_id is None:
-                return
-            try:
-                upload = self._store.status(file_id)
-                if upload is not None and upload.completed_at is not None and \
-                        upload.sha256 is None:
-                    digest = sha256_file(self._store.media_path(upload), upload.bytes_appended)
-                    self._store.record_sha256(file_id, upload.completed_at, digest)
-            except Exception:          # logged once; status simply shows no sha256
-                log.exception("hashing %s failed", file_id)
-
-    def stop(self):
-        self._queue.put(None)
-        self._thread.join(5)
-
 
 def _chunk_file_index(name):
     stem, dot, suffix = name.partition(".")
@@ -934,7 +902,3 @@ def _chunk_file_index(name):
         return int(stem)
     return None
 
-
-def _check_derivative_name(name):
-    if not name or os.path.basename(name) != name or name in (".", ".."):
-        raise StoreError(400, "invalid_name", "not a derivative name: %r" % name)

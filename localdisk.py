@@ -188,7 +188,7 @@ class UploadFolder:
 
     def remove_tree(self, path):
         """Remove a folder (or file) of the store's below root. A link on the way is set
-        aside, never followed; a failure is logged (repair tries again at the next start)."""
+        aside, never followed; a failure is logged."""
         remove_below(self.root, os.path.relpath(path, self.root).split(os.sep),
                      on_link=lambda link: self.quarantine(link, "a link where the store "
                                                           "keeps its own files"))
@@ -257,13 +257,16 @@ def remove_below(root, names, on_link=None):
             return
         if depth < len(names) - 1 and not stat.S_ISDIR(mode):
             return                                 # nothing of ours can be below a file
-    if stat.S_ISDIR(mode):
-        # rmtree never follows the links inside (shutil.rmtree.avoids_symlink_attacks)
-        shutil.rmtree(path, onerror=lambda _, where, error: log.warning(
-            "could not remove %s: %s", where, error[1]))
-    else:
-        with contextlib.suppress(FileNotFoundError):
+    try:
+        if stat.S_ISDIR(mode):
+            shutil.rmtree(path)        # never follows the links inside (avoids_symlink_attacks)
+        else:
             os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.warning("could not remove %s (repair tries again at the next start): %s", path,
+                    error)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,30 +380,23 @@ class FileMedia(Media):
         self.etag = '"%x-%x"' % (size, int(mtime * 1000))
 
     def open_range(self, start, count):
-        return _FileRange(open_reading(self.path, "a video to serve"), start, count)
+        return _FileRange(open_reading(self.path, "a video to serve"), start, count,
+                          self.path)
 
 
 class _FileRange(MediaRange):
-    def __init__(self, f, start, count):
-        self._file = f
-        self._start = start
-        self._count = count
-
     def send(self, sock, wfile):
         wfile.flush()
         try:
-            sock.sendfile(self._file, self._start, self._count)
+            sock.sendfile(self._source, self._start, self._count)
             return
         except (AttributeError, NotImplementedError):
             pass
-        self._file.seek(self._start)
+        self._source.seek(self._start)
         remaining = self._count
         while remaining > 0:
-            block = self._file.read(min(remaining, COPY_BLOCK_BYTES))
+            block = self._source.read(min(remaining, COPY_BLOCK_BYTES))
             if not block:
                 break
             wfile.write(block)
             remaining -= len(block)
-
-    def close(self):
-        self._file.close()

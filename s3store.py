@@ -63,7 +63,6 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import threading
 import time
 import uuid
@@ -73,10 +72,10 @@ import s3client
 from localdisk import UploadFolder
 from s3client import FileRegion, S3ConnectionError, S3Error
 from storage import (DEFAULT_EXTENSION, DUPLICATE, MEDIA_TYPES, Capabilities, ChunkResult,
-                     KeyedLocks, Media, MediaRange, Store, StoreError, UploadState,
-                     check_budgets, check_chunk_request, check_completion, choose_extension,
-                     classify_chunk,
-                     extension_for, is_expired, sha256_file, valid_file_id)
+                     KeyedLocks, Media, MediaRange, Store, StoreError, UploadState, Workers,
+                     check_chunk_request, check_completion, check_derivative_name,
+                     choose_extension, extension_for, is_complete, is_expired, sha256_file,
+                     valid_file_id)
 
 log = logging.getLogger("m1server.s3store")
 
@@ -228,12 +227,11 @@ class _Progress:
         self.stashed = sorted(i for i in chunks
                               if i > index and (last is None or i <= last))
         self.stashed_bytes = sum(chunks[i].size for i in self.stashed)
-        self.highest = max([index - 1] + self.stashed)
         self.updated_at = max([manifest.updated_at] + [info.last_modified
                                                        for info in chunks.values()])
 
     def complete(self, manifest):
-        return manifest.last_index is not None and self.next_index == manifest.last_index + 1
+        return is_complete(self.next_index, manifest.last_index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +267,8 @@ class S3Store(Store):
         self.one_shot = one_shot              # `gc`: one sweep does everything, then exit
         # A full listing of the bucket: not at every node's start-up, only in a one-shot gc.
         self._last_orphan_scan = None if one_shot else time.monotonic()
-        self._folder = _Workers("m1-fold", FOLD_WORKERS, self._fold_in_background)
-        self._hasher = _Workers("m1-s3-hash", 1, self._hash_in_background)
+        self._folder = Workers("m1-fold", FOLD_WORKERS, self._fold_in_background)
+        self._hasher = Workers("m1-s3-hash", 1, self._hash_in_background)
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -330,15 +328,19 @@ class S3Store(Store):
                     budget):
         manifest = self._load_live(file_id)
         if manifest is None:
-            check_budgets(0, size, self._budgets(budget))
+            self.decide(UploadState.unknown(file_id), index, None, size, is_last, mime_type,
+                        budget)                     # refused before anything is created
             manifest = self._create(file_id, mime_type)
         chunks = self._chunks(manifest)
-        progress = _Progress(manifest, chunks)
-        duplicate = self._classify(manifest, progress, chunks, index, size, digest,
-                                   is_last) == DUPLICATE
-        manifest = self._record_type(manifest, progress, mime_type)
+        upload = self._state(manifest, _Progress(manifest, chunks))
+        known = self._known_chunk(manifest, chunks, index)
+        if known is None and index < upload.next_index:
+            manifest = self._check_alive(manifest)  # its object went with a deletion?
+        kind, _ = self.decide(upload, index, None if known is None else known == (size, digest),
+                              size, is_last, mime_type, budget)
+        duplicate = kind == DUPLICATE
+        manifest = self._record_type(manifest, mime_type)
         if not duplicate:
-            check_budgets(progress.bytes + progress.stashed_bytes, size, self._budgets(budget))
             duplicate = self._store_chunk(manifest, index, part_path, size, digest)
             chunks[index] = s3client.ObjectInfo(self._chunk_key(manifest, index), size, None,
                                                 time.time())
@@ -375,19 +377,6 @@ class S3Store(Store):
             self._emit_chunk(file_id, index, size, upload.bytes_appended, upload.next_index)
         return ChunkResult(file_id, index, duplicate, upload)
 
-    def _classify(self, m, progress, chunks, index, size, digest, is_last):
-        """storage.classify_chunk over what the bucket holds: the chunk object's (size,
-        sha256), or its fold record once the object is gone."""
-        known = self._known_chunk(m, chunks, index)
-        if m.completed:
-            next_index, highest = m.last_index + 1, m.last_index
-        else:
-            next_index, highest = progress.next_index, progress.highest
-        if known is None and index < next_index:
-            m = self._check_alive(m)                # its object went with a deletion?
-        return classify_chunk(index, next_index, None if known is None else
-                              known == (size, digest), m.last_index, highest, is_last)
-
     def _after_store(self, m, stored):
         """The manifest, read again after the chunk PUT: a fold by another node may have moved
         on meanwhile (the listing taken before is consistent with it). A deletion that won
@@ -404,10 +393,8 @@ class S3Store(Store):
     def _check_alive(self, m):
         """The upload's manifest now; _DeletedMeanwhile when `m`'s upload is gone or going
         (a deletion found cut short is finished first)."""
-        fresh = self._load(m.file_id)
-        if fresh is None or fresh.deleting or fresh.generation != m.generation:
-            if fresh is not None and fresh.deleting:
-                self._finish_delete(fresh)
+        fresh = self._load_live(m.file_id)
+        if fresh is None or fresh.generation != m.generation:
             raise _DeletedMeanwhile()
         return fresh
 
@@ -452,11 +439,10 @@ class S3Store(Store):
 
     # -- decisions the bucket records --------------------------------------------------------
 
-    def _record_type(self, m, progress, mime_type):
-        """The first chunk that names a mimeType records it (storage.choose_extension). The
+    def _record_type(self, m, mime_type):
+        """The first chunk that names a mimeType records it (decide has checked it). The
         extension names the final object, so it may change only before any byte of that
         object exists: the change below asks the rule again against what it finds."""
-        choose_extension(mime_type, m.ext, m.mime_type, progress.next_index > 0)
         if mime_type is None or m.mime_type is not None:
             return m
 
@@ -496,8 +482,6 @@ class S3Store(Store):
                 return self._state(manifest, None)
             chunks = self._chunks(manifest)
             manifest = self._reload(manifest)
-            if manifest is None:
-                return None
             if manifest.completed:
                 return self._state(manifest, None)
             progress = _Progress(manifest, chunks)
@@ -533,7 +517,7 @@ class S3Store(Store):
     def open_media(self, upload):
         """The assembled video to serve (or a redirect to it); None while it is incomplete
         or empty: an unfinished multipart upload cannot be read."""
-        m = getattr(upload, "manifest", None)
+        m = upload.manifest if upload is not None else None
         if m is None or not m.completed or not m.size:
             return None
         key = self._final_key(m)
@@ -814,13 +798,8 @@ class S3Store(Store):
             raise StoreError(404, "not_found", "upload %s is not complete" % upload.file_id)
         path = os.path.join(self.temp_dir, "%s.%s.download" % (uuid.uuid4().hex, upload.ext))
         try:
-            with self._storage_errors(), \
-                    self.client.open_object(media.key) as stream, open(path, "wb") as f:
-                while True:
-                    block = stream.read(STREAM_BLOCK_BYTES)
-                    if not block:
-                        break
-                    f.write(block)
+            with self._storage_errors(), open(path, "wb") as f:
+                self._read_object(media.key, f.write)
             yield path
         finally:
             self.discard(path)
@@ -828,12 +807,13 @@ class S3Store(Store):
     def put_derivative(self, upload, name, path, content_type=None):
         """Store a derivative (poster.jpg, remux.webm, ...) of a completed upload."""
         with self._storage_errors():
-            self.client.put_object(self._derived_key(upload.manifest, _derived_name(name)),
+            self.client.put_object(self._derived_key(upload.manifest,
+                                                     check_derivative_name(name)),
                                    FileRegion(path), content_type=content_type)
 
     def open_derivative(self, upload, name):
         """A derivative to serve, like open_media; None when there is none."""
-        key = self._derived_key(upload.manifest, _derived_name(name))
+        key = self._derived_key(upload.manifest, check_derivative_name(name))
         with self._storage_errors():
             try:
                 head = self.client.head_object(key)
@@ -858,8 +838,7 @@ class S3Store(Store):
 
     def job_of(self, upload):
         """The `job` field of the manifest `upload` was read from (a copy), or None."""
-        manifest = getattr(upload, "manifest", None)
-        job = manifest.data.get("job") if manifest is not None else None
+        job = upload.manifest.data.get("job") if upload is not None else None
         return copy.deepcopy(job) if job is not None else None
 
     def change_job(self, file_id, change):
@@ -1320,12 +1299,7 @@ class S3Store(Store):
             if m is None or not m.completed or m.sha256 is not None:
                 return
             digest = hashlib.sha256()
-            with self.client.open_object(self._final_key(m)) as stream:
-                while True:
-                    block = stream.read(STREAM_BLOCK_BYTES)
-                    if not block:
-                        break
-                    digest.update(block)
+            self._read_object(self._final_key(m), digest.update)
             value = digest.hexdigest()
 
             def change(data):
@@ -1338,6 +1312,12 @@ class S3Store(Store):
                 self._emit_completed(done)
         except (S3Error, StoreError) as error:
             log.warning("hashing %s failed (retried on a later status): %s", file_id, error)
+
+    def _read_object(self, key, consume):
+        """consume(block) for the whole object at `key`, a block at a time."""
+        with self.client.open_object(key) as stream:
+            for block in iter(lambda: stream.read(STREAM_BLOCK_BYTES), b""):
+                consume(block)
 
     # -- errors -----------------------------------------------------------------------------
 
@@ -1372,32 +1352,24 @@ class ObjectMedia(Media):
         is sent); the returned reader's send() copies them to the client."""
         with self.store._storage_errors():
             stream = self.store.client.open_object(self.key, (start, start + count - 1))
-        return _StreamRange(stream, count, self.key)
+        return _StreamRange(stream, start, count, self.key)
 
 
 class _StreamRange(MediaRange):
-    def __init__(self, stream, count, key):
-        self._stream = stream
-        self._count = count
-        self._key = key
-
     def send(self, sock, wfile):
         remaining = self._count
         while remaining > 0:
             try:
-                block = self._stream.read(min(remaining, STREAM_BLOCK_BYTES))
+                block = self._source.read(min(remaining, STREAM_BLOCK_BYTES))
             except OSError as error:
                 block = b""
-                log.warning("object store stopped sending %s: %s", self._key, error)
+                log.warning("object store stopped sending %s: %s", self._name, error)
             if not block:
                 # the status line is out: all we can do is cut the connection short
                 raise ConnectionAbortedError("object store sent %d bytes less than promised"
                                              % remaining)
             wfile.write(block)
             remaining -= len(block)
-
-    def close(self):
-        self._stream.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1467,55 +1439,8 @@ class _DeletedMeanwhile(Exception):
     """put_chunk: the upload was deleted while this chunk was being stored; start afresh."""
 
 
-def _derived_name(name):
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise StoreError(400, "invalid_name", "not a derivative name: %r" % name)
-    return name
-
-
 def _json(data):
     return json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")
-
-
-class _Workers:
-    """A few daemon threads working through file ids; an id already waiting is not queued
-    twice."""
-
-    def __init__(self, name, count, work):
-        self._work = work
-        self._queue = queue.Queue()
-        self._pending = set()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, name="%s-%d" % (name, n),
-                                          daemon=True) for n in range(count)]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, file_id):
-        with self._lock:
-            if file_id in self._pending:
-                return
-            self._pending.add(file_id)
-        self._queue.put(file_id)
-
-    def _run(self):
-        while True:
-            file_id = self._queue.get()
-            if file_id is None:
-                return
-            with self._lock:
-                self._pending.discard(file_id)
-            try:
-                self._work(file_id)
-            except Exception:
-                log.exception("background work on %s failed", file_id)
-
-    def stop(self, timeout=5.0):
-        for _ in self._threads:
-            self._queue.put(None)
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import re
 import threading
 import time
@@ -154,6 +155,13 @@ def check_chunk_request(file_id, index, part_path, mime_type, checksum, allow_an
         if (sha256 or sha256_file(part_path)) != expected.lower():
             raise StoreError(400, "checksum_mismatch",
                              "the chunk's sha256 differs from the checksum field")
+
+
+def check_derivative_name(name):
+    """A derivative's name (poster.jpg, remux.webm): one plain file name, or 400."""
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise StoreError(400, "invalid_name", "not a derivative name: %r" % name)
+    return name
 
 
 def sha256_file(path, length=None):
@@ -355,13 +363,20 @@ class Media:
 
 
 class MediaRange:
-    """Bytes being sent from a Media; a context manager that closes its source."""
+    """`count` bytes from `start` being sent from a Media's `source` (a file, a stream); a
+    context manager that closes the source. `name` says what it is, for the log."""
+
+    def __init__(self, source, start, count, name):
+        self._source = source
+        self._start = start
+        self._count = count
+        self._name = name
 
     def send(self, sock, wfile):
         raise NotImplementedError
 
     def close(self):
-        raise NotImplementedError
+        self._source.close()
 
     def __enter__(self):
         return self
@@ -501,10 +516,18 @@ class Store(EventSource):
                   checksum=None, budget=None):
         raise NotImplementedError
 
-    def _budgets(self, budget):
-        """The budgets a new chunk must fit: the caller's (a token's) first, as before it was
-        checked inside the lock, then --max-upload-size."""
-        return (budget, self._upload_budget)
+    def decide(self, upload, index, stored, size, is_last, mime_type, budget):
+        """The contract's rules for one chunk, as each backend asks them under the upload's
+        lock: `upload` is its UploadState as the backend reads it (UploadState.unknown for a
+        new one), `stored` what the backend holds at `index` (see classify_chunk). Returns
+        (kind, ext): what the chunk is, and the extension the upload has after it. A new chunk
+        must fit every budget: the caller's (a token's) first, then --max-upload-size."""
+        kind = classify_chunk(index, upload.next_index, stored, upload.last_index,
+                              upload.highest_received, is_last)
+        ext = choose_extension(mime_type, upload.ext, upload.mime_type, upload.next_index > 0)
+        if kind != DUPLICATE:
+            check_budgets(upload.bytes_held, size, (budget, self._upload_budget))
+        return kind, ext
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -578,7 +601,7 @@ class Store(EventSource):
 
 
 # ---------------------------------------------------------------------------------------------
-# What backends use to work: locks, crash points
+# What backends use to work: locks, background workers, crash points, names
 # ---------------------------------------------------------------------------------------------
 
 class KeyedLocks:
@@ -601,6 +624,48 @@ class KeyedLocks:
                 entry[1] -= 1
                 if entry[1] == 0:
                     del self._locks[key]
+
+
+class Workers:
+    """A few daemon threads working through upload ids off the request path (hashing a
+    completed upload, folding chunks into parts); an id already waiting is not queued twice,
+    and a failure is logged, never raised."""
+
+    def __init__(self, name, count, work):
+        self._work = work
+        self._queue = queue.Queue()
+        self._pending = set()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, name="%s-%d" % (name, n),
+                                          daemon=True) for n in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, file_id):
+        with self._lock:
+            if file_id in self._pending:
+                return
+            self._pending.add(file_id)
+        self._queue.put(file_id)
+
+    def _run(self):
+        while True:
+            file_id = self._queue.get()
+            if file_id is None:
+                return
+            with self._lock:
+                self._pending.discard(file_id)
+            try:
+                self._work(file_id)
+            except Exception:
+                log.exception("background work on %s failed", file_id)
+
+    def stop(self, timeout=5.0):
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class CrashPoint:
