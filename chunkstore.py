@@ -127,7 +127,7 @@ class ChunkStore(Store):
         self.journal_chunk_bytes = journal_chunk_bytes
         self.deleting_dir = os.path.join(self.temp_dir, DELETING_DIR_NAME)
         self.derived_dir = os.path.join(self.root, DERIVED_DIR_NAME)
-        os.makedirs(self.deleting_dir, exist_ok=True)
+        self.folder.prepare((self.temp_dir, self.deleting_dir))
         self._ledger = _Ledger(os.path.join(self.root, LEDGER_NAME))
         # Completing must take constant time whatever the length (SPEC section 1): the file's
         # sha256 is computed off the request path, and status shows it once it is known.

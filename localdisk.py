@@ -130,8 +130,8 @@ class UploadFolder:
         self.copies = copies
         self._reserved = 0
         self._reserved_lock = threading.Lock()
-        for path in (self.root, self.temp_dir, self.incoming_dir):
-            os.makedirs(path, exist_ok=True)
+        os.makedirs(self.root, exist_ok=True)
+        self.prepare((self.temp_dir, self.incoming_dir))
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -194,6 +194,16 @@ class UploadFolder:
                                                           "keeps its own files"))
 
     # -- start-up -------------------------------------------------------------------------
+
+    def prepare(self, paths):
+        """Make the store's folders that are missing, parents first, never inside a link: at
+        a link (logged) the rest is left to repair (make_own_dirs), which runs next."""
+        for path in paths:
+            try:
+                self.own_dir(path, "the store's folder %s" % os.path.basename(path),
+                             create=True)
+            except UnsafePath:
+                return
 
     def make_own_dirs(self, paths):
         """Repair: each of the store's folders is a real folder. A link (or a file) standing
