@@ -905,14 +905,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def get_metrics(self):
         store, config = self.server.store, self.server.config
-        active, completed = store.counts()
         gauges = [
-            ("m1_uploads_active", "Uploads not yet complete.", active),
-            ("m1_uploads_completed", "Completed uploads on disk.", completed),
             ("m1_disk_free_bytes", "Free bytes on the upload folder's disk.",
              shutil.disk_usage(config.dir).free),
             ("m1_connections_open", "Open client connections.", self.server.open_connections()),
         ]
+        try:
+            active, completed = store.counts()
+            gauges[:0] = [("m1_uploads_active", "Uploads not yet complete.", active),
+                          ("m1_uploads_completed", "Completed uploads on disk.", completed)]
+        except ApiError:         # the object store is down: the rest (its retries) still counts
+            pass
         body = self.server.metrics.render(gauges).encode("utf-8")
         self.send_response(200)
         self.send_headers({"Content-Type": "text/plain; version=0.0.4; charset=utf-8",

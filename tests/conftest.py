@@ -61,6 +61,16 @@ def wait_until(predicate, timeout=10.0, interval=0.02, message="condition"):
 
 _weed = None                       # the session's SeaweedFS, once started (S3 mode, S3 tests)
 _prefixes = iter(range(1, 10 ** 9))
+_prefix_of_dir = {}                # upload folder -> its bucket prefix: the same folder, the
+                                   # same uploads (a restart, `gc`, a second server on it)
+
+
+def s3_prefix_for(upload_dir):
+    """The bucket prefix of the servers started on `upload_dir` under M1_TEST_STORAGE=s3."""
+    key = os.path.abspath(str(upload_dir))
+    if key not in _prefix_of_dir:
+        _prefix_of_dir[key] = "t%d-%s" % (next(_prefixes), os.urandom(3).hex())
+    return _prefix_of_dir[key]
 
 
 def s3_backend():
@@ -185,10 +195,11 @@ class ServerProcess:
         self.env = dict(os.environ)
         self.env.pop("M1_TEST_CRASH_AT", None)
         self.storage = LocalStorageView(self.upload_dir)
+        self.storage_args = []           # what a command on the same storage must add (gc)
         if STORAGE == "s3" and "--storage" not in self.args:
-            prefix = "t%d-%s" % (next(_prefixes), os.urandom(3).hex())
-            extra_args, extra_env = s3_server_args(prefix)
-            self.args += extra_args
+            prefix = s3_prefix_for(self.upload_dir)
+            self.storage_args, extra_env = s3_server_args(prefix)
+            self.args += self.storage_args
             self.env.update(extra_env)
             self.storage = BucketStorageView(s3_backend().client(S3_BUCKET), prefix)
         self.env.update(env or {})
