@@ -21,6 +21,7 @@ import random
 import subprocess
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -656,54 +657,48 @@ def wait_for_state(ws, seen, wanted, deadline_s=30.0):
 
 # --- retries are never silent (issue 14) --------------------------------------------------------
 
-class FailingStore:
-    """An "object store" on loopback that answers every request 500 InternalError, counting
-    them by method."""
+class _FailingHandler(BaseHTTPRequestHandler):
+    """Every request: 500 InternalError, as S3 writes it; the request is noted."""
+    protocol_version = "HTTP/1.1"
+    ERROR = (b"<?xml version=\"1.0\"?><Error><Code>InternalError</Code>"
+             b"<Message>down for the test</Message></Error>")
+
+    def answer(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.noted.append((self.command, self.path))
+        self.send_response(500)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(self.ERROR)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(self.ERROR)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = answer
+
+    def log_message(self, *args):
+        pass
+
+
+class FailingStore(ThreadingHTTPServer):
+    """An "object store" on loopback that answers every request 500, in a thread."""
+    daemon_threads = True
 
     def __init__(self):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        store = self
-        self.requests = []
-        self._lock = threading.Lock()
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def answer(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(length)
-                with store._lock:
-                    store.requests.append((self.command, self.path))
-                body = (b"<?xml version=\"1.0\"?><Error><Code>InternalError</Code>"
-                        b"<Message>down for the test</Message></Error>")
-                self.send_response(500)
-                self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = answer
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        ThreadingHTTPServer.__init__(self, ("127.0.0.1", 0), _FailingHandler)
+        self.noted = []                        # (method, path); list.append is thread-safe
+        threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
     def endpoint(self):
-        return "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        return "http://127.0.0.1:%d" % self.server_address[1]
 
     def gets_of(self, key_part):
-        with self._lock:
-            return sum(1 for method, path in self.requests
-                       if method == "GET" and key_part in path)
+        return sum(1 for method, path in list(self.noted)
+                   if method == "GET" and key_part in path)
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.shutdown()
+        self.server_close()
 
 
 def metric(srv, name, **labels):
