@@ -1093,14 +1093,16 @@ def decode_cursor(text):
 
 def readiness_checks(config, store):
     checks = {}
-    probe = os.path.join(store.temp_dir, ".ready-probe")
     try:
-        with open(probe, "wb") as f:
+        probe, f = store.new_part_file()       # where chunks are received; never via a link
+        with f:
             f.write(b"ok")
-        os.remove(probe)
+        store.discard(probe)
         checks["uploadDirWritable"] = {"ok": True}
     except OSError as error:
         checks["uploadDirWritable"] = {"ok": False, "error": error.strerror or str(error)}
+    except ApiError as error:                  # a link stands where the folder should be
+        checks["uploadDirWritable"] = {"ok": False, "error": error.message}
     free = shutil.disk_usage(config.dir).free
     checks["freeDisk"] = {"ok": free >= config.min_free_disk_bytes, "freeBytes": free,
                           "minFreeBytes": config.min_free_disk_bytes}

@@ -861,3 +861,14 @@ def test_a_part_file_that_runs_out_of_room_while_received_answers_507(server_fac
         assert status_data(session, srv.url, "receiving")["exists"] is False
         assert send_chunk(session, srv.url, "receiving", 0, chunk).status_code == 200
     assert srv.alive() and "Traceback" not in srv.log()
+
+
+def test_readiness_never_writes_its_probe_through_a_link(server_factory, tmp_path):
+    srv = server_factory()
+    victim = make_victim(str(tmp_path))
+    os.rmdir(incoming_dir(srv.upload_dir))
+    os.symlink(victim, incoming_dir(srv.upload_dir))           # replaced while it runs
+    response = requests.get(srv.url + "/readyz", timeout=30)
+    assert response.status_code == 503, response.text
+    assert response.json()["data"]["checks"]["uploadDirWritable"]["ok"] is False
+    assert_victim_untouched(victim)
