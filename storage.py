@@ -452,6 +452,9 @@ class Store(EventSource):
                            checked with --max-upload-size under the upload's lock). The part
                            file is consumed. A chunk that completes the upload returns
                            `completed` in constant time, whatever the upload's length.
+      decide(upload, index, stored, size, is_last, mime_type, budget) -> (kind, ext): the
+                           rules above in their order, written here once; each backend's
+                           put_chunk calls it under the lock with what it read.
     Reading
       status(file_id)      -> UploadState, or None for an upload the store does not hold.
       open_media(upload)   -> Media of the assembled video (local: its consistent prefix,
