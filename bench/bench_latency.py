@@ -9,8 +9,11 @@ request to the last byte of its response; every request is prebuilt and connecti
 before the first send, so the figure is the server's acknowledgement time plus loopback.
 
 Reported per run: p50, p99, max (ms), errors (non-200, resets, timeouts, a last chunk not
-answered `completed`), and reconnects. The same load goes to the bare sink for comparison.
-Target (200 recorders): p99 under 20 ms, no errors.
+answered `completed`), reconnects, and the server's CPU seconds per GB of chunk payload
+(utime + stime from /proc/<pid>/stat over the load). The same load goes, in the same run, to
+the bare sink and to @tus/server (each recorder a tus upload created before the clock, then
+one 250 KiB PATCH a second; it does not fsync). Targets (200 recorders): p99 under 20 ms, no
+errors, and server CPU per byte at most 1.5x the bare sink's (issue 17).
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ INTERVAL_S = 1.0
 FULL_CHUNKS = 10
 QUICK_CHUNKS = 3
 TARGET_P99_MS = 20.0
+TARGET_CPU_RATIO = 1.5          # issue 17: server CPU per byte at most this x the bare sink's
+CPU_TARGET_RECORDERS = 200
+LABELS = {"bare": "bare sink", "m1server": "m1server", "tus": "@tus/server"}
 LATE_DEADLINE_S = 30.0          # a run stops sending this long after its last scheduled chunk
 JOIN_DEADLINE_S = 90.0
 
@@ -36,30 +42,47 @@ def run(ctx):
     rows = []
     targets = []
     notes = []
+    tus_note = c.install_tus_node()
+    if tus_note:
+        notes.append(tus_note)
     for recorders in ctx.recorders:
         key = "%d_recorders" % recorders
         figures[key] = {}
-        for kind in ("bare", "m1server"):
+        for kind in ("bare", "m1server", "tus"):
+            if kind == "tus" and tus_note:
+                rows.append(["%d recorders, %s" % (recorders, LABELS[kind]), "not run", ""])
+                continue
             with c.Workspace("%s-%d" % (NAME, recorders)) as ws:
-                with c.ServerProcess(kind, ws.sub(kind), ctx.python).start() as server:
+                server = c.TusNodeServer(ws.sub(kind)) if kind == "tus" else \
+                    c.ServerProcess(kind, ws.sub(kind), ctx.python)
+                with server.start():
                     result = load(server, recorders, chunks, pool)
             figures[key][kind] = result
-            ctx.log("latency %3d recorders %-8s p50 %.1f ms p99 %.1f ms max %.1f ms errors %d"
-                    % (recorders, kind, result["p50_ms"] or -1, result["p99_ms"] or -1,
-                       result["max_ms"] or -1, result["errors"]))
-            rows.append(["%d recorders, %s" % (recorders, "bare sink" if kind == "bare"
-                                                else "m1server"),
+            ctx.log("latency %3d recorders %-8s p50 %.1f ms p99 %.1f ms max %.1f ms errors %d "
+                    "CPU %s" % (recorders, kind, result["p50_ms"] or -1, result["p99_ms"] or -1,
+                                result["max_ms"] or -1, result["errors"],
+                                per_gb(result["cpu_s_per_gb"])))
+            rows.append(["%d recorders, %s" % (recorders, LABELS[kind]),
                          "p50 %s  p99 %s  max %s" % (ms(result["p50_ms"]), ms(result["p99_ms"]),
                                                      ms(result["max_ms"])),
-                         "errors %d, requests %d, connects %d"
-                         % (result["errors"], result["requests"], result["connects"])])
+                         "CPU %s; errors %d, requests %d, connects %d"
+                         % (per_gb(result["cpu_s_per_gb"]), result["errors"],
+                            result["requests"], result["connects"])])
             notes.extend("%d recorders, %s: %s" % (recorders, kind, e)
                          for e in result["error_samples"])
-        m1 = figures[key]["m1server"]
+        m1, bare = figures[key]["m1server"], figures[key]["bare"]
+        cpu_ratio = (m1["cpu_s_per_gb"] / bare["cpu_s_per_gb"]
+                     if m1["cpu_s_per_gb"] and bare["cpu_s_per_gb"] else None)
+        figures[key]["cpu_ratio_m1server_to_bare"] = cpu_ratio
+        rows.append(["%d recorders, m1server / bare sink" % recorders,
+                     "CPU per byte %s" % ("%.2fx" % cpu_ratio if cpu_ratio else "n/a"), ""])
         targets.append(c.target("latency p99, %d recorders" % recorders, m1["p99_ms"],
                                 TARGET_P99_MS, "lower", "ms"))
         targets.append(c.target("latency errors, %d recorders" % recorders, m1["errors"], 0,
                                 "lower", ""))
+        if recorders == CPU_TARGET_RECORDERS:
+            targets.append(c.target("latency CPU per byte m1server/bare sink, %d recorders"
+                                    % recorders, cpu_ratio, TARGET_CPU_RATIO, "lower", "x"))
     return {
         "title": "latency: recorders x %d chunks of 250 KiB, one per second each" % chunks,
         "figures": figures,
@@ -70,12 +93,6 @@ def run(ctx):
 
 
 def load(server, recorders, chunks, pool):
-    recorder_requests = []
-    for i in range(recorders):
-        file_id = "bench_rec_%d_%d" % (recorders, i)
-        recorder_requests.append(c.recording_requests(server.host, server.port, file_id, pool,
-                                                      chunks, CHUNK_BYTES,
-                                                      offset=i * 7919 * 13))
     connections = [c.Connection(server.host, server.port) for _ in range(recorders)]
     latencies = []                    # list.append is atomic under the GIL
     errors = []
@@ -85,6 +102,9 @@ def load(server, recorders, chunks, pool):
             conn.connect()
         except OSError as exc:
             errors.append("connect: %r" % exc)
+    recorder_requests = [requests_of(server, conn, recorders, i, chunks, pool)
+                         for i, conn in enumerate(connections)]
+    cpu = c.CpuMeter(server).start()
     start = time.perf_counter() + 0.2
     stop_sending = start + INTERVAL_S + chunks * INTERVAL_S + LATE_DEADLINE_S
 
@@ -107,7 +127,7 @@ def load(server, recorders, chunks, pool):
                 errors.append("chunk %d: %r" % (k, exc))
                 continue
             elapsed = time.perf_counter() - t0
-            if response.status != 200:
+            if response.status != (204 if server.kind == "tus-node" else 200):
                 errors.append("chunk %d: HTTP %d %r" % (k, response.status,
                                                         response.body[:200]))
             elif check_completed and k == len(requests) - 1 \
@@ -127,12 +147,16 @@ def load(server, recorders, chunks, pool):
     if stuck:
         errors.append("%d recorder threads still blocked at the deadline" % stuck)
     wall = time.perf_counter() - start
+    cpu.stop()
     for conn in connections:
         conn.close()
+    payload_gb = recorders * chunks * CHUNK_BYTES / 1e9
     result = {"recorders": recorders, "chunks_each": chunks, "chunk_bytes": CHUNK_BYTES,
               "requests": recorders * chunks, "ok": len(latencies), "errors": len(errors),
               "connects": sum(conn.connects for conn in connections),
-              "wall_s": wall, "error_samples": sorted(set(errors))[:5]}
+              "wall_s": wall, "error_samples": sorted(set(errors))[:5],
+              "cpu_s": cpu.seconds if cpu.known else None,
+              "cpu_s_per_gb": cpu.per(payload_gb)}
     if latencies:
         ms_values = [x * 1000.0 for x in latencies]
         result.update(p50_ms=c.percentile(ms_values, 0.50), p90_ms=c.percentile(ms_values, 0.90),
@@ -141,6 +165,22 @@ def load(server, recorders, chunks, pool):
     else:
         result.update(p50_ms=None, p90_ms=None, p99_ms=None, max_ms=None, mean_ms=None)
     return result
+
+
+def requests_of(server, conn, recorders, i, chunks, pool):
+    """Recorder i's prebuilt requests: seed API chunks, or (@tus/server) PATCHes of an upload
+    created now, on the recorder's own connection, before the clock starts."""
+    file_id = "bench_rec_%d_%d" % (recorders, i)
+    if server.kind != "tus-node":
+        return c.recording_requests(server.host, server.port, file_id, pool, chunks,
+                                    CHUNK_BYTES, offset=i * 7919 * 13)
+    payload = c.video_payload(pool, i * 7919 * 13, chunks * CHUNK_BYTES, True)
+    path = c.create_tus_upload(conn, len(payload), file_id)
+    return c.tus_patch_requests(conn, path, payload, CHUNK_BYTES)
+
+
+def per_gb(value):
+    return "%.1f s/GB" % value if value is not None else "n/a"
 
 
 def ms(value):

@@ -17,8 +17,8 @@ round, the order rotating, and the median is reported (the disk here drifts). Ea
 checked afterwards (HEAD offset, and for m1server the sha256 it computes), so the figure is for
 correct work. m1server fsyncs every piece before answering; @tus/server does not fsync.
 
-@tus/server is installed by this script with npm into bench/out/tus-node/ (git-ignored; the
-project does not depend on it), versions pinned below. Without node/npm, or offline, its rows
+@tus/server is installed with npm into bench/out/tus-node/ (git-ignored; the project does not
+depend on it), versions pinned in common.py. Without node/npm, or offline, its rows
 say why and the rest still runs.
 """
 from __future__ import annotations
@@ -27,8 +27,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 
@@ -40,18 +38,6 @@ PATCH_BYTES = 8 * c.MIB
 FULL_BYTES = 256 * c.MIB
 QUICK_BYTES = 64 * c.MIB
 VERIFY_DEADLINE_S = 30.0
-NODE_PACKAGES = ("@tus/server@2.4.5", "@tus/file-store@2.1.1")
-NODE_DIR = os.path.join(c.BENCH_DIR, "out", "tus-node")
-NODE_SERVER = """
-import http from 'node:http'
-import { Server } from '@tus/server'
-import { FileStore } from '@tus/file-store'
-const datastore = new FileStore({ directory: process.argv[2] })
-const tus = new Server({ path: '/files', datastore })
-const server = http.createServer((req, res) => tus.handle(req, res))
-server.listen(0, '127.0.0.1', () =>
-  console.log(`@tus/server serving http://127.0.0.1:${server.address().port}/`))
-"""
 
 
 def run(ctx):
@@ -64,9 +50,9 @@ def run(ctx):
     load_before = _load_average()
     checks, notes = [], []
     with c.Workspace(NAME) as ws:
-        node_note = install_node_server()
+        node_note = c.install_tus_node()
         with c.ServerProcess("m1server", ws.sub("m1"), ctx.python).start() as m1:
-            node = NodeTusServer(ws.sub("node")) if node_note is None else None
+            node = c.TusNodeServer(ws.sub("node")).start() if node_note is None else None
             if node_note:
                 notes.append(node_note)
             try:
@@ -84,7 +70,7 @@ def run(ctx):
                             seconds, url = send_seed(m1, requests), None
                         else:
                             size = total if "1 PATCH" in name else PATCH_BYTES
-                            seconds, url = send_tus(server, payload, size, file_id)
+                            seconds, url = c.send_tus(server, payload, size, file_id)
                         runs[name].append(total / seconds / c.MB)
                         ctx.log("tus round %d %-28s %7.1f MB/s" % (rnd + 1, name,
                                                                    runs[name][-1]))
@@ -134,84 +120,15 @@ def send_seed(server, requests):
         return time.perf_counter() - start
 
 
-def send_tus(server, payload, patch_bytes, file_id):
-    """Create the upload, then PATCH it in `patch_bytes` requests; (seconds, upload path)."""
-    meta = "fileId " + _b64(file_id) + ",filetype " + _b64("video/webm")
-    create = ("POST /files/ HTTP/1.1\r\nHost: %s:%d\r\nTus-Resumable: 1.0.0\r\n"
-              "Upload-Length: %d\r\nUpload-Metadata: %s\r\nContent-Length: 0\r\n\r\n"
-              % (server.host, server.port, len(payload), meta)).encode("ascii")
-    view = memoryview(payload)
-    with Connection(server.host, server.port) as conn:
-        start = time.perf_counter()
-        created = conn.request(create)
-        if created.status != 201:
-            raise c.BenchError("%s answered %d to the creation: %r"
-                               % (server.kind, created.status, created.body[:300]))
-        path = created.headers["location"]
-        path = path[path.index("/files/"):] if "://" in path else path
-        offset = 0
-        while offset < len(payload):
-            size = min(patch_bytes, len(payload) - offset)
-            head = ("PATCH %s HTTP/1.1\r\nHost: %s:%d\r\nTus-Resumable: 1.0.0\r\n"
-                    "Upload-Offset: %d\r\nContent-Type: application/offset+octet-stream\r\n"
-                    "Content-Length: %d\r\n\r\n" % (path, server.host, server.port, offset,
-                                                    size)).encode("ascii")
-            if conn.sock is None:
-                conn.connect()
-            conn.sock.sendall(head)
-            conn.sock.sendall(view[offset:offset + size])
-            response = conn.read_response()
-            if response.status != 204:
-                raise c.BenchError("%s answered %d to a PATCH at %d: %r"
-                                   % (server.kind, response.status, offset,
-                                      response.body[:300]))
-            offset = int(response.headers["upload-offset"])
-        return time.perf_counter() - start, path
-
-
-class Connection(c.Connection):
-    """common.Connection that also reads a chunked response body (@tus/server sends its
-    201 and 204 replies chunked, with an empty body)."""
-
-    def read_response(self):
-        response = c.Connection.read_response(self)
-        if response.headers.get("transfer-encoding", "").lower() != "chunked":
-            return response
-        data = self.pending
-        body = b""
-        while True:
-            while b"\r\n" not in data:
-                data += self._more()
-            size_line, _, data = data.partition(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            while len(data) < size + 2:
-                data += self._more()
-            body += data[:size]
-            data = data[size + 2:]
-            if size == 0:
-                break
-        self.pending = data
-        response.body = body
-        return response
-
-    def _more(self):
-        more = self.sock.recv(65536)
-        if not more:
-            raise ConnectionError("server closed the connection mid-response")
-        return more
-
-
 def verify(server, name, path, file_id, total, expected):
     """HEAD says the upload is whole; m1server's background sha256 matches the payload."""
-    with Connection(server.host, server.port) as conn:
-        if path is not None:
-            head = conn.request(("HEAD %s HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n\r\n"
-                                 % path).encode("ascii"))
-            if head.headers.get("upload-offset") != str(total):
-                return "%s: HEAD offset %r, expected %d" % (name, head.headers.get(
-                    "upload-offset"), total)
-        if server.kind != "m1server":
-            return "ok"
+    if path is not None:
+        offset = c.tus_offset(server, path)
+        if offset != total:
+            return "%s: HEAD offset %r, expected %d" % (name, offset, total)
+    if server.kind != "m1server":
+        return "ok"
+    with c.Connection(server.host, server.port) as conn:
         deadline = time.monotonic() + VERIFY_DEADLINE_S
         while True:
             data = conn.get("/api/video/status/" + file_id).json().get("data", {})
@@ -227,55 +144,6 @@ def _load_average():
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
-
-
-def _b64(text):
-    import base64
-    return base64.b64encode(text.encode("ascii")).decode("ascii")
-
-
-# ---------------------------------------------------------------------------------------------
-# The reference server: @tus/server + @tus/file-store on Node
-
-def install_node_server():
-    """npm-install the pinned packages into NODE_DIR once; None when ready, else why not."""
-    if not shutil.which("node") or not shutil.which("npm"):
-        return "@tus/server not run: node/npm not found"
-    marker = os.path.join(NODE_DIR, "installed-" + "-".join(
-        p.replace("/", "_") for p in NODE_PACKAGES))
-    if os.path.exists(marker):
-        return None
-    os.makedirs(NODE_DIR, exist_ok=True)
-    with open(os.path.join(NODE_DIR, "package.json"), "w", encoding="utf-8") as f:
-        json.dump({"private": True, "type": "module"}, f)
-    done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--no-save"]
-                          + list(NODE_PACKAGES), cwd=NODE_DIR, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        return "@tus/server not run: npm install failed: %s" % done.stdout.decode()[-300:]
-    with open(os.path.join(NODE_DIR, "server.mjs"), "w", encoding="utf-8") as f:
-        f.write(NODE_SERVER)
-    open(marker, "w").close()
-    return None
-
-
-class NodeTusServer(c.ServerProcess):
-    def __init__(self, directory):
-        c.ServerProcess.__init__(self, "tus-node", directory, "node")
-        self.start()
-
-    def command(self):
-        return ["node", os.path.join(NODE_DIR, "server.mjs"), self.directory]
-
-    def spawn(self):
-        os.makedirs(self.directory, exist_ok=True)
-        log = open(self.log_path, "wb")
-        try:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=NODE_DIR)
-        finally:
-            log.close()
-        return self
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ cycle taken from the thing being measured; `requests` or `http.client` would cos
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -61,10 +62,13 @@ def base_python():
 # Server processes
 
 class ServerProcess:
-    """m1server or the bare sink as a child process; stdout and stderr go to a log file."""
+    """A server as a child process, stdout and stderr to a log file: `kind` is "m1server"
+    (`program`: m1server.py, or the pyz), "bare" (bench/bare_sink.py) or "http.server"
+    (`python3 -m http.server`, the footprint's baseline, serving `directory`)."""
 
-    def __init__(self, kind, directory, python, port=0, extra_args=(), env=None):
+    def __init__(self, kind, directory, python, port=0, extra_args=(), env=None, program=None):
         self.kind = kind
+        self.program = program or SERVER_PROGRAM
         self.env = env                        # None: this process's environment
         self.directory = directory
         self.python = python
@@ -77,8 +81,11 @@ class ServerProcess:
                                      "%s-%s.log" % (os.path.basename(directory), kind))
 
     def command(self):
+        if self.kind == "http.server":
+            return [self.python, "-m", "http.server", "--bind", "127.0.0.1",
+                    str(self.requested_port)]
         if self.kind == "m1server":
-            program, extra = SERVER_PROGRAM, SERVER_ARGS
+            program, extra = self.program, SERVER_ARGS
         else:
             program, extra = BARE_SINK_PROGRAM, []
         return ([self.python, program, "--host", "127.0.0.1", "--port",
@@ -86,13 +93,15 @@ class ServerProcess:
 
     def spawn(self):
         """Start the process without waiting for it (footprint times this itself)."""
-        if self.kind == "m1server" and not os.path.isfile(SERVER_PROGRAM):
-            raise BenchError("m1server.py not found at " + SERVER_PROGRAM)
+        if self.kind == "m1server" and not os.path.isfile(self.program):
+            raise BenchError("m1server not found at " + self.program)
         os.makedirs(self.directory, exist_ok=True)
         log = open(self.log_path, "wb")
         try:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=ROOT, env=self.env)
+                                         stdin=subprocess.DEVNULL, env=self.env,
+                                         cwd=self.directory if self.kind == "http.server"
+                                         else ROOT)
         finally:
             log.close()
         return self
@@ -121,6 +130,10 @@ class ServerProcess:
     @property
     def pid(self):
         return self.proc.pid
+
+    def cpu_seconds(self):
+        """CPU the server process has used so far (see cpu_seconds)."""
+        return cpu_seconds(self.proc.pid)
 
     def log_text(self):
         try:
@@ -156,6 +169,17 @@ class ServerProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+@contextlib.contextmanager
+def started_if(server):
+    """`with started_if(server or None) as s`: a server that may be absent (s is None then),
+    started for the block and stopped after it."""
+    if not server:
+        yield None
+        return
+    with server.start():
+        yield server
 
 
 class Workspace:
@@ -271,7 +295,31 @@ class Connection:
         self.pending = body[length:]
         if parts[0] == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
             headers["connection"] = "close"
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            return Response(status, headers, self._read_chunked())
         return Response(status, headers, body[:length])
+
+    def _read_chunked(self):
+        """A chunked response body (@tus/server sends its 201 and 204 replies so)."""
+        data, body = self.pending, b""
+        while True:
+            while b"\r\n" not in data:
+                data += self._more()
+            size_line, _, data = data.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            while len(data) < size + 2:
+                data += self._more()
+            body += data[:size]
+            data = data[size + 2:]
+            if size == 0:
+                self.pending = data
+                return body
+
+    def _more(self):
+        more = self.sock.recv(65536)
+        if not more:
+            raise ConnectionError("server closed the connection mid-response")
+        return more
 
     def __enter__(self):
         return self
@@ -376,6 +424,47 @@ def rss_kib(pid):
     return value if value is not None else ps_rss_kib(pid)
 
 
+def cpu_seconds(pid):
+    """utime + stime of a process (all its threads), in seconds, from /proc/<pid>/stat; None
+    off Linux. Ticks are 10 ms, so a figure needs a few seconds of work to mean anything."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()   # the name may hold spaces
+        return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class CpuMeter:
+    """Sums a server process's CPU over the stretches of a run measured (`with meter:`)."""
+
+    def __init__(self, server):
+        self.server = server
+        self.seconds = 0.0
+        self.known = True
+        self._before = None
+
+    def start(self):
+        self._before = self.server.cpu_seconds()
+        return self
+
+    def stop(self):
+        after = self.server.cpu_seconds()
+        if self._before is None or after is None:
+            self.known = False
+        else:
+            self.seconds += after - self._before
+
+    __enter__ = start
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def per(self, amount):
+        """CPU seconds per unit of `amount` (chunks, GB), or None when unknown."""
+        return self.seconds / amount if self.known and amount else None
+
+
 # --------------------------------------------------------------------------------------------
 # Figures
 
@@ -405,3 +494,150 @@ def target(name, value, limit, better="higher", unit=""):
         verdict = "PASS" if value <= limit else "MISS"
     return {"name": name, "value": value, "limit": limit, "better": better, "unit": unit,
             "verdict": verdict}
+
+
+# --------------------------------------------------------------------------------------------
+# The reference tus server: @tus/server + @tus/file-store on Node (issue 4, issue 17)
+#
+# Installed with npm into bench/out/tus-node/ (git-ignored; the project does not depend on it),
+# versions pinned. Without node/npm, or offline, the benchmarks that compare with it say why
+# in their rows and run the rest. It does not fsync.
+
+TUS_NODE_PACKAGES = ("@tus/server@2.4.5", "@tus/file-store@2.1.1")
+TUS_NODE_DIR = os.path.join(BENCH_DIR, "out", "tus-node")
+TUS_NODE_SERVER = """
+import http from 'node:http'
+import { Server } from '@tus/server'
+import { FileStore } from '@tus/file-store'
+const datastore = new FileStore({ directory: process.argv[2] })
+const tus = new Server({ path: '/files', datastore })
+const server = http.createServer((req, res) => tus.handle(req, res))
+server.listen(0, '127.0.0.1', () =>
+  console.log(`@tus/server serving http://127.0.0.1:${server.address().port}/`))
+"""
+_tus_node_problem = []          # install_tus_node's answer, asked once per run
+
+
+def install_tus_node():
+    """npm-install the pinned packages into TUS_NODE_DIR once; None when ready, else why
+    not (a sentence for the benchmark's rows)."""
+    if _tus_node_problem:
+        return _tus_node_problem[0]
+    _tus_node_problem.append(_install_tus_node())
+    return _tus_node_problem[0]
+
+
+def _install_tus_node():
+    if not shutil.which("node") or not shutil.which("npm"):
+        return "@tus/server not run: node/npm not found"
+    marker = os.path.join(TUS_NODE_DIR, "installed-" + "-".join(
+        p.replace("/", "_") for p in TUS_NODE_PACKAGES))
+    if os.path.exists(marker):
+        return None
+    os.makedirs(TUS_NODE_DIR, exist_ok=True)
+    with open(os.path.join(TUS_NODE_DIR, "package.json"), "w", encoding="utf-8") as f:
+        json.dump({"private": True, "type": "module"}, f)
+    done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--no-save"]
+                          + list(TUS_NODE_PACKAGES), cwd=TUS_NODE_DIR, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=600)
+    if done.returncode != 0:
+        return "@tus/server not run: npm install failed: %s" % done.stdout.decode()[-300:]
+    with open(os.path.join(TUS_NODE_DIR, "server.mjs"), "w", encoding="utf-8") as f:
+        f.write(TUS_NODE_SERVER)
+    open(marker, "w").close()
+    return None
+
+
+class TusNodeServer(ServerProcess):
+    """@tus/server on Node in `directory` (install_tus_node first)."""
+
+    def __init__(self, directory):
+        ServerProcess.__init__(self, "tus-node", directory, "node")
+
+    def command(self):
+        return ["node", os.path.join(TUS_NODE_DIR, "server.mjs"), self.directory]
+
+    def spawn(self):
+        os.makedirs(self.directory, exist_ok=True)
+        log = open(self.log_path, "wb")
+        try:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, cwd=TUS_NODE_DIR)
+        finally:
+            log.close()
+        return self
+
+
+def tus_create_request(host, port, length, file_id):
+    """A tus 1.0 creation POST for an upload of `length` bytes (metadata: fileId, filetype)."""
+    meta = "fileId " + _b64(file_id) + ",filetype " + _b64("video/webm")
+    return ("POST /files/ HTTP/1.1\r\nHost: %s:%d\r\nTus-Resumable: 1.0.0\r\n"
+            "Upload-Length: %d\r\nUpload-Metadata: %s\r\nContent-Length: 0\r\n\r\n"
+            % (host, port, length, meta)).encode("ascii")
+
+
+def tus_patch_head(host, port, path, offset, size):
+    """The head of a tus PATCH of `size` bytes at `offset` (the body follows it)."""
+    return ("PATCH %s HTTP/1.1\r\nHost: %s:%d\r\nTus-Resumable: 1.0.0\r\n"
+            "Upload-Offset: %d\r\nContent-Type: application/offset+octet-stream\r\n"
+            "Content-Length: %d\r\n\r\n" % (path, host, port, offset, size)).encode("ascii")
+
+
+def create_tus_upload(conn, length, file_id):
+    """Create a tus upload on `conn`'s server; returns its path (/files/...)."""
+    created = conn.request(tus_create_request(conn.host, conn.port, length, file_id))
+    if created.status != 201:
+        raise BenchError("tus server answered %d to the creation: %r"
+                         % (created.status, created.body[:300]))
+    path = created.headers["location"]
+    return path[path.index("/files/"):] if "://" in path else path
+
+
+def tus_patch_requests(conn, path, payload, patch_bytes):
+    """Every PATCH of `payload` to the upload at `path`, `patch_bytes` each, prebuilt."""
+    requests = []
+    for offset in range(0, len(payload), patch_bytes):
+        piece = payload[offset:offset + patch_bytes]
+        requests.append(tus_patch_head(conn.host, conn.port, path, offset, len(piece)) + piece)
+    return requests
+
+
+def send_tus(server, payload, patch_bytes, file_id):
+    """Create an upload and PATCH `payload` in `patch_bytes` requests, each head and body
+    sent with its own sendall (no copy of a large body); (seconds from the creation's first
+    byte to the last reply, upload path)."""
+    view = memoryview(payload)
+    with Connection(server.host, server.port) as conn:
+        start = time.perf_counter()
+        path = create_tus_upload(conn, len(payload), file_id)
+        offset = 0
+        while offset < len(payload):
+            size = min(patch_bytes, len(payload) - offset)
+            if conn.sock is None:
+                conn.connect()
+            conn.sock.sendall(tus_patch_head(server.host, server.port, path, offset, size))
+            conn.sock.sendall(view[offset:offset + size])
+            response = conn.read_response()
+            check_tus_patch(server, response, offset)
+            offset = int(response.headers["upload-offset"])
+        return time.perf_counter() - start, path
+
+
+def check_tus_patch(server, response, offset):
+    if response.status != 204:
+        raise BenchError("%s answered %d to a PATCH at %d: %r"
+                         % (server.kind, response.status, offset, response.body[:300]))
+
+
+def tus_offset(server, path):
+    """The Upload-Offset a HEAD of the upload reports (None when it reports none)."""
+    with Connection(server.host, server.port) as conn:
+        head = conn.request(("HEAD %s HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n\r\n"
+                             % path).encode("ascii"))
+    value = head.headers.get("upload-offset")
+    return int(value) if value is not None else None
+
+
+def _b64(text):
+    import base64
+    return base64.b64encode(text.encode("ascii")).decode("ascii")

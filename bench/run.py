@@ -231,7 +231,7 @@ def print_table(results):
             print("  %-*s  %-*s  %s" % (width, row[0], vwidth, row[1], row[2]))
         for note in outcome["notes"]:
             print("  note: %s" % note)
-    print("\ntargets (SPEC §9)")
+    print("\ntargets (SPEC §9, issue 17)")
     for t in results["targets"]:
         relation = ">=" if t["better"] == "higher" else "<="
         value = "n/a" if t["value"] is None else fmt(t["value"])
