@@ -359,31 +359,34 @@ def _wrap(pool, offset, size):
         offset = 0
 
 
-def upload_request(host, port, file_id, index, status, payload):
+def upload_request(host, port, file_id, index, status, payload, file_first=False):
     """One complete POST /api/video/upload request (request line, headers, multipart body),
-    shaped as a browser's FormData would send it."""
+    shaped as a browser's FormData would send it: the text fields, then the file part (or,
+    with `file_first`, the file part first, as the seed's client sent it)."""
     dash = ("--" + BOUNDARY).encode("ascii")
     fields = []
     for name, value in (("fileId", file_id), ("chunkIndex", str(index)), ("status", status)):
         fields.append(dash + b"\r\nContent-Disposition: form-data; name=\"" + name.encode("ascii")
                       + b"\"\r\n\r\n" + value.encode("ascii") + b"\r\n")
-    file_head = (dash + b"\r\nContent-Disposition: form-data; name=\"file\"; filename=\"blob\""
-                 b"\r\nContent-Type: video/webm\r\n\r\n")
-    tail = b"\r\n" + dash + b"--\r\n"
-    length = sum(len(f) for f in fields) + len(file_head) + len(payload) + len(tail)
+    file_part = [dash + b"\r\nContent-Disposition: form-data; name=\"file\"; filename=\"blob\""
+                 b"\r\nContent-Type: video/webm\r\n\r\n", payload, b"\r\n"]
+    parts = file_part + fields if file_first else fields + file_part
+    tail = dash + b"--\r\n"
+    length = sum(len(p) for p in parts) + len(tail)
     head = ("POST /api/video/upload HTTP/1.1\r\nHost: %s:%d\r\n"
             "Content-Type: multipart/form-data; boundary=%s\r\nContent-Length: %d\r\n\r\n"
             % (host, port, BOUNDARY, length)).encode("ascii")
-    return b"".join([head] + fields + [file_head, payload, tail])
+    return b"".join([head] + parts + [tail])
 
 
-def recording_requests(host, port, file_id, pool, count, size, offset=0):
+def recording_requests(host, port, file_id, pool, count, size, offset=0, file_first=False):
     """The requests of one recording: `count` chunks of `size` bytes, the last `completed`."""
     requests = []
     for index in range(count):
         payload = video_payload(pool, offset + index * size, size, index == 0)
         status = "completed" if index == count - 1 else "uploading"
-        requests.append(upload_request(host, port, file_id, index, status, payload))
+        requests.append(upload_request(host, port, file_id, index, status, payload,
+                                       file_first))
     return requests
 
 
