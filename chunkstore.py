@@ -15,7 +15,9 @@ the rules (storage.classify_chunk and its neighbours) it decides by. Here, on lo
     aside what it does not recognise instead of stopping.
 
 What it does not do: HTTP, multipart parsing, or limits other than the upload's size. The
-caller hands it a finished part file (written into `incoming_dir`) and a validated request.
+caller hands it a finished part file (written into `incoming_dir`) and a validated request,
+or, for the next chunk of an upload, writes the bytes straight into the upload's tail as they
+arrive (`reserve_append`, below).
 
 The ledger is SQLite (`<root>/m1.sqlite3`, WAL, synchronous=FULL). It is both the metadata
 store and the crash journal; its invariant is:
@@ -37,10 +39,42 @@ crash-safety argument:
   4. cleaned: the source file is removed             never told 200)
      (a leftover source is deleted by repair)
 
+  In-order chunk written in place (reserve_append: one write of its bytes, no part file)
+  1. reserved: under the lock, the rules accept the chunk whatever its bytes; the upload's
+     tail (a writer slot: one per upload) is taken and the lock released; the file is opened
+     at bytes_appended, a torn tail cut off
+  2. streaming: each block of the file part is written after bytes_appended as it arrives
+     (a crash here leaves a tail that repair truncates, as after step 2 above)
+  3. streamed: chunk 0's signature was checked on its first bytes, the checksum on the
+     digest taken while writing; the file is fsynced (or, a small chunk, its bytes kept for
+     the journal); still only a tail
+  4. stream_recorded: under the lock again, the rules asked once more with what the upload
+     holds now (a last index, a budget), then the same transaction as append_recorded; the
+     tail is freed
+That is the in-order chunk's argument with step 1 left out: the bytes go where step 2 put
+them, and the ledger's commit is still what makes them count. The lock is never held while
+the bytes arrive (a slow sender is cut off by the edge's deadlines, then aborts). Meanwhile
+early chunks of the upload are stashed as usual (and appended after the commit), and a chunk
+of the same index (a retry on another connection) waits for the tail, at most writer_wait_s
+(503 chunk_in_progress after that), then is decided against what the writer left: a
+duplicate once it committed. Any failure before stream_recorded (a parse error, a client
+gone, a budget, a checksum, a full disk, the upload deleted meanwhile: 409 upload_deleted)
+cuts the tail back to bytes_appended and frees the slot. reserve_append says None, and the
+chunk takes the part file, for everything else: a new upload (its row comes first), an early
+chunk, a duplicate, a first mimeType to record, or anything the rules refuse (put_chunk then
+refuses it, in the rules' order).
+
 A write that fails before its step's commit (a full disk: ENOSPC, or SQLite's "database or
 disk is full") is undone at once as repair would undo it after a crash: the tail after
-bytes_appended is cut (steps 2-3), the renamed chunk file removed (stashed - stash_recorded).
-The part file is removed in every case, so nothing of a refused chunk stays.
+bytes_appended is cut (steps 2-3, and 1-3 in place), the renamed chunk file removed (stashed -
+stash_recorded). The part file is removed in every case, so nothing of a refused chunk stays.
+
+The ledger is read once per upload, not per chunk: an upload's UploadState (and how many of its
+bytes the journal holds) is kept in memory, for at most --upload-state-cache uploads (the
+least recently used are read again when needed). One process owns the folder (m1.lock), so
+the store's own commits are the only changes; memory is updated under the upload's lock right
+after each commit it mirrors, and repair starts from the ledger alone. An in-order chunk costs
+one write transaction and no read.
 
 A small in-order chunk (at most --journal-chunk-size bytes) costs one fsync instead of two:
 in step 2 its bytes are written but the file is not fsynced, and step 3's transaction also
@@ -69,7 +103,9 @@ argument above is unchanged.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
 import logging
 import os
 import queue
@@ -81,9 +117,10 @@ import time
 
 import localdisk
 from localdisk import FileMedia, UnsafePath, UploadFolder, fsync_dir, open_file, writing
-from storage import (DUPLICATE, IN_ORDER, Capabilities, ChunkResult, Store, StoreError,
-                     UploadState, Workers, check_chunk_request, check_derivative_name,
-                     sha256_file, valid_file_id)
+from storage import (DUPLICATE, IN_ORDER, SIGNATURE_BYTES, Capabilities, ChunkResult, Store,
+                     StoreError, TailWriter, UploadState, Workers, check_budgets,
+                     check_chunk_bytes, check_chunk_fields, check_chunk_request,
+                     check_derivative_name, sha256_file, valid_file_id)
 
 log = logging.getLogger("m1server.store")
 
@@ -104,6 +141,9 @@ COPIES_WHILE_STORING = 2                 # a chunk's part file and its copy in t
 DEFAULT_JOURNAL_CHUNK_BYTES = 64 << 10   # in-order chunks up to this size: one fsync (journal)
 MAX_JOURNAL_CHUNK_BYTES = 256 << 10      # the most --journal-chunk-size may say
 JOURNAL_FLUSH_BYTES = 1 << 20            # an upload's journaled bytes past this: sync the file
+DEFAULT_STATE_CACHE = 1024               # uploads whose state is kept in memory between chunks
+DEFAULT_WRITER_WAIT_S = 30.0             # a chunk sent again waits this long for its twin
+WRITER_RETRY_AFTER_S = 1                 # Retry-After of chunk_in_progress (503)
 # temp/.deleting/<fileId>-<repr(created_at)>-<random hex>: what `delete` names its intent
 DELETION_NAME = re.compile(r"(?P<id>[A-Za-z0-9_-]{1,128})-(?P<created>[0-9][0-9.e+]*)-"
                            r"[0-9a-f]{8,64}\Z")
@@ -121,14 +161,21 @@ class ChunkStore(Store):
     capabilities = Capabilities(ledger_tables=True)
 
     def __init__(self, root, allow_any_content=False, max_upload_bytes=None, crash_at=None,
-                 journal_chunk_bytes=DEFAULT_JOURNAL_CHUNK_BYTES, min_free_bytes=None):
+                 journal_chunk_bytes=DEFAULT_JOURNAL_CHUNK_BYTES, min_free_bytes=None,
+                 state_cache=DEFAULT_STATE_CACHE, writer_wait_s=DEFAULT_WRITER_WAIT_S):
         Store.__init__(self, UploadFolder(root, min_free_bytes, COPIES_WHILE_STORING),
                        allow_any_content, max_upload_bytes, crash_at)
         self.journal_chunk_bytes = journal_chunk_bytes
+        self.writer_wait_s = writer_wait_s
         self.deleting_dir = os.path.join(self.temp_dir, DELETING_DIR_NAME)
         self.derived_dir = os.path.join(self.root, DERIVED_DIR_NAME)
         self.folder.prepare((self.temp_dir, self.deleting_dir))
         self._ledger = _Ledger(os.path.join(self.root, LEDGER_NAME))
+        # The ledger is the truth; this mirrors it for the uploads in use, so that a chunk
+        # costs no ledger read. Written only under the upload's lock, after the commit it
+        # mirrors (one process owns the folder: m1.lock), and emptied by repair.
+        self._cache = _StateCache(state_cache)
+        self._writers = {}        # fileId -> its _TailWriter; read and changed under its lock
         # Completing must take constant time whatever the length (SPEC section 1): the file's
         # sha256 is computed off the request path, and status shows it once it is known.
         self._hasher = Workers("m1-hasher", 1, self._hash_in_background)
@@ -139,26 +186,71 @@ class ChunkStore(Store):
                   checksum=None, budget=None):
         """Store chunk `index` of `file_id` from `part_path` (consumed: moved or removed).
 
-        Returns a ChunkResult once the chunk is durable; raises StoreError when refused.
+        Returns a ChunkResult once the chunk is durable; raises StoreError when refused. A
+        chunk whose twin is being written in place waits for it (at most writer_wait_s),
+        then is decided against what that one left: a duplicate, a conflict, or (when it
+        was aborted) the chunk to store.
         """
         try:
             check_chunk_request(file_id, index, part_path, mime_type, checksum,
                                 self.allow_any_content)
             self._crash.passed("received")
-            with self._locks.held(file_id):
-                return self._put_locked(file_id, index, part_path, size, is_last, mime_type,
-                                        budget)
+            deadline = time.monotonic() + self.writer_wait_s
+            while True:
+                with self._locks.held(file_id):
+                    writer = self._writers.get(file_id)
+                    if writer is None or writer.index != index:
+                        return self._put_locked(file_id, index, part_path, size, is_last,
+                                                mime_type, budget)
+                self._wait_for(writer, deadline)
         finally:
             self.discard(part_path)   # no-op when the chunk was moved or already removed
 
+    def reserve_append(self, file_id, index, is_last, mime_type=None, checksum=None,
+                       budget=None):
+        """The upload's tail for chunk `index`, to write its bytes in place (a _TailWriter),
+        when it is the next chunk of an upload the ledger has, nothing is being written in
+        place for it already, and the rules accept it whatever its bytes; else None (the
+        part file and put_chunk: a new upload, whose row comes first; an early chunk; a
+        duplicate; a first mimeType to record; anything the rules refuse)."""
+        try:
+            check_chunk_fields(file_id, index, mime_type, checksum)
+        except StoreError:
+            return None                      # put_chunk refuses it, in the rules' order
+        with self._locks.held(file_id):
+            upload = self._state(file_id)
+            if file_id in self._writers or upload is None or index != upload.next_index:
+                return None
+            try:
+                _, ext = self.decide(upload, index, None, 0, is_last, mime_type, budget)
+            except StoreError:
+                return None
+            if ext != upload.ext or (mime_type is not None and upload.mime_type is None):
+                return None
+            fd, created = self._open_tail(upload)
+            writer = _TailWriter(self, upload, index, is_last, mime_type, checksum,
+                                 (budget, self._upload_budget), fd, created)
+            self._writers[file_id] = writer
+        self._crash.passed("reserved")
+        return writer
+
+    def _wait_for(self, writer, deadline):
+        """Wait until `writer` frees its upload's tail; 503 chunk_in_progress at `deadline`."""
+        if not writer.done.wait(max(0.0, deadline - time.monotonic())):
+            raise StoreError(503, "chunk_in_progress",
+                             "chunk %d of %s is still being received on another connection; "
+                             "send it again shortly" % (writer.index, writer.file_id),
+                             {"Retry-After": str(WRITER_RETRY_AFTER_S)})
+
     def _put_locked(self, file_id, index, part_path, size, is_last, mime_type, budget):
         """Read the upload once, decide by the contract's rules, then take the steps."""
-        upload = self._ledger.load(file_id) or UploadState.unknown(file_id)
+        upload = self._state(file_id) or UploadState.unknown(file_id)
         kind, ext = self.decide(upload, index, self._stored_as(upload, index, part_path, size),
                                 size, is_last, mime_type, budget)
         if kind == DUPLICATE:
             if is_last and upload.last_index is None:
                 self._ledger.set_last_index(file_id, index)
+                upload = self._reload(file_id)
         else:
             upload = self._record_type(upload, mime_type, ext)
             # The last index is recorded in the same transaction as the chunk itself, so no
@@ -166,16 +258,21 @@ class ChunkStore(Store):
             last = index if is_last else None
             if kind == IN_ORDER:
                 small = 0 < self.journal_chunk_bytes and size <= self.journal_chunk_bytes
-                self._append(upload, index, part_path, size, last, journal=small)
+                upload = self._append(upload, index, part_path, size, last, journal=small)
             else:
-                self._stash(file_id, index, part_path, size, last)
-        upload = self._append_stashed_run(file_id)
+                upload = self._stash(upload, index, part_path, size, last)
+        return self._after_chunk(upload, index, kind, size)
+
+    def _after_chunk(self, upload, index, kind, size):
+        """Under the lock, once a chunk is stored (or acknowledged): the stashed chunks it made
+        contiguous are appended, a complete upload completes, and listeners hear of it."""
+        upload = self._append_stashed_run(upload)
         if upload.completed and upload.completed_at is None:
             upload = self._complete(upload)
         if kind != DUPLICATE:
-            self._emit("chunk", file_id, index=index, size=size,
+            self._emit("chunk", upload.file_id, index=index, size=size,
                        bytesReceived=upload.bytes_appended, nextChunkIndex=upload.next_index)
-        return ChunkResult(file_id, index, kind == DUPLICATE, upload)
+        return ChunkResult(upload.file_id, index, kind == DUPLICATE, upload)
 
     def _stored_as(self, upload, index, part_path, size):
         """What the store holds at `index`: None (nothing), True (these bytes), False (other
@@ -200,27 +297,67 @@ class ChunkStore(Store):
                 self._ledger.set_mime_type(upload.file_id, mime_type, ext)
         else:
             return upload
-        return self._ledger.load(upload.file_id)
+        return self._reload(upload.file_id)
+
+    # -- what the store knows of an upload: the ledger, mirrored in memory -----------------
+
+    def _state(self, file_id):
+        """The upload's UploadState (None: unknown), under its lock: from memory, or read
+        from the ledger once."""
+        upload = self._cache.upload(file_id)
+        if upload is None:
+            upload = self._ledger.load(file_id)
+            if upload is not None:
+                self._cache.put(file_id, upload)
+        return upload
+
+    def _reload(self, file_id):
+        """Under the upload's lock, after a ledger write that memory does not follow."""
+        upload = self._ledger.load(file_id)
+        if upload is None:
+            self._cache.drop(file_id)
+        else:
+            self._cache.put(file_id, upload)
+        return upload
+
+    def _journaled(self, file_id):
+        """Bytes of the upload's chunks in the journal (under its lock): known, or read once."""
+        journaled = self._cache.journaled(file_id)
+        if journaled is None:
+            journaled = self._ledger.journal_bytes(file_id)
+            self._cache.set_journaled(file_id, journaled)
+        return journaled
 
     # -- the steps (see the module docstring for why this order is crash-safe) --------------
 
+    def _open_tail(self, upload):
+        """The upload's video file opened for writing at its consistent length, a torn tail
+        (an earlier failed write's) cut off: (fd, whether it was created now)."""
+        path = self.media_path(upload)
+        created = not os.path.lexists(path)
+        fd = open_file(path, os.O_WRONLY | os.O_CREAT, "the upload's video file")
+        try:
+            os.ftruncate(fd, upload.bytes_appended)
+            os.lseek(fd, upload.bytes_appended, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, created
+
     def _append(self, upload, index, source_path, size, last_index=None, journal=False):
-        """Append `source_path` after the upload's consistent prefix, durable, then record it.
-        journal: a small chunk, written without an fsync of the file; its bytes go into the
-        ledger's transaction instead (one fsync in all, see the module docstring). A failure
-        before the record cuts the tail back to the consistent prefix."""
+        """Append `source_path` after the upload's consistent prefix, durable, then record it;
+        returns the upload after it. journal: a small chunk, written without an fsync of the
+        file; its bytes go into the ledger's transaction instead (one fsync in all, see the
+        module docstring). A failure before the record cuts the tail back to the consistent
+        prefix."""
         offset = upload.bytes_appended
         data = None
         if journal:
             with open(source_path, "rb") as f:
                 data = f.read(size)
-        path = self.media_path(upload)
-        created = not os.path.lexists(path)
-        fd = open_file(path, os.O_WRONLY | os.O_CREAT, "the upload's video file")
+        fd, created = self._open_tail(upload)
         try:
             with writing("appending chunk %d" % index, undo=lambda: os.ftruncate(fd, offset)):
-                os.ftruncate(fd, offset)     # drop a torn tail an earlier failed write left
-                os.lseek(fd, offset, os.SEEK_SET)
                 if data is None:
                     localdisk.copy_into(source_path, fd, size)
                     os.fsync(fd)
@@ -229,15 +366,67 @@ class ChunkStore(Store):
                 if created:
                     fsync_dir(self.root)    # the file's name must survive a power cut too
                 self._crash.passed("appended")
-                journaled = self._ledger.record_append(upload.file_id, index, size, offset,
-                                                       last_index, journal=data)
+                upload = self._record_append(upload, index, size, last_index, data)
         finally:
             os.close(fd)
         self._crash.passed("append_recorded")
         os.remove(source_path)
         self._crash.passed("cleaned")
-        if journaled > JOURNAL_FLUSH_BYTES:
+        return self._sync_full_journal(upload)
+
+    def _record_append(self, upload, index, size, last_index, journal):
+        """One ledger transaction: chunk `index` (`size` bytes at the consistent length) is
+        appended, with its bytes when they are `journal`ed; returns the upload after it, which
+        memory now mirrors."""
+        now = time.time()
+        journaled = self._journaled(upload.file_id)
+        self._ledger.record_append(upload.file_id, index, size, upload.bytes_appended, now,
+                                   last_index, journal, index in upload.stashed, journaled)
+        upload = _appended(upload, size, now, last_index)
+        self._cache.put(upload.file_id, upload,
+                        0 if journal is None else journaled + len(journal))
+        return upload
+
+    def _sync_full_journal(self, upload):
+        if self._journaled(upload.file_id) > JOURNAL_FLUSH_BYTES:
             self._sync_journaled(upload)
+        return upload
+
+    def _commit_in_place(self, writer, size, journal):
+        """_TailWriter.commit's step under the lock: decide again with what the upload holds
+        now (a last index or a budget may have changed while the bytes arrived), record,
+        free the tail, and go on as for any stored chunk."""
+        with self._locks.held(writer.file_id):
+            if writer.cancelled:
+                raise StoreError(409, "upload_deleted", "upload %s was deleted while chunk %d "
+                                 "was being received" % (writer.file_id, writer.index))
+            upload = self._state(writer.file_id)
+            if upload.next_index != writer.index or upload.bytes_appended != writer.offset:
+                raise StoreError(500, "storage_inconsistent", "the tail of %s moved while "
+                                 "chunk %d was written in place" % (writer.file_id,
+                                                                    writer.index))
+            _, ext = self.decide(upload, writer.index, None, size, writer.is_last,
+                                 writer.mime_type, writer.budgets[0])
+            if ext != upload.ext:
+                raise StoreError(409, "mime_type_conflict", "upload is %s, this chunk says "
+                                 "%s" % (upload.ext, writer.mime_type))
+            upload = self._record_append(upload, writer.index, size,
+                                         writer.index if writer.is_last else None, journal)
+            writer.recorded()                 # from here on, nothing may cut these bytes off
+            self._crash.passed("stream_recorded")
+            return self._after_chunk(self._sync_full_journal(upload), writer.index, IN_ORDER,
+                                     size)
+
+    def _free_tail(self, writer):
+        """The upload's tail is free again (the writer's abort)."""
+        with self._locks.held(writer.file_id):
+            self._release(writer)
+
+    def _release(self, writer):
+        """Under the upload's lock: forget the writer, wake whoever waits for its tail."""
+        if self._writers.get(writer.file_id) is writer:
+            del self._writers[writer.file_id]
+        writer.done.set()
 
     def _sync_journaled(self, upload):
         """fsync the file, then forget its journal (both steps may be repeated). The chunks are
@@ -254,11 +443,14 @@ class ChunkStore(Store):
             log.warning("%s: journal kept until there is room on the disk: %s",
                         upload.file_id, error)
             return
+        self._cache.set_journaled(upload.file_id, 0)
         self._crash.passed("journal_cleared")
 
-    def _stash(self, file_id, index, part_path, size, last_index=None):
-        """Keep an early chunk in temp/<id>/ until the chunks before it arrive. A failure
-        before the record removes the renamed file (it has no row)."""
+    def _stash(self, upload, index, part_path, size, last_index=None):
+        """Keep an early chunk in temp/<id>/ until the chunks before it arrive; returns the
+        upload after it. A failure before the record removes the renamed file (it has no
+        row)."""
+        file_id = upload.file_id
         target = self._stash_path(file_id, index)
         with writing("keeping chunk %d for later" % index,
                      undo=lambda: self.discard(target)):
@@ -271,39 +463,41 @@ class ChunkStore(Store):
             self._crash.passed("stashed")
             self._ledger.record_stash(file_id, index, size, last_index)
         self._crash.passed("stash_recorded")
+        return self._reload(file_id)
 
-    def _append_stashed_run(self, file_id):
+    def _append_stashed_run(self, upload):
         """Append every stashed chunk that is now contiguous; return the upload afterwards. A
         full disk stops the run: those chunks stay, durable, in temp/ for the next try."""
-        while True:
-            upload = self._ledger.load(file_id)
-            if not upload.stashed or upload.stashed[0] != upload.next_index:
-                return upload
+        while upload.stashed and upload.stashed[0] == upload.next_index:
             index = upload.next_index
-            path = self._stash_path(file_id, index)
+            path = self._stash_path(upload.file_id, index)
             try:
-                self._append(upload, index, path, os.lstat(path).st_size)
+                upload = self._append(upload, index, path, os.lstat(path).st_size)
             except StoreError as error:
                 if error.status != 507:
                     raise
-                log.warning("%s: chunk %d waits in temp/ for room on the disk", file_id,
-                            index)
-                return upload
+                log.warning("%s: chunk %d waits in temp/ for room on the disk",
+                            upload.file_id, index)
+                break
+        return upload
 
     def _complete(self, upload):
         self._sync_journaled(upload)    # the whole file on disk before anyone reads it back
         self._ledger.set_completed(upload.file_id)
+        upload = self._reload(upload.file_id)     # before the hasher reads it
         self.folder.remove_tree(os.path.join(self.temp_dir, upload.file_id))
         self._hasher.submit(upload.file_id)
         log.info("upload %s completed: %d chunks, %d bytes", upload.file_id,
                  upload.next_index, upload.bytes_appended)
-        return self._ledger.load(upload.file_id)
+        return upload
 
     # -- reading --------------------------------------------------------------------------
 
     def status(self, file_id):
-        """The UploadState of `file_id`, or None when the store has never seen it."""
-        return self._ledger.load(file_id)
+        """The UploadState of `file_id`, or None when the store has never seen it. (Memory
+        when it has the upload, which it updates only after the ledger; never filled from
+        here, where the upload's lock is not held.)"""
+        return self._cache.upload(file_id) or self._ledger.load(file_id)
 
     def media_path(self, upload):
         return os.path.join(self.root, upload.file_id + "." + upload.ext)
@@ -323,7 +517,7 @@ class ChunkStore(Store):
         with self._locks.held(file_id):
             if not self._ledger.set_sha256(file_id, upload.completed_at, digest):
                 return
-            upload = self._ledger.load(file_id)
+            upload = self._reload(file_id)
             self._emit("completed", file_id, size=upload.bytes_appended, sha256=digest,
                        ext=upload.ext, mimeType=upload.mime_type)
 
@@ -403,12 +597,19 @@ class ChunkStore(Store):
         temp/.deleting/<fileId>-<created_at>-<random>/ (which records the intent, and which
         upload it was), (2) its ledger rows are deleted, (3) that folder is removed.
         repair() finishes a deletion cut short anywhere after (1). A chunk of it still being
-        received arrives after the deletion and starts afresh.
+        received into a part file arrives after the deletion and starts afresh; one being
+        written in place is refused (409 upload_deleted), and starts afresh when sent again.
+        The sweep (`unless`) never deletes an upload that a chunk is being written into.
         """
         with self._locks.held(file_id):
-            upload = self._ledger.load(file_id)
-            if upload is None or (unless is not None and unless(upload)):
+            upload = self._ledger.load(file_id)    # as expired() read it (not a hot path)
+            writer = self._writers.get(file_id)
+            if upload is None or (unless is not None and (writer is not None or
+                                                          unless(upload))):
                 return False
+            if writer is not None:
+                writer.cancelled = True       # its commit refuses; its fd is the moved file's
+                self._release(writer)
             self.folder.own_dir(self.deleting_dir, "the deletion folder")
             trash = os.path.join(self.deleting_dir, "%s-%r-%s" % (
                 file_id, upload.created_at, os.urandom(8).hex()))
@@ -419,6 +620,7 @@ class ChunkStore(Store):
                     os.replace(path, os.path.join(trash, name))   # a link moves, itself
             fsync_dir(trash)
             self._ledger.delete(file_id)
+            self._cache.drop(file_id)
             self.folder.remove_tree(trash)
         log.info("upload %s deleted", file_id)
         self._emit("deleted", file_id, reason=reason, completed=upload.completed)
@@ -447,6 +649,7 @@ class ChunkStore(Store):
         of the uploads it had to mend. Runs before the server accepts connections. What it
         does not recognise it sets aside (localdisk's quarantine), so it always finishes."""
         mended = 0
+        self._cache.clear()                   # the ledger is the truth at start-up
         self.folder.make_own_dirs((self.temp_dir, self.incoming_dir, self.deleting_dir))
         if os.path.lexists(self.derived_dir):
             self.folder.make_own_dirs((self.derived_dir,))
@@ -512,7 +715,7 @@ class ChunkStore(Store):
         upload = self._ledger.load(file_id)
         mended = self._repair_stash(upload) or mended
         before = upload.next_index
-        upload = self._append_stashed_run(file_id)
+        upload = self._append_stashed_run(self._reload(file_id))
         mended = mended or upload.next_index != before
         if upload.completed:
             if upload.completed_at is None:
@@ -797,28 +1000,32 @@ class _Ledger:
             db.execute("UPDATE uploads SET updated_at = ?, last_index = COALESCE(?, last_index) "
                        "WHERE file_id = ?", (time.time(), last_index, file_id))
 
-    def record_append(self, file_id, index, size, offset, last_index=None, journal=None):
+    def record_append(self, file_id, index, size, offset, now, last_index=None, journal=None,
+                      stashed=False, journaled=1):
         """One transaction: the chunk's offset and the upload's new consistent length (and,
         for the last chunk, that it is the last). With `journal` (the chunk's bytes, whose
         file was not fsynced) they are kept in the journal; without, the file was fsynced, so
-        the upload's journal is emptied. Returns the bytes the upload's journal holds."""
+        the upload's journal is emptied (when it holds anything: `journaled` bytes).
+        `stashed`: the chunk has its row already (it waited in temp/)."""
         with self._write() as db:
-            if journal is None:
-                db.execute("DELETE FROM journal WHERE file_id = ?", (file_id,))
-            else:
+            if journal is not None:
                 db.execute("INSERT INTO journal (file_id, idx, offset, data) VALUES "
                            "(?, ?, ?, ?)", (file_id, index, offset, sqlite3.Binary(journal)))
-            # (no UPSERT: SQLite before 3.24 still ships on embedded systems)
-            moved = db.execute("UPDATE chunks SET offset = ? WHERE file_id = ? AND idx = ?",
-                               (offset, file_id, index)).rowcount
-            if not moved:
+            elif journaled:
+                db.execute("DELETE FROM journal WHERE file_id = ?", (file_id,))
+            if stashed:
+                db.execute("UPDATE chunks SET offset = ? WHERE file_id = ? AND idx = ?",
+                           (offset, file_id, index))
+            else:
                 db.execute("INSERT INTO chunks (file_id, idx, size, offset) VALUES (?, ?, ?, ?)",
                            (file_id, index, size, offset))
             db.execute("UPDATE uploads SET next_index = ?, bytes_appended = ?, updated_at = ?, "
                        "last_index = COALESCE(?, last_index) WHERE file_id = ?",
-                       (index + 1, offset + size, time.time(), last_index, file_id))
-            if journal is None:
-                return 0
+                       (index + 1, offset + size, now, last_index, file_id))
+
+    def journal_bytes(self, file_id):
+        """Bytes of the upload's journaled chunks."""
+        with self._connection() as db:
             return db.execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM journal "
                               "WHERE file_id = ?", (file_id,)).fetchone()[0]
 
@@ -890,6 +1097,167 @@ class _Ledger:
             return [r[0] for r in db.execute(
                 "SELECT file_id FROM uploads WHERE completed_at >= ? AND sha256 IS NOT NULL "
                 "ORDER BY completed_at", (since,))]
+
+
+# ---------------------------------------------------------------------------------------------
+# A chunk written in place, and the uploads' state in memory
+# ---------------------------------------------------------------------------------------------
+
+class _TailWriter(TailWriter):
+    """Chunk `index` of an upload written in place, after its consistent prefix, as the
+    parser hands its bytes over (reserve_append; the steps are in the module docstring). It
+    holds the upload's tail, not its lock: whoever else wants to append in order waits on
+    `done`, set once the tail is free again."""
+
+    def __init__(self, store, upload, index, is_last, mime_type, checksum, budgets, fd,
+                 created):
+        self.file_id = upload.file_id
+        self.index = index
+        self.offset = upload.bytes_appended       # where its bytes begin
+        self.is_last = is_last
+        self.mime_type = mime_type
+        self.budgets = budgets                    # (the caller's, the store's)
+        self.cancelled = False                    # set (under the lock) by delete
+        self.done = threading.Event()
+        self.written = 0
+        self._store = store
+        self._checksum = checksum
+        self._held = upload.bytes_held            # what the budgets count besides this chunk
+        self._fd = fd
+        self._created = created
+        self._finished = False
+        self._head = b"" if index == 0 and not store.allow_any_content else None
+        self._digest = hashlib.sha256() if checksum is not None else None
+        # A small chunk's bytes, kept for the journal until it outgrows it (then: fsync).
+        self._journal = bytearray() if store.journal_chunk_bytes > 0 else None
+
+    def write(self, view):
+        with writing("receiving chunk %d" % self.index, undo=self.abort):
+            if self._finished:
+                raise ValueError("the chunk was committed or aborted already")
+            count = len(view)
+            check_budgets(self._held, self.written + count, self.budgets)
+            if self._head is not None and len(self._head) < SIGNATURE_BYTES:
+                self._head += bytes(view[:SIGNATURE_BYTES - len(self._head)])
+                if len(self._head) == SIGNATURE_BYTES:   # as soon as the first bytes are in
+                    check_chunk_bytes(0, self._head, None, None, False)
+            localdisk.write_all(self._fd, view)
+            self._store._crash.passed("streaming")
+            self.written += count
+            if self._digest is not None:
+                self._digest.update(view)
+            if self._journal is not None:
+                if self.written <= self._store.journal_chunk_bytes:
+                    self._journal += view
+                else:
+                    self._journal = None
+        return count
+
+    def commit(self, size):
+        """Durable (fsync, or the journal), checked, recorded: the ChunkResult. A refusal
+        (checksum, a rule that changed meanwhile, a full disk) cuts the bytes off first."""
+        with writing("storing chunk %d" % self.index, undo=self.abort):
+            if self._finished or size != self.written:
+                raise ValueError("commit(%d) of a chunk written with %d bytes%s" % (
+                    size, self.written, ", already finished" if self._finished else ""))
+            # chunk 0's signature again: it may be shorter than SIGNATURE_BYTES (no _head:
+            # no signature to check, so the rules are asked as if any content were allowed)
+            check_chunk_bytes(self.index, self._head, self._digest and
+                              self._digest.hexdigest(), self._checksum,
+                              allow_any_content=self._head is None)
+            journal = bytes(self._journal) if self._journal is not None else None
+            if journal is None:
+                os.fsync(self._fd)
+            if self._created:
+                fsync_dir(self._store.root)     # the file's name must survive a power cut
+            self._store._crash.passed("streamed")
+            return self._store._commit_in_place(self, size, journal)
+
+    def recorded(self):
+        """Under the lock, right after the ledger's commit: the tail is the chunk's now."""
+        self._finished = True
+        os.close(self._fd)
+        self._store._release(self)
+
+    def abort(self):
+        """Cut the bytes off (the tail is the writer's: no lock needed for that) and free the
+        tail. Nothing after commit or a first abort."""
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            os.ftruncate(self._fd, self.offset)
+        except OSError as error:
+            log.warning("%s: could not cut chunk %d's bytes off (repair will): %s",
+                        self.file_id, self.index, error)
+        finally:
+            os.close(self._fd)
+            self._store._free_tail(self)
+
+
+class _StateCache:
+    """The last UploadState (and journaled bytes, None: not known) of the uploads used most
+    recently, at most `capacity` of them. Its own lock keeps the dict whole; keeping it true
+    to the ledger is the store's part (written under the upload's lock, after the commit)."""
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self._entries = collections.OrderedDict()    # fileId -> [UploadState, journaled]
+        self._lock = threading.Lock()
+
+    def upload(self, file_id):
+        with self._lock:
+            entry = self._entries.get(file_id)
+            if entry is None:
+                return None
+            self._entries.move_to_end(file_id)
+            return entry[0]
+
+    def journaled(self, file_id):
+        with self._lock:
+            entry = self._entries.get(file_id)
+            return None if entry is None else entry[1]
+
+    def put(self, file_id, upload, journaled=None):
+        """The upload's state now; `journaled` None keeps what was known of the journal."""
+        with self._lock:
+            entry = self._entries.get(file_id)
+            if entry is not None:
+                entry[0] = upload
+                if journaled is not None:
+                    entry[1] = journaled
+                self._entries.move_to_end(file_id)
+                return
+            self._entries[file_id] = [upload, journaled]
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def set_journaled(self, file_id, journaled):
+        with self._lock:
+            entry = self._entries.get(file_id)
+            if entry is not None:
+                entry[1] = journaled
+
+    def drop(self, file_id):
+        with self._lock:
+            self._entries.pop(file_id, None)
+
+    def clear(self):
+        with self._lock:
+            self._entries.clear()
+
+
+def _appended(upload, size, now, last_index):
+    """The upload once its next chunk (`size` bytes, from temp/ or not) is appended at `now`:
+    what record_append wrote, without reading it back."""
+    index = upload.next_index
+    stashed, stashed_bytes = upload.stashed, upload.stashed_bytes
+    if stashed[:1] == [index]:
+        stashed, stashed_bytes = stashed[1:], stashed_bytes - size
+    row = (upload.file_id, upload.mime_type, upload.ext, index + 1, upload.bytes_appended + size,
+           upload.last_index if last_index is None else last_index, upload.created_at, now,
+           upload.completed_at, upload.sha256)
+    return UploadState(row, stashed, stashed_bytes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,9 @@ What every store guarantees (SPEC section 1, "Chunk semantics"):
   6. One lock per fileId (KeyedLocks) serialises the decisions and writes of one upload on a
      node; different uploads never wait for each other. Limits on an upload's size (the
      --max-upload-size limit, a token's byte budget) are checked inside that lock, so chunks
-     that race each other are counted together.
+     that race each other are counted together. The lock is never held while bytes arrive
+     from the network: a chunk written in place (reserve_append) holds the upload's tail
+     instead, a slot that keeps every other chunk of that index waiting or on its own path.
   7. A deletion says why ("requested", or "expired" from the sweep) and re-checks, under the
      upload's lock, that the upload is still to be deleted: a chunk acknowledged while a sweep
      runs is never deleted with its upload.
@@ -138,23 +140,40 @@ def check_chunk_request(file_id, index, part_path, mime_type, checksum, allow_an
     """What every store checks before it takes its lock (StoreError otherwise): a valid id
     and index, a known mimeType, a media signature on chunk 0, and the checksum field.
     `sha256` is the chunk's digest when the caller has it already (else computed if needed)."""
+    check_chunk_fields(file_id, index, mime_type, checksum)
+    head = None
+    if index == 0 and not allow_any_content:
+        with open(part_path, "rb") as f:
+            head = f.read(SIGNATURE_BYTES)
+    if checksum is not None and sha256 is None:
+        sha256 = sha256_file(part_path)
+    check_chunk_bytes(index, head, sha256, checksum, allow_any_content)
+
+
+def check_chunk_fields(file_id, index, mime_type, checksum):
+    """The checks of a chunk request that need none of its bytes: a valid id and index, a
+    known mimeType, a checksum field of the form sha256:<64 hex>."""
     if not valid_file_id(file_id):
         raise StoreError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
     if not 0 <= index <= MAX_CHUNK_INDEX:
         raise StoreError(400, "invalid_chunk_index", "chunkIndex must be 0..%d" % MAX_CHUNK_INDEX)
     extension_for(mime_type)
-    if index == 0 and not allow_any_content:
-        with open(part_path, "rb") as f:
-            if not has_media_signature(f.read(SIGNATURE_BYTES)):
-                raise StoreError(415, "unsupported_media_type",
-                                 "chunk 0 does not start with a WebM, MP4 or Ogg signature")
     if checksum is not None:
         algorithm, _, expected = checksum.partition(":")
         if algorithm != "sha256" or not re.match(r"[0-9a-fA-F]{64}\Z", expected):
             raise StoreError(400, "invalid_checksum", "checksum must be sha256:<64 hex>")
-        if (sha256 or sha256_file(part_path)) != expected.lower():
-            raise StoreError(400, "checksum_mismatch",
-                             "the chunk's sha256 differs from the checksum field")
+
+
+def check_chunk_bytes(index, head, sha256, checksum, allow_any_content):
+    """The checks of a chunk's bytes, once check_chunk_fields passed: chunk 0 starts with a
+    media signature (`head`: its first SIGNATURE_BYTES bytes, or all of a shorter chunk),
+    and its hex `sha256` is the one the checksum field names (None: no checksum field)."""
+    if index == 0 and not allow_any_content and not has_media_signature(head):
+        raise StoreError(415, "unsupported_media_type",
+                         "chunk 0 does not start with a WebM, MP4 or Ogg signature")
+    if checksum is not None and sha256 != checksum.partition(":")[2].lower():
+        raise StoreError(400, "checksum_mismatch",
+                         "the chunk's sha256 differs from the checksum field")
 
 
 def check_derivative_name(name):
@@ -385,6 +404,28 @@ class MediaRange:
         self.close()
 
 
+class TailWriter:
+    """One chunk written in place at the end of its upload (Store.reserve_append). The
+    multipart parser writes the file part into it as the bytes arrive (`write`, as into a
+    file); then exactly one of these ends it and frees the upload's tail:
+      commit(size) -> ChunkResult  the chunk is durable and recorded, as put_chunk's answer;
+                                   StoreError when refused (its bytes are cut off again)
+      abort()                      its bytes are cut off again (a parse error, a client that
+                                   left, a refusal of the handler's)
+    `write` raises StoreError as soon as the bytes break a rule (chunk 0's signature, a
+    budget, a full disk), and has then aborted. abort after commit, or twice, does nothing,
+    so a caller may always abort in a `finally`."""
+
+    def write(self, view):
+        raise NotImplementedError
+
+    def commit(self, size):
+        raise NotImplementedError
+
+    def abort(self):
+        raise NotImplementedError
+
+
 # ---------------------------------------------------------------------------------------------
 # The base class: the methods every backend implements, each with its guarantee
 # ---------------------------------------------------------------------------------------------
@@ -452,6 +493,15 @@ class Store(EventSource):
                            checked with --max-upload-size under the upload's lock). The part
                            file is consumed. A chunk that completes the upload returns
                            `completed` in constant time, whatever the upload's length.
+      reserve_append(file_id, index, is_last, mime_type=None, checksum=None, budget=None)
+                           -> a TailWriter, or None. Asked before the chunk's bytes arrive
+                           (the form's text fields came first): when the chunk is the next
+                           one of an upload the store holds and the rules need none of its
+                           bytes to accept it, the upload's tail is reserved for it, so its
+                           bytes are written once, in place, as they arrive. None: receive
+                           them into a part file and put_chunk it, which refuses what the
+                           rules refuse, in their order (this base class always says None:
+                           S3 keeps that path).
       decide(upload, index, stored, size, is_last, mime_type, budget) -> (kind, ext): the
                            rules above in their order, written here once; each backend's
                            put_chunk calls it under the lock with what it read.
@@ -518,6 +568,10 @@ class Store(EventSource):
     def put_chunk(self, file_id, index, part_path, size, is_last, mime_type=None,
                   checksum=None, budget=None):
         raise NotImplementedError
+
+    def reserve_append(self, file_id, index, is_last, mime_type=None, checksum=None,
+                       budget=None):
+        return None
 
     def decide(self, upload, index, stored, size, is_last, mime_type, budget):
         """The contract's rules for one chunk, as each backend asks them under the upload's

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 
@@ -291,7 +292,7 @@ def test_repair_appends_stashed_chunks_that_became_contiguous(store):
     put(store, "p", 2, parts[2], last=True)
     # Simulate a crash right after chunk 0 was recorded, before chunks 1-2 were appended:
     # append and record chunk 0 by hand, exactly as the store's first two steps do.
-    store._ledger.record_append("p", 0, len(parts[0]), 0)
+    store._ledger.record_append("p", 0, len(parts[0]), 0, time.time())
     with open(os.path.join(store.root, "p.webm"), "wb") as f:
         f.write(parts[0])
     store = reopen(store)

@@ -1,0 +1,394 @@
+"""Unit tests of chunkstore.py's in-place path (reserve_append and its writer) and of the
+uploads' state it keeps in memory, without a server in between.
+
+The HTTP suites (test_api.py, test_crash.py) prove the same through the real server; these
+pin what the store promises: the next chunk of an upload is written once, into the video
+file, while the upload's lock is free; everything else keeps the part-file path; every
+failure cuts the bytes off and frees the tail; a twin of the chunk waits for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import sys
+import threading
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from chunkstore import ChunkStore  # noqa: E402
+from storage import Budget, StoreError  # noqa: E402
+from conftest import wait_until  # noqa: E402
+
+EBML = b"\x1a\x45\xdf\xa3"
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ChunkStore(str(tmp_path / "up"), writer_wait_s=5.0)
+    yield s
+    s.close()
+
+
+def put(store, file_id, index, data, last=False, mime_type=None):
+    path, f = store.new_part_file()
+    with f:
+        f.write(data)
+    return store.put_chunk(file_id, index, path, len(data), is_last=last, mime_type=mime_type)
+
+
+def stream(writer, data, block=7):
+    """Write `data` as the parser would: in pieces, as memoryviews."""
+    view = memoryview(data)
+    for at in range(0, len(data), block):
+        assert writer.write(view[at:at + block]) == len(view[at:at + block])
+
+
+def on_disk(store, file_id):
+    with open(store.media_path(store.status(file_id)), "rb") as f:
+        return f.read()
+
+
+def started(store, file_id, first=EBML + b"chunk zero"):
+    """An upload the ledger has, with chunk 0 stored (through the part file: a new upload's
+    row comes first)."""
+    assert store.reserve_append(file_id, 0, False) is None
+    put(store, file_id, 0, first)
+    return first
+
+
+def ledger_row(store, file_id):
+    upload = store._ledger.load(file_id)
+    return (upload.next_index, upload.bytes_appended, upload.last_index, upload.stashed,
+            upload.stashed_bytes, upload.completed_at, upload.updated_at, upload.ext)
+
+
+def remembered(store, file_id):
+    upload = store._cache.upload(file_id)
+    return (upload.next_index, upload.bytes_appended, upload.last_index, upload.stashed,
+            upload.stashed_bytes, upload.completed_at, upload.updated_at, upload.ext)
+
+
+# -- the in-place path --------------------------------------------------------------------
+
+def test_next_chunk_is_written_into_the_video_file_as_it_arrives(store):
+    first = started(store, "a")
+    writer = store.reserve_append("a", 1, True)
+    assert writer is not None
+    stream(writer, b"x" * 50)
+    # the bytes are in the file already, past its consistent length; no part file exists
+    assert os.path.getsize(store.media_path(store.status("a"))) == len(first) + 50
+    assert store.status("a").bytes_appended == len(first)
+    assert os.listdir(store.incoming_dir) == []
+    result = writer.commit(50)
+    assert not result.duplicate and result.upload.completed
+    assert on_disk(store, "a") == first + b"x" * 50
+    writer.abort()                                   # after commit: nothing
+    assert on_disk(store, "a") == first + b"x" * 50
+
+
+def test_the_lock_is_free_while_the_bytes_arrive(store):
+    started(store, "free")
+    writer = store.reserve_append("free", 1, False)
+    stream(writer, b"half")
+    put(store, "free", 3, b"early")                 # takes the lock: it does not wait
+    assert store.status("free").stashed == [3]
+    stream(writer, b" and the rest")
+    writer.commit(len(b"half and the rest"))
+    put(store, "free", 2, b"two", last=False)
+    assert store.status("free").next_index == 4
+
+
+def test_reserve_says_none_where_the_part_file_path_applies(store):
+    assert store.reserve_append("new", 0, False) is None          # no row yet
+    started(store, "b")
+    assert store.reserve_append("b", 0, False) is None            # a duplicate
+    assert store.reserve_append("b", 2, False) is None            # early
+    assert store.reserve_append("b", 1, False, mime_type="video/mp4") is None  # first type
+    assert store.reserve_append("b", 1, False, mime_type="text/plain") is None  # refused
+    assert store.reserve_append("bad id!", 1, False) is None
+    put(store, "b", 5, b"five", last=True)
+    assert store.reserve_append("b", 6, False) is None            # past the last chunk
+    writer = store.reserve_append("b", 1, False)
+    assert writer is not None
+    assert store.reserve_append("b", 1, False) is None            # the tail is taken
+    writer.abort()
+    assert store.reserve_append("b", 1, False) is not None
+
+
+def test_an_aborted_chunk_leaves_the_upload_as_it_was(store):
+    first = started(store, "c")
+    before = ledger_row(store, "c")
+    writer = store.reserve_append("c", 1, False)
+    stream(writer, os.urandom(300))
+    writer.abort()
+    writer.abort()
+    assert on_disk(store, "c") == first
+    assert ledger_row(store, "c") == before
+    again = store.reserve_append("c", 1, False)          # the tail is free again
+    stream(again, b"second try")
+    again.commit(10)
+    assert on_disk(store, "c") == first + b"second try"
+
+
+def test_chunk_zero_signature_is_checked_on_its_first_bytes(store):
+    put(store, "z", 1, b"one")                        # the row exists, chunk 0 has not come
+    writer = store.reserve_append("z", 0, False)
+    assert writer is not None
+    with pytest.raises(StoreError) as caught:
+        stream(writer, b"NOT A VIDEO AT ALL", block=8)
+    assert caught.value.status == 415
+    assert os.path.getsize(store.media_path(store.status("z"))) == 0
+    assert store.status("z").next_index == 0
+    ok = store.reserve_append("z", 0, False)
+    stream(ok, EBML + b"fine")
+    assert ok.commit(8).upload.next_index == 2
+
+
+def test_a_short_chunk_zero_is_checked_at_the_commit(store):
+    put(store, "short", 1, b"one")
+    writer = store.reserve_append("short", 0, False)
+    stream(writer, b"abc")
+    with pytest.raises(StoreError) as caught:
+        writer.commit(3)
+    assert caught.value.status == 415
+    assert store.status("short").next_index == 0
+
+
+def test_checksum_is_taken_while_writing(store):
+    first = started(store, "sum")
+    data = os.urandom(1000)
+    wrong = "sha256:" + "0" * 64
+    writer = store.reserve_append("sum", 1, False, checksum=wrong)
+    stream(writer, data, block=333)
+    with pytest.raises(StoreError) as caught:
+        writer.commit(len(data))
+    assert caught.value.code == "checksum_mismatch"
+    assert on_disk(store, "sum") == first
+    right = "sha256:" + hashlib.sha256(data).hexdigest().upper()
+    writer = store.reserve_append("sum", 1, False, checksum=right)
+    stream(writer, data, block=333)
+    writer.commit(len(data))
+    assert on_disk(store, "sum") == first + data
+
+
+def test_a_budget_refuses_as_soon_as_it_is_passed(store):
+    first = started(store, "budget")
+    budget = Budget(len(first) + 100, 403, "token_budget", "upload would be %d of %d")
+    writer = store.reserve_append("budget", 1, False, budget=budget)
+    stream(writer, b"y" * 100)                         # exactly the budget
+    with pytest.raises(StoreError) as caught:
+        writer.write(memoryview(b"!"))
+    assert caught.value.code == "token_budget"
+    assert on_disk(store, "budget") == first
+    writer = store.reserve_append("budget", 1, False, budget=budget)
+    stream(writer, b"y" * 100)
+    assert writer.commit(100).upload.bytes_appended == len(first) + 100
+
+
+def test_a_rule_that_changed_meanwhile_is_asked_again_at_the_commit(store):
+    started(store, "rule")
+    writer = store.reserve_append("rule", 1, True)       # says: chunk 1 is the last
+    stream(writer, b"one")
+    put(store, "rule", 3, b"three", last=True)          # meanwhile: chunk 3 is the last
+    with pytest.raises(StoreError) as caught:
+        writer.commit(3)
+    assert caught.value.code == "completion_conflict"
+    assert store.status("rule").next_index == 1
+    writer = store.reserve_append("rule", 1, False)
+    stream(writer, b"one")
+    writer.commit(3)
+    put(store, "rule", 2, b"two")
+    assert store.status("rule").completed
+
+
+def test_early_chunks_that_arrive_meanwhile_are_appended_after_the_commit(store):
+    first = started(store, "early")
+    writer = store.reserve_append("early", 1, False)
+    stream(writer, b"[1]")
+    put(store, "early", 3, b"[3]", last=True)
+    put(store, "early", 2, b"[2]")
+    assert store.status("early").next_index == 1
+    result = writer.commit(3)
+    assert result.upload.completed
+    assert on_disk(store, "early") == first + b"[1][2][3]"
+
+
+def test_a_twin_of_the_chunk_in_flight_waits_then_is_a_duplicate(store):
+    started(store, "twin")
+    writer = store.reserve_append("twin", 1, False)
+    stream(writer, b"same bytes")
+    answers = []
+    twin = threading.Thread(target=lambda: answers.append(put(store, "twin", 1, b"same bytes")))
+    twin.start()
+    wait_until(lambda: store._locks._locks == {} and twin.is_alive(), timeout=5,
+               message="the twin waiting outside the lock")
+    assert not answers
+    writer.commit(10)
+    twin.join(5)
+    assert answers[0].duplicate
+    assert store.status("twin").next_index == 2
+
+
+def test_a_twin_with_other_bytes_is_a_conflict_once_the_first_committed(store):
+    started(store, "other")
+    writer = store.reserve_append("other", 1, False)
+    stream(writer, b"first bytes")
+    errors = []
+
+    def send_twin():
+        try:
+            put(store, "other", 1, b"other bytes")
+        except StoreError as error:
+            errors.append(error)
+
+    twin = threading.Thread(target=send_twin)
+    twin.start()
+    wait_until(lambda: twin.is_alive() and store._locks._locks == {}, timeout=5,
+               message="the twin waiting")
+    writer.commit(11)
+    twin.join(5)
+    assert errors[0].code == "chunk_conflict"
+
+
+def test_a_twin_is_stored_when_the_first_one_aborts(store):
+    first = started(store, "abort")
+    writer = store.reserve_append("abort", 1, False)
+    stream(writer, b"cut short")
+    answers = []
+    twin = threading.Thread(target=lambda: answers.append(put(store, "abort", 1, b"whole")))
+    twin.start()
+    wait_until(lambda: twin.is_alive() and store._locks._locks == {}, timeout=5,
+               message="the twin waiting")
+    writer.abort()
+    twin.join(5)
+    assert not answers[0].duplicate
+    assert on_disk(store, "abort") == first + b"whole"
+
+
+def test_a_twin_waits_at_most_writer_wait(tmp_path):
+    store = ChunkStore(str(tmp_path / "wait"), writer_wait_s=0.2)
+    try:
+        started(store, "slow")
+        writer = store.reserve_append("slow", 1, False)
+        with pytest.raises(StoreError) as caught:
+            put(store, "slow", 1, b"twin")
+        assert caught.value.status == 503 and caught.value.code == "chunk_in_progress"
+        assert caught.value.headers == {"Retry-After": "1"}
+        assert os.listdir(store.incoming_dir) == []
+        stream(writer, b"done")
+        writer.commit(4)
+        assert put(store, "slow", 1, b"done").duplicate
+    finally:
+        store.close()
+
+
+def test_an_upload_deleted_meanwhile_refuses_the_chunk(store):
+    started(store, "gone")
+    writer = store.reserve_append("gone", 1, False)
+    stream(writer, b"bytes")
+    assert store.delete("gone")
+    with pytest.raises(StoreError) as caught:
+        writer.commit(5)
+    assert caught.value.status == 409 and caught.value.code == "upload_deleted"
+    assert store.status("gone") is None
+    again = started(store, "gone")                      # sent again: a fresh upload
+    assert on_disk(store, "gone") == again
+
+
+def test_the_sweep_keeps_an_upload_a_chunk_is_being_written_into(store):
+    started(store, "busy")
+    writer = store.reserve_append("busy", 1, False)
+    assert store.delete("busy", unless=lambda upload: False, reason="expired") is False
+    writer.abort()
+    assert store.delete("busy", unless=lambda upload: False, reason="expired") is True
+
+
+def test_a_small_chunk_is_journaled_and_a_large_one_fsynced(tmp_path):
+    store = ChunkStore(str(tmp_path / "j"), journal_chunk_bytes=64)
+    try:
+        first = started(store, "j")
+        writer = store.reserve_append("j", 1, False)
+        stream(writer, b"s" * 64)                      # exactly the journal's limit
+        writer.commit(64)
+        assert store._ledger.journal("j") == [(0, first), (len(first), b"s" * 64)]
+        writer = store.reserve_append("j", 2, False)
+        stream(writer, b"L" * 65)                      # one past it: the file is fsynced
+        writer.commit(65)
+        assert store._ledger.journal("j") == []
+        assert on_disk(store, "j") == first + b"s" * 64 + b"L" * 65
+    finally:
+        store.close()
+
+
+# -- the state in memory ------------------------------------------------------------------
+
+def test_memory_mirrors_the_ledger_after_every_kind_of_step(store):
+    started(store, "m")
+    checks = []
+
+    def check():
+        checks.append(remembered(store, "m") == ledger_row(store, "m"))
+
+    put(store, "m", 3, b"three")
+    check()
+    writer = store.reserve_append("m", 1, False)
+    stream(writer, b"one")
+    writer.commit(3)
+    check()
+    put(store, "m", 1, b"one")                          # duplicate
+    check()
+    put(store, "m", 4, b"four", last=True)
+    check()
+    put(store, "m", 2, b"two")                          # appends 2, 3, 4 and completes
+    check()
+    wait_until(lambda: store.status("m").sha256 is not None, timeout=10,
+               message="the background sha256")
+    check()
+    assert checks == [True] * len(checks)
+
+
+def test_an_in_order_chunk_reads_nothing_from_the_ledger(store):
+    started(store, "quiet")
+    statements = []
+    db = store._ledger._pool.get()
+    db.set_trace_callback(statements.append)
+    store._ledger._pool.put(db)
+    writer = store.reserve_append("quiet", 1, False)
+    stream(writer, b"bytes")
+    writer.commit(5)
+    assert not [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert [s for s in statements if s.startswith(("INSERT", "UPDATE"))]
+
+
+def test_one_upload_in_memory_still_stores_every_upload_right(tmp_path):
+    store = ChunkStore(str(tmp_path / "one"), state_cache=1)
+    try:
+        firsts = {name: started(store, name) for name in ("p", "q")}
+        for index in (1, 2):
+            for name in ("p", "q"):                    # each one pushes the other out
+                writer = store.reserve_append(name, index, index == 2)
+                stream(writer, b"%s%d" % (name.encode(), index))
+                writer.commit(2)
+        for name in ("p", "q"):
+            assert store.status(name).completed
+            assert on_disk(store, name) == firsts[name] + b"%s1%s2" % ((name.encode(),) * 2)
+        assert len(store._cache._entries) == 1
+    finally:
+        store.close()
+
+
+def test_repair_starts_from_the_ledger_not_from_memory(tmp_path):
+    root = str(tmp_path / "r")
+    store = ChunkStore(root)
+    first = started(store, "r")
+    db = sqlite3.connect(os.path.join(root, "m1.sqlite3"))
+    with db:
+        db.execute("UPDATE uploads SET last_index = 0 WHERE file_id = 'r'")
+    db.close()
+    assert not store.status("r").completed            # memory: as the store left it
+    store.repair()
+    assert store.status("r").completed                # the ledger's truth
+    assert on_disk(store, "r") == first
+    store.close()
