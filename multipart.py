@@ -237,7 +237,7 @@ def boundary_from_content_type(content_type):
 
 
 def parse(read_into, boundary, open_file, limits=None, stream_names=("file",),
-          block_size=DEFAULT_BLOCK_SIZE):
+          block_size=DEFAULT_BLOCK_SIZE, form=None):
     """Parse one multipart/form-data body and return its `Form`.
 
     read_into(view) fills up to len(view) bytes of the memoryview and returns how many; 0
@@ -245,7 +245,11 @@ def parse(read_into, boundary, open_file, limits=None, stream_names=("file",),
     writable file for a part that has a filename parameter or whose name is in stream_names;
     the parser writes the part's bytes to it as memoryview slices that are valid only during
     the call (a file that keeps one must copy it), and never closes it. Every other part is a
-    Field, held in memory and decoded as UTF-8."""
+    Field, held in memory and decoded as UTF-8.
+
+    `form`: the Form to fill (default: a new one), so that open_file can look at the parts
+    that came before its own: when it is called, every earlier part is in the form, whole
+    (a server that receives the text fields first can decide where the file's bytes go)."""
     if isinstance(boundary, str):
         boundary = boundary.encode("ascii")
     if not isinstance(boundary, bytes) or not _BOUNDARY.match(boundary.decode("latin-1")):
@@ -255,7 +259,8 @@ def parse(read_into, boundary, open_file, limits=None, stream_names=("file",),
         raise ValueError("block_size must be a positive int, not %r" % (block_size,))
     if limits is None:
         limits = Limits()
-    parser = _Parser(read_into, boundary, open_file, limits, stream_names, block_size)
+    parser = _Parser(read_into, boundary, open_file, limits, stream_names, block_size,
+                     Form() if form is None else form)
     return parser.run()
 
 
@@ -286,7 +291,7 @@ _CLOSE = "close delimiter"
 
 class _Parser:
 
-    def __init__(self, read_into, boundary, open_file, limits, stream_names, block_size):
+    def __init__(self, read_into, boundary, open_file, limits, stream_names, block_size, form):
         self.read_into = read_into
         self.open_file = open_file
         self.limits = limits
@@ -313,7 +318,7 @@ class _Parser:
         self.parts_started = 0
         self.part = None        # the Field or FilePart being read
         self.field_value = bytearray()
-        self.form = Form()
+        self.form = form
         self.state = self._read_preamble
 
     def run(self):

@@ -582,6 +582,24 @@ def test_open_file_is_called_with_name_filename_and_content_type_in_body_order()
     assert calls == [("a", "x.bin", None), ("file", None, "video/mp4")]
 
 
+def test_open_file_sees_every_earlier_part_in_the_form_it_was_given():
+    form = multipart.Form()
+    seen = []
+
+    def open_file(name, filename, content_type):
+        seen.append((name, [(f.name, f.value) for f in form.fields], len(form.files)))
+        return RecordingFile(name, filename, content_type)
+
+    body = encode_form([encode_part("fileId", "up_1"), encode_part("a", b"1", filename="x"),
+                        encode_part("chunkIndex", "7"), encode_part("file", b"2")], "b")
+    for breaks in ((), range(1, len(body))):            # however the body is split
+        seen.clear()
+        form.__init__()
+        assert multipart.parse(Reader(body, breaks), b"b", open_file, form=form) is form
+        assert seen == [("a", [("fileId", "up_1")], 0),
+                        ("file", [("fileId", "up_1"), ("chunkIndex", "7")], 1)]
+
+
 def test_short_writes_are_continued_until_every_byte_is_written():
     class TrickleFile(RecordingFile):
         def write(self, view):
