@@ -1121,6 +1121,7 @@ class _TailWriter(TailWriter):
         self.done = threading.Event()
         self.written = 0
         self._store = store
+        self._path = store.media_path(upload)
         self._checksum = checksum
         self._held = upload.bytes_held            # what the budgets count besides this chunk
         self._fd = fd
@@ -1172,6 +1173,21 @@ class _TailWriter(TailWriter):
                 fsync_dir(self._store.root)     # the file's name must survive a power cut
             self._store._crash.passed("streamed")
             return self._store._commit_in_place(self, size, journal)
+
+    def to_part_file(self):
+        """The bytes written so far, copied into a part file (its path) and cut off here; the
+        tail is freed. For a form whose fields after the file part change what the chunk is:
+        put_chunk decides it then, as any chunk received into a part file."""
+        path, f = self._store.new_part_file()
+        try:
+            with f:
+                localdisk.copy_into(self._path, f.fileno(), self.written, self.offset)
+        except BaseException:
+            self._store.discard(path)
+            self.abort()
+            raise
+        self.abort()
+        return path
 
     def recorded(self):
         """Under the lock, right after the ledger's commit: the tail is the chunk's now."""

@@ -329,9 +329,10 @@ def truncate(path, length, what):
         os.close(fd)
 
 
-def copy_into(source_path, fd, size):
-    """Copy `size` bytes of `source_path` to the current position of `fd`."""
+def copy_into(source_path, fd, size, offset=0):
+    """Copy `size` bytes of `source_path`, from `offset` on, to the current position of `fd`."""
     with open_reading(source_path, "a chunk file") as src:
+        src.seek(offset)
         copied = 0
         kernel_copy = getattr(os, "copy_file_range", None)
         while kernel_copy is not None and copied < size:
@@ -344,7 +345,7 @@ def copy_into(source_path, fd, size):
             if n == 0:
                 break
             copied += n
-        src.seek(copied)
+        src.seek(offset + copied)
         buffer = bytearray(min(COPY_BLOCK_BYTES, max(size - copied, 1)))
         while copied < size:
             n = src.readinto(buffer)

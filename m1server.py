@@ -205,6 +205,9 @@ OPTIONS = (
     ("--journal-chunk-size", parse_journal_size, chunkstore.DEFAULT_JOURNAL_CHUNK_BYTES,
      "in-order chunks up to this size cost one fsync: their bytes are journaled in "
      "m1.sqlite3 until the video file is synced (at most 256K; 0: fsync the file every chunk)"),
+    ("--upload-state-cache", parse_count, chunkstore.DEFAULT_STATE_CACHE,
+     "uploads whose state the local store keeps in memory between chunks (the least recently "
+     "used beyond it are read from m1.sqlite3 again)"),
     ("--incomplete-ttl", parse_duration, DEFAULT_INCOMPLETE_TTL_S,
      "remove uploads idle and unfinished this long (0 keeps them)"),
     ("--retention", parse_duration, DEFAULT_RETENTION_S,
@@ -374,6 +377,7 @@ class Config:
         self.min_free_disk_bytes = args.min_free_disk
         self.allow_any_content = args.allow_any_content
         self.journal_chunk_bytes = args.journal_chunk_size
+        self.upload_state_cache = args.upload_state_cache
         self.incomplete_ttl = args.incomplete_ttl or None      # None: keep
         self.retention = args.retention or None
         self.sweep_interval = args.sweep_interval
@@ -683,19 +687,17 @@ class Handler(BaseHTTPRequestHandler):
                             "body of %d bytes exceeds the %d-byte limit (--max-chunk-size %d)"
                             % (length, body_limit, config.max_chunk_bytes))
         with store.room_for(length):              # 507 unless the disk has room (--min-free-disk)
-            form, part_paths = self.read_form(boundary, length)
+            receiver = ChunkReceiver(self)
             try:
+                form = self.read_form(boundary, length, receiver.open_file)
                 fields, chunk = self.chunk_fields(form)
-                budget = self.server.guard.check_chunk(self, fields["fileId"])   # token scope
-                result = store.put_chunk(
-                    fields["fileId"], fields["chunkIndex"], chunk.file.name, chunk.size,
-                    is_last=fields["status"] == "completed", mime_type=fields.get("mimeType"),
-                    checksum=fields.get("checksum"), budget=budget)
+                result = receiver.store(fields, chunk)
             finally:
-                for path in part_paths:
-                    store.discard(path)
+                receiver.close()
         if result.duplicate:
             self.server.metrics.count("m1_chunks_duplicate_total")
+        if receiver.in_place:
+            self.server.metrics.count("m1_chunks_in_place_total")
         self.send_json(200, {"success": True, "data": chunk_reply(result)})
 
     def check_upload_headers(self):
@@ -737,42 +739,45 @@ class Handler(BaseHTTPRequestHandler):
         with self.server.store.room_for(length):
             pass
 
-    def read_form(self, boundary, length):
-        """Stream the body through the parser; the chunk's bytes go to a part file on disk.
-        Returns the form and the paths of the part files (the caller removes them)."""
-        config, store = self.server.config, self.server.store
-        opened = []                      # (path, file) for every part file the parser opened
-
-        def open_part_file(name, filename, content_type):
-            path, f = store.new_part_file()
-            opened.append((path, f))
-            return f
-
+    def read_form(self, boundary, length, open_file):
+        """Stream the body through the parser, each file part into what open_file(name,
+        filename, content_type) returns for it (it may look at the parts before: the form is
+        filled as the parser goes). Returns the form; the caller closes and removes what
+        open_file opened, also when this raises."""
+        config = self.server.config
         body = _Body(self.rfile, self.connection, length)
         limits = multipart.Limits(max_parts=config.max_parts,
                                   max_file_bytes=config.max_chunk_bytes, max_body_bytes=length)
-        parsed = False
+        form = multipart.Form()
         try:
             # A buffer no bigger than the body: a small chunk's request then allocates (and
             # zero-fills) a few KiB, not the parser's whole default block.
-            form = multipart.parse(body.read_into, boundary, open_part_file, limits,
-                                   block_size=max(1, min(multipart.DEFAULT_BLOCK_SIZE, length)))
-            parsed = True
+            multipart.parse(body.read_into, boundary,
+                            lambda *part: open_file(form, *part), limits,
+                            block_size=max(1, min(multipart.DEFAULT_BLOCK_SIZE, length)),
+                            form=form)
         except multipart.MultipartError as error:
             raise _multipart_http_error(error)
         except IncompleteBody:
             raise HttpError(400, "incomplete_body",
                             "the body ended before Content-Length bytes arrived")
-        finally:
-            for path, f in opened:
-                f.close()
-                if not parsed:
-                    store.discard(path)
         self.body_pending = False
-        return form, [path for path, _ in opened]
+        return form
 
     def chunk_fields(self, form):
         """The seed's fields, each exactly once, validated; returns (fields, file part)."""
+        fields = self.seed_fields(form)
+        chunks = [part for part in form.files if part.name == "file"]
+        if not chunks:
+            raise HttpError(400, "missing_field", "field file (the chunk's bytes) is required")
+        if len(chunks) > 1:
+            raise HttpError(400, "duplicate_field", "field file was sent %d times"
+                            % len(chunks))
+        return fields, chunks[0]
+
+    def seed_fields(self, form):
+        """The seed's text fields of `form`, each exactly once, validated (HttpError else):
+        {name: value}, chunkIndex an int."""
         fields = {}
         for name in REQUIRED_FIELDS + OPTIONAL_FIELDS:
             values = form.field_values(name)
@@ -783,12 +788,6 @@ class Handler(BaseHTTPRequestHandler):
                 fields[name] = values[0]
             elif name in REQUIRED_FIELDS:
                 raise HttpError(400, "missing_field", "field %s is required" % name)
-        chunks = [part for part in form.files if part.name == "file"]
-        if not chunks:
-            raise HttpError(400, "missing_field", "field file (the chunk's bytes) is required")
-        if len(chunks) > 1:
-            raise HttpError(400, "duplicate_field", "field file was sent %d times"
-                            % len(chunks))
         if not storage.valid_file_id(fields["fileId"]):
             raise HttpError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
         index = fields["chunkIndex"]
@@ -798,7 +797,7 @@ class Handler(BaseHTTPRequestHandler):
         fields["chunkIndex"] = int(index)
         if fields["status"] not in UPLOAD_STATUSES:
             raise HttpError(400, "invalid_status", "status must be uploading or completed")
-        return fields, chunks[0]
+        return fields
 
     # -- GET /api/video/status/:fileId -------------------------------------------------------
 
@@ -1007,6 +1006,80 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         sys.stderr.write("%s %s %s\n" % (_utc_iso(time.time()), self.client_address[0],
                                          _printable(auth.redact(fmt % args))))
+
+
+class ChunkReceiver:
+    """Where one POST /api/video/upload's file part goes, and how it is stored.
+
+    When the form's text fields came before the file part (m1client.js, the CLI uploader and
+    the docs' curl examples send them so) and the chunk is the next one of its upload, the
+    store reserves that upload's tail (store.reserve_append) and the parser writes the bytes
+    straight into the video file: one write, no part file. Otherwise (the file part first, as
+    the seed's client sent it; an early chunk, a duplicate, a new upload, S3) the bytes go to
+    a part file and store.put_chunk takes it from there. Either way `close()` leaves nothing
+    behind: a reserved tail is aborted (a no-op once committed), part files are removed."""
+
+    def __init__(self, handler):
+        self._handler = handler
+        self._store = handler.server.store
+        self._writer = None          # the store's TailWriter, when the chunk goes in place
+        self._reserved_for = None    # the fields it was reserved with
+        self._parts = []             # (path, file) of every part file opened
+        self.in_place = False
+
+    def open_file(self, form, name, filename, content_type):
+        """multipart.parse's open_file: the seed's file part in place when the store takes it
+        there, anything else (and another file part) into a part file."""
+        if name == "file" and self._writer is None and not self._parts:
+            self._writer = self._reserve(form)
+            if self._writer is not None:
+                return self._writer
+        return self._part_file()
+
+    def _reserve(self, form):
+        """The upload's tail for this chunk, or None: the fields so far must already be what
+        the seed's form needs (the whole form is checked again once it is in)."""
+        try:
+            fields = self._handler.seed_fields(form)
+            budget = self._handler.server.guard.check_chunk(self._handler, fields["fileId"])
+        except ApiError:
+            return None             # refused after the parse, in the usual order
+        self._reserved_for = fields
+        return self._store.reserve_append(
+            fields["fileId"], fields["chunkIndex"], is_last=fields["status"] == "completed",
+            mime_type=fields.get("mimeType"), checksum=fields.get("checksum"), budget=budget)
+
+    def _part_file(self):
+        path, f = self._store.new_part_file()
+        self._parts.append((path, f))
+        return f
+
+    def store(self, fields, chunk):
+        """The chunk stored (durable) once the whole form is in: a ChunkResult."""
+        if chunk.file is self._writer and fields == self._reserved_for:
+            self.in_place = True
+            return self._writer.commit(chunk.size)
+        budget = self._handler.server.guard.check_chunk(self._handler, fields["fileId"])
+        if chunk.file is self._writer:       # a field after the file part: today's path
+            path = self._writer.to_part_file()
+            self._parts.append((path, None))
+        else:
+            path = chunk.file.name
+        for _, f in self._parts:
+            if f is not None:
+                f.close()
+        return self._store.put_chunk(
+            fields["fileId"], fields["chunkIndex"], path, chunk.size,
+            is_last=fields["status"] == "completed", mime_type=fields.get("mimeType"),
+            checksum=fields.get("checksum"), budget=budget)
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.abort()
+        for path, f in self._parts:
+            if f is not None:
+                f.close()
+            self._store.discard(path)
 
 
 # The routing table: path pattern -> {method: function(handler, *decoded path groups)}.
@@ -1461,7 +1534,9 @@ def open_store(config):
         return ChunkStore(config.dir, allow_any_content=config.allow_any_content,
                           max_upload_bytes=config.max_upload_bytes, crash_at=config.crash_at,
                           journal_chunk_bytes=config.journal_chunk_bytes,
-                          min_free_bytes=config.min_free_disk_bytes)
+                          min_free_bytes=config.min_free_disk_bytes,
+                          state_cache=config.upload_state_cache,
+                          writer_wait_s=config.timeout)
     import s3client                       # only S3 mode needs http.client, hmac, xml
     import s3store
     try:

@@ -20,6 +20,8 @@ COUNTERS = {
     "m1_chunk_bytes_received_total": "Bytes of new chunks stored (duplicates not counted).",
     "m1_chunks_stored_total": "New chunks stored.",
     "m1_chunks_duplicate_total": "Chunks received again with the same bytes.",
+    "m1_chunks_in_place_total": "New chunks written straight into the video file as they "
+                                "arrived (the form's text fields came first): one write.",
     "m1_uploads_completed_total": "Uploads that became complete in this process.",
     "m1_uploads_deleted_total": "Uploads deleted (by request or retention).",
     "m1_s3_retries_total": "Requests to the object store tried again, by S3 operation.",

@@ -412,6 +412,8 @@ class TailWriter:
                                    StoreError when refused (its bytes are cut off again)
       abort()                      its bytes are cut off again (a parse error, a client that
                                    left, a refusal of the handler's)
+      to_part_file() -> path       its bytes moved into a part file, for put_chunk (a field
+                                   after the file part changed what the chunk is)
     `write` raises StoreError as soon as the bytes break a rule (chunk 0's signature, a
     budget, a full disk), and has then aborted. abort after commit, or twice, does nothing,
     so a caller may always abort in a `finally`."""
@@ -423,6 +425,9 @@ class TailWriter:
         raise NotImplementedError
 
     def abort(self):
+        raise NotImplementedError
+
+    def to_part_file(self):
         raise NotImplementedError
 
 

@@ -225,7 +225,8 @@ def multipart_body(parts, boundary=BOUNDARY, close=True):
 
 
 def chunk_parts(file_id, index, data, status="uploading", mime_type=None, checksum=None):
-    """The parts of one valid seed upload request, in the browser client's order."""
+    """The parts of one valid seed upload request, the file part first (the seed's client's
+    order; the server then receives the chunk into a part file)."""
     parts = [("file", data, "blob", "application/octet-stream"),
              ("fileId", file_id), ("chunkIndex", str(index)), ("status", status)]
     if mime_type is not None:

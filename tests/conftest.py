@@ -26,6 +26,8 @@ import time
 import pytest
 import requests
 
+import _http
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")        # everything the tests read (its README.md)
 SAMPLE_WEBM = os.path.join(DATA, "sample.webm")   # 4 s VP9 + Opus, live WebM as MediaRecorder
@@ -562,16 +564,31 @@ def split_chunks(data, count):
 
 
 def send_chunk(session, base_url, file_id, index, data, status="uploading", mime_type=None,
-               checksum=None, timeout=30):
-    """POST one chunk exactly as the seed's browser client does (multipart/form-data)."""
+               checksum=None, timeout=30, file_first=False):
+    """POST one chunk as the browser client does (multipart/form-data, the text fields then
+    the file part: the server writes an in-order chunk straight into the video), or with
+    `file_first` as the seed's client did (the server receives it into a part file)."""
     fields = {"fileId": file_id, "chunkIndex": str(index), "status": status}
     if mime_type is not None:
         fields["mimeType"] = mime_type
     if checksum is not None:
         fields["checksum"] = checksum
+    if file_first:
+        body = _http.multipart_body(_http.chunk_parts(file_id, index, data, status,
+                                                      mime_type, checksum))
+        return session.post(base_url + "/api/video/upload", data=body, timeout=timeout,
+                            headers=dict(_http.multipart_headers()))
     files = {"file": ("blob", data, "application/octet-stream")}
     return session.post(base_url + "/api/video/upload", data=fields, files=files,
                         timeout=timeout)
+
+
+def metric(srv, name):
+    """The value of an unlabelled sample in the server's GET /metrics."""
+    text = requests.get(srv.url + "/metrics", timeout=30).text
+    match = re.search(r"^%s (\S+)$" % re.escape(name), text, re.MULTILINE)
+    assert match, (name, text)
+    return float(match.group(1))
 
 
 def get_status(session, base_url, file_id, timeout=30):

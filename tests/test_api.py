@@ -22,8 +22,8 @@ import pytest
 import requests
 
 import _http
-from conftest import (SERVER_PROGRAM, SERVER_PYTHON, get_status, send_chunk, split_chunks,
-                      wait_until)
+from conftest import (SERVER_PROGRAM, SERVER_PYTHON, STORAGE, get_status, metric, send_chunk,
+                      split_chunks, wait_until)
 
 ISO_MILLIS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 SUCCESS_MESSAGE = "Video chunk uploaded successfully"
@@ -426,6 +426,150 @@ def test_two_uploads_interleaved_from_threads_both_finish(server, sample_webm, s
     with requests.Session() as session:
         assert_assembled(session, server, webm_id, sample_webm)
         assert_assembled(session, server, mp4_id, sample_mp4, ext="mp4")
+
+
+# --- one write: in-order chunks whose text fields come first (local disk) --------------------
+
+in_place_only = pytest.mark.skipif(STORAGE != "local", reason="chunks are written in place, "
+                                   "straight into the video file, on local disk only")
+
+
+def video_path(srv, file_id, ext="webm"):
+    return os.path.join(srv.upload_dir, "%s.%s" % (file_id, ext))
+
+
+def in_place_upload(srv, file_id, size=4000):
+    """Chunk 0 of a new upload (it creates the upload, through a part file), and the raw
+    request of chunk 1 with its text fields before its `size`-byte file part."""
+    first = b"\x1a\x45\xdf\xa3" + os.urandom(996)
+    with requests.Session() as session:
+        ok_data(send_chunk(session, srv.url, file_id, 0, first))
+    chunk = os.urandom(size)
+    parts = [("fileId", file_id), ("chunkIndex", "1"), ("status", "completed"),
+             ("file", chunk, "blob", "application/octet-stream")]
+    return first, chunk, _http.upload_request(parts)
+
+
+@in_place_only
+def test_in_order_chunks_are_written_in_place_when_their_fields_come_first(server):
+    chunks = [b"\x1a\x45\xdf\xa3" + os.urandom(30000)] + [os.urandom(30000) for _ in range(4)]
+    for file_first, expected in ((False, 4), (True, 0)):
+        file_id = new_id("order")
+        before = metric(server, "m1_chunks_in_place_total")
+        with requests.Session() as session:
+            for index, chunk in enumerate(chunks):
+                ok_data(send_chunk(session, server.url, file_id, index, chunk,
+                                   status="completed" if index == 4 else "uploading",
+                                   file_first=file_first))
+        assert metric(server, "m1_chunks_in_place_total") - before == expected, file_first
+        assert stored_media(server, file_id) == b"".join(chunks)
+
+
+@pytest.mark.parametrize("value", ["1", "0"])
+def test_upload_state_cache_flag_at_and_past_its_limit(server_factory, value):
+    """One upload in memory (the least): interleaved uploads still assemble right, each one
+    read from the ledger again; none is refused at start."""
+    srv = server_factory(args=["--upload-state-cache", value], start=False)
+    if value == "0":
+        with pytest.raises(RuntimeError):
+            srv.start()
+        assert srv.proc.returncode == 2 and "upload-state-cache" in srv.log(), srv.log()
+        return
+    srv.start()
+    uploads = {new_id("cache"): [b"\x1a\x45\xdf\xa3" + os.urandom(500), os.urandom(500),
+                                 os.urandom(500)] for _ in range(3)}
+    with requests.Session() as session:
+        for index in range(3):
+            for file_id, chunks in uploads.items():       # each one pushes the last out
+                ok_data(send_chunk(session, srv.url, file_id, index, chunks[index],
+                                   status="completed" if index == 2 else "uploading"))
+        for file_id, chunks in uploads.items():
+            assert ok_data(get_status(session, srv.url, file_id))["state"] == "completed"
+            assert stored_media(srv, file_id) == b"".join(chunks)
+
+
+@in_place_only
+def test_a_twin_of_a_chunk_being_written_in_place_waits_then_is_a_duplicate(server):
+    file_id = new_id("twin")
+    first, chunk, request = in_place_upload(server, file_id, size=1 << 20)
+    half = request.index(b"\r\n\r\n") + 4 + len(request) // 2
+    incoming = os.path.join(server.upload_dir, "temp", ".incoming")
+    sock = _http.connect(server.url)
+    answers = []
+    try:
+        sock.sendall(request[:half])
+        wait_until(lambda: os.path.getsize(video_path(server, file_id)) > len(first),
+                   message="chunk 1's bytes in the video")
+        twin = threading.Thread(target=lambda: answers.append(requests.post(
+            server.url + "/api/video/upload", data=request.split(b"\r\n\r\n", 1)[1],
+            headers=dict(_http.multipart_headers()), timeout=30)))
+        twin.start()
+        # the twin is received into a part file (the tail is taken), then waits for it
+        wait_until(lambda: [n for n in os.listdir(incoming)
+                            if os.path.getsize(os.path.join(incoming, n)) >= len(chunk)],
+                   message="the twin received whole, waiting")
+        assert not answers
+        sock.sendall(request[half:])
+        first_answer = _http.read_response(sock)
+    finally:
+        sock.close()
+    twin.join(30)
+    assert first_answer.status == 200, first_answer
+    assert first_answer.json()["data"].get("duplicate") is None
+    twin_data = ok_data(answers[0])
+    assert twin_data["duplicate"] is True and twin_data["status"] == "completed"
+    assert stored_media(server, file_id) == first + chunk
+
+
+@in_place_only
+def test_a_field_after_the_file_part_takes_the_part_file_path(server):
+    """The chunk was reserved with the fields before it; a checksum after the file part
+    changes what the chunk is, so it is decided as any part file (never trusted unchecked)."""
+    file_id = new_id("late")
+    first, chunk, _ = in_place_upload(server, file_id)
+    before = metric(server, "m1_chunks_in_place_total")
+    for checksum, status in (("sha256:" + "0" * 64, 400), ("sha256:" + sha256(chunk), 200)):
+        parts = [("fileId", file_id), ("chunkIndex", "1"), ("status", "completed"),
+                 ("file", chunk, "blob", "application/octet-stream"), ("checksum", checksum)]
+        response = _http.exchange(server.url, _http.upload_request(parts))
+        assert response.status == status, response
+        if status == 400:
+            assert response.json()["error"]["code"] == "checksum_mismatch"
+            assert open(video_path(server, file_id), "rb").read() == first
+    assert metric(server, "m1_chunks_in_place_total") == before
+    assert stored_media(server, file_id) == first + chunk
+    assert os.listdir(os.path.join(server.upload_dir, "temp", ".incoming")) == []
+
+
+@in_place_only
+def test_a_client_that_leaves_mid_chunk_leaves_no_bytes_and_frees_the_tail(server):
+    file_id = new_id("gone")
+    first, chunk, request = in_place_upload(server, file_id, size=1 << 20)
+    sock = _http.connect(server.url)
+    try:
+        sock.sendall(request[:len(request) // 2])
+        wait_until(lambda: os.path.getsize(video_path(server, file_id)) > len(first),
+                   message="chunk 1's bytes in the video")
+    finally:
+        sock.close()                                      # gone, mid-body
+    wait_until(lambda: os.path.getsize(video_path(server, file_id)) == len(first),
+               message="the bytes cut off again")
+    response = _http.exchange(server.url, request)
+    assert response.status == 200 and response.json()["data"]["status"] == "completed"
+    assert stored_media(server, file_id) == first + chunk
+
+
+@in_place_only
+def test_chunk_zero_written_in_place_must_start_with_a_media_signature(server):
+    file_id = new_id("sig")
+    with requests.Session() as session:
+        ok_data(send_chunk(session, server.url, file_id, 1, b"later", status="completed"))
+        assert_error(send_chunk(session, server.url, file_id, 0, b"NOT A VIDEO, NO EBML"),
+                     415, "unsupported_media_type")
+        assert os.path.getsize(video_path(server, file_id)) == 0
+        done = ok_data(send_chunk(session, server.url, file_id, 0, b"\x1a\x45\xdf\xa3 ok"))
+    assert done["status"] == "completed"
+    assert stored_media(server, file_id) == b"\x1a\x45\xdf\xa3 ok" + b"later"
 
 
 # --- shutdown -------------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def assert_completed(srv, file_id, source, context, ext=EXT):
             "%s\nsha256 %r is not the hash of the source" % (context, digest))
 
 
-def send_plan(srv, file_id, chunks, order, mime_type=None):
+def send_plan(srv, file_id, chunks, order, mime_type=None, file_first=False):
     """Send chunks in `order` until one fails to connect; return (acked, failed position)."""
     acked = set()
     with requests.Session() as session:
@@ -209,7 +209,8 @@ def send_plan(srv, file_id, chunks, order, mime_type=None):
             status = "completed" if index == len(chunks) - 1 else "uploading"
             try:
                 response = send_chunk(session, srv.url, file_id, index, chunks[index],
-                                      status=status, mime_type=mime_type)
+                                      status=status, mime_type=mime_type,
+                                      file_first=file_first)
             except requests.ConnectionError:
                 return acked, position
             assert response.status_code == 200, "chunk %d: %d %s\n%s" % (
@@ -223,10 +224,12 @@ def send_plan(srv, file_id, chunks, order, mime_type=None):
 #
 # Each scenario: the order the client sends chunks in, the position in that order of the request
 # the crash must land on, and the `step:n` hook settings that land there. Counting follows the
-# contract: every chunk passes `received`; an early chunk then `stashed`, `stash_recorded`;
-# an appended chunk (arrived in order, or drained from the stash) `appended`,
-# `append_recorded`, `cleaned`; a completed upload whose file has journaled chunks (small
-# in-order ones, see chunkstore) `journal_synced`, `journal_cleared`.
+# contract: every chunk received into a part file passes `received`; an early chunk then
+# `stashed`, `stash_recorded`; an appended chunk (arrived in order, or drained from the stash)
+# `appended`, `append_recorded`, `cleaned`; a completed upload whose file has journaled chunks
+# (small in-order ones, see chunkstore) `journal_synced`, `journal_cleared`.
+# These requests send the file part first (the seed's order), so every chunk takes the part
+# file; IN_PLACE_SCENARIOS send the text fields first, as the clients do.
 SCENARIOS = [
     # The request that creates the upload.
     ("first_chunk", [0, 1, 2, 3, 4, 5], 0,
@@ -255,27 +258,47 @@ SCENARIOS = [
      ["appended:5", "appended:6", "append_recorded:6", "cleaned:6"]),
 ]
 
+# The text fields first: chunk 0 creates the upload through the part file (received,
+# appended, ...); every later in-order chunk is written in place and passes `reserved`,
+# `streaming` (after each block written: the first one is the only count a request's timing
+# cannot move), `streamed`, `stream_recorded`; early chunks are stashed as above.
+IN_PLACE_SCENARIOS = [
+    ("in_place", [0, 1, 2, 3, 4, 5], 1,
+     ["reserved:1", "streaming:1", "streamed:1", "stream_recorded:1"]),
+    ("in_place_later", [0, 1, 2, 3, 4, 5], 3, ["reserved:3", "streamed:3", "stream_recorded:3"]),
+    # Chunk 1 in place makes stashed 2 and 3 contiguous: crash after its record, then while
+    # draining (chunk 0 was the first append).
+    ("in_place_drain", [0, 2, 3, 1, 4, 5], 3,
+     ["stream_recorded:1", "appended:2", "append_recorded:3", "cleaned:3"]),
+    ("in_place_last", [0, 1, 2, 3, 4, 5], 5,
+     ["reserved:5", "streamed:5", "stream_recorded:5", "journal_synced:1"]),
+    ("in_place_completing", [0, 2, 3, 4, 5, 1], 5,
+     ["streamed:1", "stream_recorded:1", "appended:5", "cleaned:5"]),
+]
+
 # Both ways of appending in order: small chunks journaled in the ledger (the default for
 # these ~35 KB chunks) and every chunk's file fsynced (--journal-chunk-size 0). Without the
 # journal no step `journal_*` is ever passed.
 APPEND_MODES = {"journal": [], "fsync": ["--journal-chunk-size", "0"]}
-CRASH_CASES = [pytest.param(name, order, position, hook, mode,
+CRASH_CASES = [pytest.param(name, order, position, hook, mode, file_first,
                             id="%s-%s-%s" % (mode, name, hook))
                for mode in APPEND_MODES
-               for name, order, position, hooks in SCENARIOS for hook in hooks
+               for file_first, scenarios in ((True, SCENARIOS), (False, IN_PLACE_SCENARIOS))
+               for name, order, position, hooks in scenarios for hook in hooks
                if mode == "journal" or not hook.startswith("journal_")]
 
 
-@pytest.mark.parametrize("name, order, position, hook, mode", CRASH_CASES)
+@pytest.mark.parametrize("name, order, position, hook, mode, file_first", CRASH_CASES)
 def test_crash_at_step_restarts_consistent_and_resumes_byte_exact(
-        server_factory, sample_webm, name, order, position, hook, mode):
+        server_factory, sample_webm, name, order, position, hook, mode, file_first):
     chunks = split_chunks(sample_webm, CHUNKS)
     file_id = "crash_" + name + "_" + hook.replace(":", "_")
     srv = server_factory(start=False, args=APPEND_MODES[mode])
     srv.start(extra_env={"M1_TEST_CRASH_AT": hook})
 
-    acked, failed_at = send_plan(srv, file_id, chunks, order)
-    context = "M1_TEST_CRASH_AT=%s, order %s, acknowledged %s" % (hook, order, sorted(acked))
+    acked, failed_at = send_plan(srv, file_id, chunks, order, file_first=file_first)
+    context = "M1_TEST_CRASH_AT=%s, order %s%s, acknowledged %s" % (
+        hook, order, ", file part first" if file_first else "", sorted(acked))
     assert failed_at is not None, "%s: the hook never fired\n%s" % (context, srv.log())
     wait_until(lambda: not srv.alive(), timeout=10, message="the crashed server to exit")
     assert srv.proc.returncode == CRASH_EXIT_CODE, "%s: exit code %r\n%s" % (
@@ -305,7 +328,7 @@ def test_crash_during_startup_repair_is_repaired_by_the_next_start(
     # Chunk 1 is appended and recorded, then the process dies before draining 2, 3, 4.
     srv.start(extra_env={"M1_TEST_CRASH_AT": "cleaned:2"})
     port = srv.port
-    acked, failed_at = send_plan(srv, file_id, chunks, [0, 2, 3, 4, 1])
+    acked, failed_at = send_plan(srv, file_id, chunks, [0, 2, 3, 4, 1], file_first=True)
     assert failed_at == 4 and acked == {0, 2, 3, 4}, (failed_at, acked)
     wait_until(lambda: not srv.alive(), timeout=10, message="the crashed server to exit")
 
@@ -331,7 +354,8 @@ def test_crash_in_an_mp4_upload_repairs_the_mp4_file(server_factory, sample_mp4,
     srv = server_factory(start=False)
     srv.start(extra_env={"M1_TEST_CRASH_AT": hook})
     mime = "video/mp4"
-    acked, failed_at = send_plan(srv, file_id, chunks, [0, 2, 1, 3, 4, 5], mime_type=mime)
+    acked, failed_at = send_plan(srv, file_id, chunks, [0, 2, 1, 3, 4, 5], mime_type=mime,
+                                 file_first=True)
     assert failed_at == 2, (failed_at, acked, srv.log())
     wait_until(lambda: not srv.alive(), timeout=10, message="the crashed server to exit")
     srv.restart()
@@ -860,6 +884,46 @@ def test_a_part_file_that_runs_out_of_room_while_received_answers_507(server_fac
     with requests.Session() as session:
         assert status_data(session, srv.url, "receiving")["exists"] is False
         assert send_chunk(session, srv.url, "receiving", 0, chunk).status_code == 200
+    assert srv.alive() and "Traceback" not in srv.log()
+
+
+def test_a_chunk_written_in_place_that_runs_out_of_room_answers_507_and_is_cut_off(
+        server_factory, small_disk):
+    """The disk fills up while a chunk's body is being written straight into the video (its
+    text fields came first): the write fails, the answer is 507, the video is back to the
+    acknowledged chunks and the tail is free for the chunk sent again."""
+    import _http
+    from conftest import leave_free
+    first = EBML_MAGIC + os.urandom(1000)
+    chunk = os.urandom(4 << 20)
+    srv = server_factory(args=["--min-free-disk", "0"], upload_dir=os.path.join(small_disk, "up"))
+    with requests.Session() as session:
+        assert send_chunk(session, srv.url, "in_place", 0, first).status_code == 200
+    parts = [("fileId", "in_place"), ("chunkIndex", "1"), ("status", "completed"),
+             ("file", chunk, "blob", "application/octet-stream")]
+    request = _http.upload_request(parts)
+    head_end = request.index(b"\r\n\r\n") + 4 + (1 << 20)
+    video = data_path(srv.upload_dir, "in_place")
+    sock = _http.connect(srv.url)
+    try:
+        sock.sendall(request[:head_end])
+        wait_until(lambda: os.path.getsize(video) > len(first),
+                   message="the chunk's bytes to reach the video file")
+        assert listdir(incoming_dir(srv.upload_dir)) == []          # no part file: in place
+        leave_free(small_disk, 64 << 10)
+        _http.send_quietly(sock, request[head_end:])
+        response = _http.read_response(sock)
+    finally:
+        sock.close()
+    assert response.status == 507, response
+    assert response.json()["error"]["code"] == "insufficient_storage"
+    assert read_bytes(video) == first
+    leave_free(small_disk, 1 << 30)
+    with requests.Session() as session:
+        assert status_data(session, srv.url, "in_place")["nextChunkIndex"] == 1
+        reply = send_chunk(session, srv.url, "in_place", 1, chunk, status="completed")
+        assert reply.status_code == 200 and reply.json()["data"]["status"] == "completed"
+    assert read_bytes(video) == first + chunk
     assert srv.alive() and "Traceback" not in srv.log()
 
 

@@ -21,7 +21,8 @@ import threading
 import pytest
 import requests
 
-from conftest import ROOT, SERVER_PROGRAM, SERVER_PYTHON, get_status, kill_running, wait_until
+from conftest import (ROOT, SERVER_PROGRAM, SERVER_PYTHON, STORAGE, get_status, kill_running,
+                      metric, wait_until)
 
 UPLOAD_TIMEOUT_S = 60
 CRASH_EXIT_CODE = 70
@@ -103,14 +104,6 @@ def chunk_count(size, chunk_size):
     return max(1, -(-size // chunk_size))
 
 
-def metric(srv, name):
-    """The value of an unlabelled sample in GET /metrics."""
-    text = requests.get(srv.url + "/metrics", timeout=30).text
-    match = re.search(r"^%s (\S+)$" % re.escape(name), text, re.MULTILINE)
-    assert match, (name, text)
-    return float(match.group(1))
-
-
 def free_port():
     """A port nothing listens on (bound, then released)."""
     sock = socket.socket()
@@ -187,15 +180,50 @@ def follow_upload(srv, tmp_path, data, chunk_size, piece, pause, first):
 
 # --- a whole upload --------------------------------------------------------------------------
 
+def test_the_form_sends_its_text_fields_before_the_file_part():
+    """The server writes a chunk straight into the video only when it has the fields first."""
+    sys.path.insert(0, ROOT)
+    import multipart
+    import uploader
+    fields = [("fileId", "up_1"), ("chunkIndex", "3"), ("status", "uploading"),
+              ("checksum", "sha256:" + "0" * 64)]
+    body, content_type = uploader.encode_form(fields, b"the chunk")
+    chunks = []
+
+    def read_into(view, data=[body]):
+        count = min(len(view), len(data[0]))
+        view[:count], data[0] = data[0][:count], data[0][count:]
+        return count
+
+    form = multipart.parse(read_into, multipart.boundary_from_content_type(content_type),
+                           lambda *args: _Collect(chunks))
+    assert [part.name for part in form.parts] == [name for name, _ in fields] + ["file"]
+    assert b"".join(chunks) == b"the chunk"
+
+
+class _Collect:
+    def __init__(self, into):
+        self._into = into
+
+    def write(self, view):
+        self._into.append(bytes(view))
+        return len(view)
+
+
 def test_uploads_the_sample_byte_exact_with_one_progress_line_per_chunk(
         server, tmp_path, sample_webm):
     path = write(tmp_path / "sample.webm", sample_webm)
     file_id = new_id()
+    in_place = metric(server, "m1_chunks_in_place_total")
     done = run_upload(path, server.url, "--file-id", file_id, "--chunk-size", "64K")
     result = result_of(done)
     chunks = chunk_count(len(sample_webm), 64 << 10)
     assert result["fileId"] == file_id
     assert result["chunksSent"] == chunks == 4
+    # its text fields come first, so every chunk after the first (which creates the upload)
+    # is written straight into the video (local disk; S3 receives every chunk into a file)
+    assert metric(server, "m1_chunks_in_place_total") - in_place == (
+        chunks - 1 if STORAGE == "local" else 0)
     assert result["alreadyComplete"] is False
     status = assert_byte_exact(server, result, sample_webm)
     assert status["totalChunks"] == chunks and status["mimeType"] == "video/webm"
