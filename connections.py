@@ -27,7 +27,8 @@ What it guarantees:
 
 What it does not do: bound how long a response takes to write (the socket's timeout bounds each
 write), or tell apart clients behind one proxy: they share its address, so raise
---max-connections-per-client to --max-connections there (docs/http.md).
+--max-connections-per-client to --max-connections there (docs/security.md, "The HTTP
+edge").
 """
 from __future__ import annotations
 

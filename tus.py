@@ -95,7 +95,8 @@ Decisions (and why):
   * Location is an absolute URL (handler.absolute_url: --public-url, else the request's
     checked Host, or X-Forwarded-Host/-Proto with --trust-proxy), as tusd answers: the
     protocol allows a path, but checkers built on curl or Hurl follow only a URL. The
-    status field `tus.uploadUrl` stays a path (JSON bodies keep relative URLs, docs/http.md).
+    status field `tus.uploadUrl` stays a path (JSON bodies keep relative URLs:
+    docs/security.md, "The HTTP edge").
 
 What it does not do: concatenation-unfinished, checksum-trailer, the challenge extension,
 GET downloads of /files/<id> (the video plays at /uploads/<fileId>.<ext>), chunked request

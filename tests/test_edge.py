@@ -806,7 +806,8 @@ def test_tus_location_is_absolute_from_the_host_header(plain):
 
 
 def test_json_bodies_keep_relative_urls(plain):
-    """docs/http.md: a URL in a JSON body is a path, resolved against the server called."""
+    """docs/security.md, "The HTTP edge": a URL in a JSON body is a path, resolved against
+    the server that was called."""
     created = requests.post(plain.url + "/files/", data=VIDEO, headers=dict(TUS, **{
         "Upload-Length": str(len(VIDEO)), "Content-Type": OFFSET_TYPE}), timeout=10)
     file_id = location(created).rsplit("/", 1)[1]
