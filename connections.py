@@ -209,12 +209,17 @@ class Connections:
 
     def _watch(self):
         while not self._stopped.wait(TICK_S):
-            now = self._clock()
-            with self._lock:
-                overdue = [slot for slot in self._slots.values() if self._overdue(slot, now)]
-            for slot in overdue:
-                _shut(slot.sock, socket.SHUT_RD)
-            self._linger_step(now)
+            self.sweep()
+
+    def sweep(self):
+        """One look (the watchdog's, every TICK_S): shut every connection past a deadline
+        for reading, and close the lingering sockets that are due."""
+        now = self._clock()
+        with self._lock:
+            overdue = [slot for slot in self._slots.values() if self._overdue(slot, now)]
+        for slot in overdue:
+            _shut(slot.sock, socket.SHUT_RD)
+        self._linger_step(now)
 
     def _overdue(self, slot, now):
         """Whether `slot` is past a deadline; notes why in slot.cut_reason (lock held)."""

@@ -39,6 +39,9 @@ import re
 
 from apierror import ApiError
 
+# The methods m1server routes (Handler.do_*); any other is answered 501, and counted in
+# metrics as "other": a method name is the client's to choose, a label set must stay bounded.
+METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 DEFAULT_MAX_HEAD_BYTES = 64 << 10     # request line, and header fields together (--max-header-size)
 DEFAULT_MAX_FIELDS = 100              # header field lines (--max-headers); http.server's own cap
 MAX_NUMBER_DIGITS = 18                # below 2**63: every size and offset fits

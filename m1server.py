@@ -86,9 +86,6 @@ LINGER_TIMEOUT_S = 2.0
 RECV_DRAIN_BYTES = 1 << 20                 # >= the header reader's buffer (8 KiB), see _Body
 REFUSAL_RETRY_AFTER_S = 1                  # Retry-After of a refused connection (503, 429)
 
-# The methods Handler dispatches (do_GET ...); any other is answered 501, and counted in
-# metrics as "other": a method name is the client's to choose, a label set must stay bounded.
-HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 UPLOAD_STATUSES = ("uploading", "completed")
 CHUNK_INDEX_DIGITS = 7                     # chunkstore.MAX_CHUNK_INDEX has 7
 REQUIRED_FIELDS = ("fileId", "chunkIndex", "status")
@@ -520,7 +517,7 @@ class M1Server(ThreadingHTTPServer):
         self.events = events.EventBus.from_config(config)
         store.add_listener(self.events.on_store_event)
         self.webhooks = None         # webhooks.Webhooks, set by serve()
-        self.metrics = Metrics(HTTP_METHODS)
+        self.metrics = Metrics(httphead.METHODS)
         store.add_listener(self.metrics.on_store_event)
         # tus works through the store in both modes (its records: the ledger, or the bucket);
         # processing picks its own queue the same way (processing.open_queue)
@@ -651,7 +648,7 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.do_handshake()
         self.started = time.monotonic()
 
-    # Every method in HTTP_METHODS goes through one dispatcher; any other gets 501.
+    # Every method of httphead.METHODS goes through one dispatcher; any other gets 501.
     def do_GET(self):
         self.dispatch()
 
@@ -666,7 +663,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if not self.read_head():
                 return
-            if self.command not in HTTP_METHODS:
+            if self.command not in httphead.METHODS:
                 return self.send_error_json(HttpError(
                     501, "not_implemented", "method %s is not implemented here"
                     % self.command[:20]))

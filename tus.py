@@ -171,7 +171,6 @@ ALLOWED_REQUEST_HEADERS = ("Authorization, Content-Type, Origin, X-Requested-Wit
                            "Upload-Length, Upload-Offset, Upload-Metadata, "
                            "Upload-Defer-Length, Upload-Concat, Upload-Checksum")
 METHODS = ("POST", "HEAD", "PATCH", "DELETE", "OPTIONS")
-HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 
 
 class _Crc32:
@@ -211,8 +210,8 @@ def routes(endpoint):
     """Rows for m1server's routing table. Every method goes to one dispatcher per path, which
     applies X-HTTP-Method-Override and answers tus's own 405s and OPTIONS."""
     return (
-        (r"/files/?", {method: endpoint.on_collection for method in HTTP_METHODS}),
-        (r"/files/(.+)", {method: endpoint.on_upload for method in HTTP_METHODS}),
+        (r"/files/?", {method: endpoint.on_collection for method in httphead.METHODS}),
+        (r"/files/(.+)", {method: endpoint.on_upload for method in httphead.METHODS}),
     )
 
 
