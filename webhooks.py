@@ -26,7 +26,7 @@ What it guarantees:
     two would lose the event, so at start-up every upload completed within the retry window
     (and after this queue was created) that has no `upload.completed` event gets one.
 
-The event its reasons come from (the store's own events, chunkstore.add_listener):
+The event its reasons come from (the store's own events, storage.EventSource.add_listener):
   completed                          -> upload.completed {fileId, size, sha256, mimeType, url,
                                                           completedAt}
   deleted, reason "requested"        -> upload.deleted {fileId, reason: "requested"}
@@ -60,8 +60,8 @@ import time
 import uuid
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import chunkstore
 import httphead
+import storage
 from apierror import ApiError
 
 log = logging.getLogger("m1server.webhooks")
@@ -281,7 +281,7 @@ class Webhooks:
         return event_id
 
     def on_store_event(self, event):
-        """The chunkstore listener: "chunk" costs nothing; the others queue one event."""
+        """The store listener (add_listener): "chunk" costs nothing; the others queue one event."""
         kind = event["type"]
         if kind == "completed":
             upload = self._store.status(event["fileId"])
@@ -301,7 +301,7 @@ class Webhooks:
     def _publish_completed(self, upload):
         self.publish("upload.completed", upload.file_id, {
             "size": upload.bytes_appended, "sha256": upload.sha256,
-            "mimeType": upload.mime_type or chunkstore.MEDIA_TYPES.get(upload.ext),
+            "mimeType": upload.mime_type or storage.MEDIA_TYPES.get(upload.ext),
             "url": "/uploads/%s.%s" % (upload.file_id, upload.ext),
             "completedAt": utc_iso(upload.completed_at)}, key=repr(upload.completed_at))
 
@@ -309,8 +309,7 @@ class Webhooks:
         since = max(self._queue.created_at, time.time() - self._retry_for)
         # An event is published after its upload completed, so its created_at >= since.
         known = self._queue.event_ids("upload.completed", since)
-        completed_since = getattr(self._store, "completed_since", None)
-        for upload in completed_since(since) if completed_since else ():   # not on S3 yet
+        for upload in self._store.completed_since(since):
             if new_event_id("upload.completed", upload.file_id,
                             repr(upload.completed_at)) not in known:
                 log.warning("webhooks: catching up on upload.completed for %s", upload.file_id)
@@ -561,10 +560,10 @@ def _read_status(sock, deadline):
         head, data = data[:end].decode("latin-1"), data[end + 4:]
         lines = head.split("\r\n")
         fields = lines[0].split(" ", 2)
-        if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit() \
-                or len(fields[1]) != 3:
+        status = httphead.number(fields[1], 3) if len(fields) >= 2 else None
+        if not fields[0].startswith("HTTP/") or status is None or len(fields[1]) != 3:
+            # (a receiver's '²' passed str.isdigit() and then broke int(): one number parser)
             raise _BadResponse("not an HTTP status line: %r" % lines[0][:100])
-        status = int(fields[1])
         if 100 <= status < 200:
             continue                    # 100 Continue, 103 Early Hints: the answer follows
         location = None
