@@ -167,7 +167,11 @@ def serve_once(args, profile):
 
 
 def serve_connection(server, request, address):
-    """What the server's thread for one connection does, on this thread."""
+    """What the server's thread for one connection does, on this thread (admitted as the
+    accept loop would: connections.py keeps its deadlines)."""
+    connections = getattr(server, "connections", None)
+    if connections is not None and connections.admit(request, address[0]) is not None:
+        raise c.BenchError("the server refused the profiled connection")
     quiet = open(os.devnull, "w")
     stderr, sys.stderr = sys.stderr, quiet        # the access log still runs, unseen
     try:

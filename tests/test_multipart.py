@@ -600,6 +600,39 @@ def test_open_file_sees_every_earlier_part_in_the_form_it_was_given():
                         ("file", [("fileId", "up_1"), ("chunkIndex", "7")], 1)]
 
 
+COMMON_BLOCKS = [
+    b'\r\nContent-Disposition: form-data; name="fileId"',
+    b'\r\nContent-Disposition: form-data; name="file"; filename="blob"',
+    b'\r\nContent-Disposition: form-data; name="file"; filename="chunk"\r\n'
+    b'Content-Type: video/webm;codecs="vp9, opus"',
+    b'\r\nContent-Disposition: form-data; name=""; filename=""',
+    b'\r\nContent-Disposition: form-data; name="caf\xc3\xa9"; filename="\xe2\x82\xac.webm"',
+    b'\r\nContent-Disposition: form-data; name="a b;c=d"\r\nContent-Type: x',
+]
+NOT_COMMON_BLOCKS = [
+    b'  \r\nContent-Disposition: form-data; name="x"',            # padding
+    b'\r\ncontent-disposition: form-data; name="x"',              # another case
+    b'\r\nContent-Disposition: form-data; name="x\\"y"',          # an escape
+    b'\r\nContent-Disposition: form-data; name="x"; filename*=UTF-8\'\'a',
+    b'\r\nContent-Disposition: form-data; name="\xff"',            # not UTF-8
+    b'\r\nContent-Disposition: form-data; name="x"\r\nContent-Type: a \t',
+    b'\r\nContent-Disposition: form-data; name="x"\r\nContent-Transfer-Encoding: base64',
+]
+
+
+@pytest.mark.parametrize("block", COMMON_BLOCKS)
+def test_the_common_header_spelling_is_read_as_the_general_rules_read_it(block):
+    parser = multipart._Parser(None, b"b", None, multipart.Limits(), (), 64, multipart.Form())
+    common = multipart._common_part_headers(block)
+    assert common is not None
+    assert common == parser._part_headers(block)
+
+
+@pytest.mark.parametrize("block", NOT_COMMON_BLOCKS)
+def test_every_other_header_block_goes_the_general_way(block):
+    assert multipart._common_part_headers(block) is None
+
+
 def test_short_writes_are_continued_until_every_byte_is_written():
     class TrickleFile(RecordingFile):
         def write(self, view):
