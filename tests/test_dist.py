@@ -76,7 +76,7 @@ def test_resources_are_read_from_inside_the_archive(pyz, tmp_path):
     lonely.write_bytes(open(pyz, "rb").read())
     out = subprocess.run(
         [SERVER_PYTHON, "-S", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-         "import m1server; sys.stdout.buffer.write(m1server.read_resource('multipart.py'))",
+         "import httpapi; sys.stdout.buffer.write(httpapi.read_resource('multipart.py'))",
          str(lonely)], stdout=subprocess.PIPE, check=True, cwd=str(tmp_path)).stdout
     assert out == open(os.path.join(ROOT, "multipart.py"), "rb").read()
 

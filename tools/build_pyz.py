@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Build dist/m1server.pyz: the whole server in one file, runnable as `python3 m1server.pyz`.
 
-It packs every runtime module at the repository root (m1server.py, multipart.py,
+It packs every runtime module at the repository root (m1server.py, httpapi.py, multipart.py,
 chunkstore.py, ...) and the static/ folder, if there is one, with the standard library's
-`zipapp`. Static files are read through the module loader (m1server.read_resource), so they
+`zipapp`. Static files are read through the module loader (httpapi.read_resource), so they
 are served from inside the archive. Tests, benchmarks and tools are left out.
 
 Each module also goes in as bytecode (<name>.pyc beside <name>.py, unchecked-hash pycs of PEP
