@@ -61,7 +61,7 @@ import math
 import re
 import threading
 import time
-from urllib.parse import parse_qs, unquote_plus, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import httphead
 import storage
@@ -80,12 +80,7 @@ MAX_TOKEN_REQUEST_BYTES = 4096         # body of POST /api/video/tokens
 HKDF_SALT = b"m1server"
 HKDF_INFO = b"m1server token signing key v1"
 REALM = "m1server"
-SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"),
-                    ("Referrer-Policy", "no-referrer"))     # URLs may carry ?token=
-HSTS_VALUE = "max-age=31536000"        # sent over HTTPS only (--tls-cert)
 MAX_TRACKED_CLIENTS = 10000            # rate-limit buckets kept; full, idle ones are dropped
-# A query parameter as it may appear in a logged line: separator, name, "=", value.
-QUERY_PARAMETER_PATTERN = re.compile(r"([?&;])([^=&;?\s\"]*)=([^&;\s\"]*)")
 
 # What each route needs, by the route label m1server.compile_routes gives it.
 PUBLIC, KEY, READ, UPLOAD, TUS_CREATE, TUS_UPLOAD = ("public", "key", "read", "upload",
@@ -110,19 +105,6 @@ def parse_rights(text):
     if not rights or any(r not in RIGHTS for r in rights):
         raise ValueError("rights must be upload, read or upload,read")
     return rights
-
-
-def redact(text):
-    """The access log never shows a token: `?token=abc` -> `?token=REDACTED`. The name is
-    compared once percent-decoded, as parse_qs (and so `credential`) reads it: `?%74oken=`
-    is a token too."""
-    return QUERY_PARAMETER_PATTERN.sub(_redact_parameter, text)
-
-
-def _redact_parameter(match):
-    if unquote_plus(match.group(2)).strip().lower() != "token":
-        return match.group(0)
-    return match.group(1) + match.group(2) + "=REDACTED"
 
 
 def b64url(raw):

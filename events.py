@@ -48,7 +48,6 @@ processes, or check credentials.
 """
 from __future__ import annotations
 
-import argparse
 import binascii
 import collections
 import itertools
@@ -64,18 +63,15 @@ from urllib.parse import parse_qs, urlsplit
 
 import storage
 import websocket
+from options import DEFAULT_HISTORY_EVENTS, DEFAULT_QUEUE_EVENTS
 from apierror import ApiError
 
 log = logging.getLogger("m1server.events")
 
 # ---------------------------------------------------------------------------------------------
-# Limits (each a flag in m1server.py, except the last five)
+# Limits (the flags' defaults are in options.py; these are not flags)
 # ---------------------------------------------------------------------------------------------
 
-AUTO = "auto"                        # --max-subscribers default: half of --max-connections
-DEFAULT_HEARTBEAT_S = 15.0           # the SSE spec suggests a comment every 15 s for proxies
-DEFAULT_QUEUE_EVENTS = 256           # per subscriber; a 1 s recorder fills it in 4 minutes
-DEFAULT_HISTORY_EVENTS = 128         # per watched upload, for Last-Event-ID resumption
 HISTORY_TTL_S = 300.0                # an upload nobody watches keeps its history this long
 MAX_IDLE_TOPICS = 256                # and at most this many such uploads keep one
 SEND_BUFFER_BYTES = 16 << 10         # kernel send buffer of an event connection
@@ -84,30 +80,6 @@ RELAY_POLL_S = 1.0                   # shared storage: a watched upload's status
 
 EVENT_ID_PATTERN = re.compile(r"([0-9a-f]{1,16})-([0-9]{1,18})\Z")
 RESERVED_FIELDS = ("type", "id", "fileId")
-
-
-def parse_max_subscribers(text):
-    """--max-subscribers: `auto` or a whole number of at least 1."""
-    if str(text).strip().lower() == AUTO:
-        return AUTO
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a whole number or auto: %r" % text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def resolve_max_subscribers(value, max_connections):
-    """The subscriber cap for these flags; ValueError when it would leave uploads no room."""
-    if value == AUTO:
-        return max_connections // 2
-    if value >= max_connections:
-        raise ValueError("--max-subscribers (%d) must be below --max-connections (%d): every "
-                         "event stream holds a connection, and uploads need some left"
-                         % (value, max_connections))
-    return value
 
 
 # ---------------------------------------------------------------------------------------------

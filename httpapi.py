@@ -41,20 +41,15 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import auth
 import chunkstore
 import connections
 import cors
-import events
 import httphead
 import localdisk
 import multipart
-import processing
+import options
 import storage
-import tus
 import webclient
-import webhooks
-import websocket
 from apierror import ApiError
 from metrics import Metrics
 from chunkstore import ChunkStore
@@ -268,52 +263,52 @@ OPTIONS = (
     ("--cors-origin", cors.parse_origins, cors.DEFAULT_ORIGINS,
      "origins whose pages may upload and read from a browser: '*' or a comma-separated list "
      "such as http://localhost:3000 (see cors.py)"),
-    ("--max-subscribers", events.parse_max_subscribers, events.AUTO,
+    ("--max-subscribers", options.parse_max_subscribers, options.AUTO,
      "event streams (WebSocket or SSE) open at once, 503 beyond; auto is half of "
      "--max-connections, and it must stay below it"),
-    ("--event-heartbeat", parse_seconds, events.DEFAULT_HEARTBEAT_S,
+    ("--event-heartbeat", parse_seconds, options.DEFAULT_HEARTBEAT_S,
      "seconds between keep-alives on an event stream (SSE comment, WebSocket ping); a "
      "WebSocket that has not answered one ping when the next is due is closed"),
-    ("--event-queue", parse_count, events.DEFAULT_QUEUE_EVENTS,
+    ("--event-queue", parse_count, options.DEFAULT_QUEUE_EVENTS,
      "events held for a subscriber that reads slowly; beyond it the oldest are dropped "
      "and counted"),
-    ("--event-history", parse_count, events.DEFAULT_HISTORY_EVENTS,
+    ("--event-history", parse_count, options.DEFAULT_HISTORY_EVENTS,
      "recent events kept per watched upload, so that a reconnect (Last-Event-ID) resumes"),
-    ("--ws-max-message", parse_size, websocket.DEFAULT_MAX_MESSAGE_BYTES,
+    ("--ws-max-message", parse_size, options.DEFAULT_WS_MAX_MESSAGE_BYTES,
      "largest WebSocket frame or message a client may send (closed with 1009 beyond)"),
-    ("--tus-expiry", parse_duration, tus.DEFAULT_EXPIRY_S,
+    ("--tus-expiry", parse_duration, options.DEFAULT_TUS_EXPIRY_S,
      "an unfinished tus upload idle this long expires: removed, 410 Gone (0 keeps them)"),
-    ("--tus-piece-size", parse_size, tus.DEFAULT_PIECE_BYTES,
+    ("--tus-piece-size", parse_size, options.DEFAULT_TUS_PIECE_BYTES,
      "a tus PATCH is stored (durable) in pieces of this size"),
-    ("--tus-max-metadata", parse_size, tus.DEFAULT_MAX_METADATA_BYTES,
+    ("--tus-max-metadata", parse_size, options.DEFAULT_TUS_MAX_METADATA_BYTES,
      "longest tus Upload-Metadata header (431 beyond)"),
-    ("--tus-max-partials", parse_count, tus.DEFAULT_MAX_PARTIALS,
+    ("--tus-max-partials", parse_count, options.DEFAULT_TUS_MAX_PARTIALS,
      "most partial uploads one tus final upload may join (400 beyond)"),
     # Video processing after an upload completes (processing.py, SPEC section 5).
-    ("--processing", processing.parse_mode, processing.DEFAULT_MODE,
+    ("--processing", options.parse_processing_mode, options.DEFAULT_PROCESSING_MODE,
      "after upload: off, probe (metadata), remux (+ seekable copy and poster, no "
      "re-encoding) or mp4 (+ H.264/AAC MP4)"),
-    ("--ffmpeg", str, processing.DEFAULT_FFMPEG, "ffmpeg program (name on PATH or path)"),
-    ("--ffprobe", str, processing.DEFAULT_FFPROBE,
+    ("--ffmpeg", str, options.DEFAULT_FFMPEG, "ffmpeg program (name on PATH or path)"),
+    ("--ffprobe", str, options.DEFAULT_FFPROBE,
      "ffprobe program (name on PATH or path; default also looks beside ffmpeg)"),
-    ("--max-height", processing.parse_height, processing.DEFAULT_MAX_HEIGHT,
+    ("--max-height", options.parse_height, options.DEFAULT_MAX_HEIGHT,
      "most lines of the MP4 and the poster (never upscaled)"),
-    ("--mp4-crf", processing.parse_crf, processing.DEFAULT_MP4_CRF,
+    ("--mp4-crf", options.parse_crf, options.DEFAULT_MP4_CRF,
      "MP4 quality, x264 CRF 0-51 (lower: better and bigger)"),
-    ("--processing-timeout", parse_seconds, processing.DEFAULT_JOB_TIMEOUT_S,
+    ("--processing-timeout", parse_seconds, options.DEFAULT_JOB_TIMEOUT_S,
      "seconds one processing job may take before ffmpeg is stopped and the job fails"),
-    ("--processing-workers", parse_count, processing.DEFAULT_WORKERS,
+    ("--processing-workers", parse_count, options.DEFAULT_PROCESSING_WORKERS,
      "processing jobs run at once"),
-    ("--webhook-url", webhooks.parse_urls, (),
+    ("--webhook-url", options.parse_webhook_urls, (),
      "POST signed events (upload.completed, ...) to this http(s) URL; repeatable; @FILE reads "
      "one URL a line; the env twin takes URLs separated by spaces"),
     ("--webhook-secret", str, None, "key of the M1-Signature HMAC on every webhook (required "
      "with --webhook-url; prefer the env twin: flags show in ps)"),
-    ("--webhook-timeout", parse_seconds, webhooks.DEFAULT_TIMEOUT_S,
+    ("--webhook-timeout", parse_seconds, options.DEFAULT_WEBHOOK_TIMEOUT_S,
      "seconds one webhook attempt may take, connect to response"),
-    ("--webhook-retry-for", parse_duration, webhooks.DEFAULT_RETRY_FOR_S,
+    ("--webhook-retry-for", parse_duration, options.DEFAULT_WEBHOOK_RETRY_FOR_S,
      "retry a failing webhook with backoff for this long (0: one attempt)"),
-    ("--webhook-workers", webhooks.parse_workers, webhooks.DEFAULT_WORKERS,
+    ("--webhook-workers", options.parse_webhook_workers, options.DEFAULT_WEBHOOK_WORKERS,
      "webhook attempts in flight at once per URL (threads, fixed at start-up)"),
     ("--storage", parse_storage, DEFAULT_STORAGE,
      "where videos live: local (in --dir) or s3://bucket/prefix on S3-compatible storage, "
@@ -443,7 +438,7 @@ class Config:
         self.retention = args.retention or None
         self.sweep_interval = args.sweep_interval
         self.cors_origins = args.cors_origin
-        self.max_subscribers = events.resolve_max_subscribers(args.max_subscribers,
+        self.max_subscribers = options.resolve_max_subscribers(args.max_subscribers,
                                                               args.max_connections)
         self.event_heartbeat = args.event_heartbeat
         self.event_queue = args.event_queue
@@ -476,8 +471,9 @@ class Config:
         # tests only: transcode at the input's own pace (ffmpeg -re), so a test can act on it
         self.slow_transcode = os.environ.get("M1_TEST_SLOW_TRANSCODE") == "1"
         # tests only: a shorter lease on shared (S3) processing jobs, so a takeover is quick
-        self.processing_lease = float(os.environ.get("M1_TEST_PROCESSING_LEASE") or
-                                      processing.JOB_LEASE_S)
+        # (None: processing.JOB_LEASE_S)
+        lease = os.environ.get("M1_TEST_PROCESSING_LEASE")
+        self.processing_lease = float(lease) if lease else None
         self.api_key = args.api_key
         if args.api_key_file:
             with open(args.api_key_file, encoding="utf-8") as f:
@@ -521,34 +517,19 @@ class M1Server(ThreadingHTTPServer):
     def __init__(self, config, store):
         self.config = config
         self.store = store
-        self.events = events.EventBus.from_config(config)
-        store.add_listener(self.events.on_store_event)
-        self.webhooks = None         # webhooks.Webhooks, set by serve()
         self.metrics = Metrics(httphead.METHODS)
         store.add_listener(self.metrics.on_store_event)
         store.observe_storage(self.metrics.on_storage_request)
-        # tus works through the store in both modes (its records: the ledger, or the bucket);
-        # processing picks its own queue the same way (processing.open_queue)
-        self.tus = tus.TusEndpoint(config, store, IncompleteBody)
-        self.processor = processing.Processor(config, store)
-        self.guard = auth.Guard(config.api_key, config.secret)
-        self.rate_limiter = auth.RateLimiter(config.rate_limit, config.rate_burst,
-                                             config.rate_limit_bytes, config.rate_burst_bytes)
         self.routes = compile_routes(CORE_ROUTES + webclient.routes(read_resource) +
-                                     auth.routes(self.guard, Handler.read_small_body,
-                                                 config.max_upload_bytes, _utc_iso) +
-                                     events.routes() +
-                                     tus.routes(self.tus) +
-                                     processing.routes(self.processor) +
-                                     tuple(webhooks.routes()))
-        # functions(upload) -> dict of extra status fields
-        self.status_extras = [self.tus.status_fields, self.processor.status_fields]
-        self.processor.add_listener(self.forward_processing_event)
-        self.cors_exposed_headers = cors.EXPOSED_HEADERS + tuple(tus.EXPOSED_HEADERS)
-        self.stop_hooks = [self.events.close]    # run on SIGTERM before in-flight requests
-        if store.capabilities.shared:          # several nodes: what the others did, too
-            relay = events.StoreRelay(self.events, self.status_of)
-            self.stop_hooks.append(relay.stop)
+                                     FEATURE_ROUTES)
+        self.cors_exposed_headers = cors.EXPOSED_HEADERS + options.TUS_EXPOSED_HEADERS
+        self.stop_hooks = []         # run on SIGTERM before in-flight requests
+        self.features = Features(self)
+        self.webhooks = None         # webhooks.Webhooks, set by serve() when --webhook-url
+        self.guard, self.rate_limiter = OPEN_GUARD, NO_RATE_LIMIT
+        if config.api_key or config.secret or config.rate_limit or config.rate_limit_bytes:
+            self.features.get("auth")
+        store.add_listener(self.features.on_store_event)
         self.stopping = False
         self.connections = connections.Connections(connections.Limits(
             config.max_connections, config.max_connections_per_client, config.header_timeout,
@@ -559,10 +540,11 @@ class M1Server(ThreadingHTTPServer):
         self.connections.start()
 
     def describe(self, file_id, upload):
-        """The status fields of one upload, with those feature modules add (processing...)."""
+        """The status fields of one upload, with those feature modules add (tus, processing:
+        loaded here when the upload may have some)."""
         data = status_reply(file_id, upload)
         if upload is not None:
-            for extra in self.status_extras:
+            for extra in self.features.status_extras(upload):
                 data.update(extra(upload))
         return data
 
@@ -581,10 +563,12 @@ class M1Server(ThreadingHTTPServer):
         self.shutdown()
 
     def forward_processing_event(self, event):
-        """Processing's progress, ready and failed events go to event subscribers too, and
-        ready/failed to webhooks as video.ready / video.failed."""
+        """Processing's progress, ready and failed events go to event subscribers too (once
+        anyone subscribed), and ready/failed to webhooks as video.ready / video.failed."""
         fields = {k: v for k, v in event.items() if k not in ("type", "fileId")}
-        self.events.publish(event["fileId"], event["type"], **fields)
+        bus = self.features.loaded("events")
+        if bus is not None:
+            bus.publish(event["fileId"], event["type"], **fields)
         if self.webhooks is not None and event["type"] in ("ready", "failed"):
             self.webhooks.publish("video." + event["type"], event["fileId"], fields)
 
@@ -635,6 +619,178 @@ class M1Server(ThreadingHTTPServer):
                                                client_address[0], sys.exc_info()[1])
             return                       # a failed TLS handshake, a silent client: no traceback
         logging.getLogger("m1server").exception("connection from %s failed", client_address[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The optional features, each loaded when it is enabled or first used
+# ---------------------------------------------------------------------------------------------
+
+class Features:
+    """tus, processing, events (and websocket), auth and webhooks are imported and set up the
+    first time they are needed, so a plain start pays for none of them (SPEC section 9's
+    footprint; their flags are parsed without them: options.py). When each one loads:
+      auth        at start with --api-key/--api-key-file/--secret or a rate limit; else its
+                  token route (which then answers that auth is off). Until then every
+                  request passes OPEN_GUARD and NO_RATE_LIMIT, which is what auth.py does
+                  when it is off.
+      webhooks    at start with --webhook-url (serve(): it listens before repair); else its
+                  deliveries routes.
+      events      its route (a subscription); events before it had nobody to go to.
+      tus         its routes, or the first status or listing (its fields in them).
+      processing  at start when the store holds a completed upload (a job may wait; the
+                  backfill looks); else at the first completed upload, its route, or a status
+                  of a completed upload; never with --processing off.
+    A feature's route rows stand in the table as FEATURE_ROUTES, whose functions load it when
+    a request that passed routing and auth calls them. Loading is serialised by one lock;
+    once loaded, a feature is read without it."""
+
+    def __init__(self, server):
+        self._server = server
+        self._lock = threading.RLock()
+        self._loaded = {}
+        self.serving = False          # serve() started the workers: start a late one now
+
+    def loaded(self, name):
+        """The feature's object when it is loaded, else None (never loads it)."""
+        return self._loaded.get(name)
+
+    def get(self, name):
+        feature = self._loaded.get(name)
+        if feature is not None:
+            return feature
+        with self._lock:
+            if name not in self._loaded:
+                logging.getLogger("m1server").info("loading %s", name)
+                self._loaded[name] = getattr(self, "_load_" + name)()
+            return self._loaded[name]
+
+    def start(self):
+        """serve(), once the store is repaired: processing loads now when a job may wait for
+        it (the store holds a completed upload, or other nodes share the queue); a feature
+        loaded from here on starts its workers at once."""
+        store = self._server.store
+        if self.processing_wanted() and (store.capabilities.shared or store.counts()[1] > 0):
+            self.get("processing")
+        with self._lock:
+            self.serving = True
+            processor = self.loaded("processing")
+        if processor is not None:
+            processor.start()
+
+    def processing_wanted(self):
+        return self._server.config.processing != "off"
+
+    def status_extras(self, upload):
+        """The functions(upload) -> extra status fields, for this upload."""
+        extras = [self.get("tus").status_fields]
+        if upload.completed and self.processing_wanted():
+            extras.append(self.get("processing").status_fields)
+        return extras
+
+    def on_store_event(self, event):
+        """A store listener: the first completed upload loads processing (on the hasher's
+        thread, not a request's), which queues it."""
+        if event["type"] == "completed" and self.loaded("processing") is None and \
+                self.processing_wanted():
+            self.get("processing").enqueue(event["fileId"])
+
+    def route_function(self, name, pattern, method):
+        """The feature's own function for a row of FEATURE_ROUTES (the feature loaded)."""
+        rows = self.get(name + "_routes")
+        return rows[pattern][method]
+
+    # -- the loaders ------------------------------------------------------------------------
+
+    def _load_auth(self):
+        import auth
+        server, config = self._server, self._server.config
+        server.guard = auth.Guard(config.api_key, config.secret)
+        server.rate_limiter = auth.RateLimiter(config.rate_limit, config.rate_burst,
+                                               config.rate_limit_bytes, config.rate_burst_bytes)
+        return auth
+
+    def _load_events(self):
+        import events
+        server = self._server
+        bus = events.EventBus.from_config(server.config)
+        server.store.add_listener(bus.on_store_event)
+        server.events = bus                   # what events.py's route reads
+        server.stop_hooks.append(bus.close)
+        if server.store.capabilities.shared:  # several nodes: what the others did, too
+            relay = events.StoreRelay(bus, server.status_of)
+            server.stop_hooks.append(relay.stop)
+        return bus
+
+    def _load_tus(self):
+        import tus
+        # tus works through the store in both modes (its records: the ledger, or the bucket)
+        return tus.TusEndpoint(self._server.config, self._server.store, IncompleteBody)
+
+    def _load_processing(self):
+        import processing
+        server = self._server
+        # processing picks its own queue the same way (processing.open_queue)
+        processor = processing.Processor(server.config, server.store)
+        processor.add_listener(server.forward_processing_event)
+        if self.serving:             # else serve() starts it (Features.start)
+            processor.start()
+        return processor
+
+    def _load_webhooks(self):
+        import webhooks
+        return webhooks.Webhooks(self._server.config, self._server.store)
+
+    # -- their route rows -------------------------------------------------------------------
+
+    def _load_auth_routes(self):
+        return self._rows(self.get("auth").routes(self._server.guard, Handler.read_small_body,
+                                       self._server.config.max_upload_bytes, _utc_iso))
+
+    def _load_events_routes(self):
+        self.get("events")
+        import events
+        return self._rows(events.routes())
+
+    def _load_tus_routes(self):
+        import tus
+        return self._rows(tus.routes(self.get("tus")))
+
+    def _load_processing_routes(self):
+        import processing
+        return self._rows(processing.routes(self.get("processing")))
+
+    def _load_webhooks_routes(self):
+        if self._server.webhooks is None:
+            self._server.webhooks = self.get("webhooks")
+        import webhooks
+        return self._rows(webhooks.routes())
+
+    @staticmethod
+    def _rows(rows):
+        return dict((pattern, dict(methods)) for pattern, methods in rows)
+
+
+class _OpenGuard:
+    """What auth.Guard is with auth off: nothing to check (auth.py loads when it is on)."""
+
+    enabled = False
+
+    def authorize(self, handler, label, groups):
+        return None
+
+    def check_chunk(self, handler, file_id):
+        return None
+
+
+class _NoRateLimit:
+    enabled = False
+
+    def admit(self, client, body_bytes):
+        pass
+
+
+OPEN_GUARD = _OpenGuard()
+NO_RATE_LIMIT = _NoRateLimit()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -765,7 +921,7 @@ class Handler(BaseHTTPRequestHandler):
             if full is not None:
                 return self.send_error_json(full)
             logging.getLogger("m1server").exception("unexpected error on %s %s", self.command,
-                                                    _printable(auth.redact(self.path)))
+                                                    _printable(options.redact(self.path)))
             self.send_error_json(HttpError(500, "internal_error",
                                            "unexpected server error (logged)"))
 
@@ -1103,11 +1259,11 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         for name, value in headers.items():
             self.send_header(name, value)
-        for name, value in auth.SECURITY_HEADERS:
+        for name, value in options.SECURITY_HEADERS:
             if name not in headers:
                 self.send_header(name, value)
         if self.server.config.tls_cert:        # browsers keep to https for this host
-            self.send_header("Strict-Transport-Security", auth.HSTS_VALUE)
+            self.send_header("Strict-Transport-Security", options.HSTS_VALUE)
         if self.close_connection:
             self.send_header("Connection", "close")
         if body:
@@ -1137,7 +1293,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):
         sys.stderr.write("%s %s %s\n" % (_utc_iso(time.time()), self.client_address[0],
-                                         _printable(auth.redact(fmt % args))))
+                                         _printable(options.redact(fmt % args))))
 
 
 class ChunkReceiver:
@@ -1226,6 +1382,37 @@ CORE_ROUTES = (
     (r"/readyz", {"GET": Handler.get_ready, "HEAD": Handler.get_ready}),
     (r"/metrics", {"GET": Handler.get_metrics, "HEAD": Handler.get_metrics}),
 )
+
+
+class FeatureRoute:
+    """A route of an optional feature, as the table holds it before the feature is loaded:
+    the feature's own function for (pattern, method), found (and the feature loaded) when a
+    request that passed routing and auth calls it."""
+
+    def __init__(self, feature, pattern, method):
+        self.feature, self.pattern, self.method = feature, pattern, method
+
+    def __call__(self, handler, *groups):
+        function = handler.server.features.route_function(self.feature, self.pattern,
+                                                          self.method)
+        return function(handler, *groups)
+
+
+def feature_rows(feature, *rows):
+    return tuple((pattern, dict((method, FeatureRoute(feature, pattern, method))
+                                for method in methods)) for pattern, methods in rows)
+
+
+# The optional features' rows, behind the core's: the patterns and methods each feature's
+# routes() gives (tests/test_features.py holds them equal), so that routing, 404/405 and
+# auth's rules (by route label) need no feature loaded.
+FEATURE_ROUTES = (
+    feature_rows("auth", (r"/api/video/tokens", ("POST",))) +
+    feature_rows("events", (r"/api/video/events/([^/]+)", ("GET",))) +
+    feature_rows("tus", (r"/files/?", httphead.METHODS), (r"/files/(.+)", httphead.METHODS)) +
+    feature_rows("processing", (r"/uploads/derived/([^/]+)/([^/]+)", ("GET", "HEAD"))) +
+    feature_rows("webhooks", (r"/api/video/webhooks/deliveries", ("GET", "HEAD")),
+                 (r"/api/video/webhooks/deliveries/([^/]+)/retry", ("POST",))))
 
 
 def compile_routes(rows):
@@ -1536,7 +1723,7 @@ def configure(parser, argv, name, serving=False):
     args = parser.parse_args(argv)             # a malformed flag: argparse's usage line
     try:
         config = Config(args)
-        problem = webhooks.config_problem(config)
+        problem = options.webhook_problem(config)
         if problem:
             raise ValueError(problem)
         context = tls_context(config) if serving and config.tls_cert else None
@@ -1560,7 +1747,7 @@ def serve(argv):
     store = open_store(config)
     if store is None:
         return 2
-    hooks = webhooks.Webhooks(config, store)     # listens before repair: it misses nothing
+    hooks = open_webhooks(config, store)         # listens before repair: it misses nothing
     mended = store.repair()
     if mended:
         log.warning("repaired %d upload(s) after a crash", mended)
@@ -1570,7 +1757,8 @@ def serve(argv):
         sys.stderr.write("m1server: cannot listen on %s:%s: %s\n"
                          % (config.host, config.port, error.strerror or error))
         store.close()
-        hooks.close()
+        if hooks is not None:
+            hooks.close()
         return 2
     server.webhooks = hooks
     if context is not None:
@@ -1594,8 +1782,9 @@ def serve(argv):
     signal.signal(signal.SIGINT, stop)
     stopped = threading.Event()
     _start_sweeper(store, config, stopped)
-    server.processor.start()
-    hooks.start(config.webhook_workers)
+    server.features.start()
+    if hooks is not None:
+        hooks.start(config.webhook_workers)
     host, port = server.server_address[:2]
     shown = "[%s]" % host if ":" in host else host
     print("m1server %s serving %s://%s:%d/ (uploads in %s%s)" % (
@@ -1603,17 +1792,31 @@ def serve(argv):
         ", auth on" if server.guard.enabled else ""), flush=True)
     server.serve_forever(poll_interval=0.25)
     stopped.set()
-    server.tus.interrupt_all()       # open tus PATCHes store what they have and reply
-    server.processor.stop()          # ffmpeg stopped now; its job runs again at the next start
+    tus, processor = server.features.loaded("tus"), server.features.loaded("processing")
+    if tus is not None:
+        tus.interrupt_all()          # open tus PATCHes store what they have and reply
+    if processor is not None:
+        processor.stop()             # ffmpeg stopped now; its job runs again at the next start
     finished = server.wait_for_in_flight(SHUTDOWN_GRACE_S)
     server.server_close()
-    server.tus.close()
+    if tus is not None:
+        tus.close()
     store.close()
-    server.processor.close()
-    hooks.close()                # after the store: a late "completed" is still queued
+    if processor is not None:
+        processor.close()
+    if server.webhooks is not None:
+        server.webhooks.close()      # after the store: a late "completed" is still queued
     sys.stderr.write("m1server stopped%s\n" % ("" if finished else
                                                " (some requests were still running)"))
     return 0
+
+
+def open_webhooks(config, store):
+    """webhooks.Webhooks when --webhook-url names a receiver, else None (not imported)."""
+    if not options.unique(config.webhook_urls):
+        return None
+    import webhooks
+    return webhooks.Webhooks(config, store)
 
 
 def tls_context(config):
@@ -1631,6 +1834,7 @@ def tls_context(config):
 def mint_token(argv):
     """`m1server.py token --file-id ID ...`: print a token as POST /api/video/tokens would
     (same --api-key/--secret and their env twins as the server), without a server."""
+    import auth
     parser = build_parser(os.environ)
     parser.prog = "m1server.py token"
     parser.description = "Mint an upload/read token, signed like the server's (auth.py)."
@@ -1693,13 +1897,14 @@ def collect_garbage(argv):
     store = open_store(config)
     if store is None:
         return 2
-    hooks = webhooks.Webhooks(config, store)     # queues the events; the server delivers them
+    hooks = open_webhooks(config, store)         # queues the events; the server delivers them
     try:
         store.repair()
         deleted = store.sweep(config.incomplete_ttl, config.retention)
     finally:
         store.close()
-        hooks.close()
+        if hooks is not None:
+            hooks.close()
     print(json.dumps({"deleted": deleted}))
     return 0
 

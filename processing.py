@@ -75,7 +75,6 @@ Events for listeners (add_listener; the events bus connects here), sent from wor
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import json
@@ -93,23 +92,13 @@ import uuid
 import localdisk
 import storage
 from apierror import ApiError
+from options import DEFAULT_FFPROBE
 
 log = logging.getLogger("m1server.processing")
 
 # ---------------------------------------------------------------------------------------------
-# Settings (each has a flag in m1server.OPTIONS)
+# Settings (the flags' defaults and parsers are in options.py; these are not flags)
 # ---------------------------------------------------------------------------------------------
-
-MODES = ("off", "probe", "remux", "mp4")
-DEFAULT_MODE = "remux"                   # seekable + poster for every upload, no re-encoding
-DEFAULT_FFMPEG = "ffmpeg"                # looked up on PATH
-DEFAULT_FFPROBE = "ffprobe"              # on PATH, else beside ffmpeg
-DEFAULT_MAX_HEIGHT = 720                 # lines of the MP4 and the poster (never upscaled)
-DEFAULT_MP4_CRF = 23                     # x264 constant rate factor: 0 lossless .. 51 worst
-DEFAULT_JOB_TIMEOUT_S = 7200.0           # one job, all its steps (a long recording, mp4 mode)
-DEFAULT_WORKERS = 1                      # jobs at once: the machines are small
-MIN_MAX_HEIGHT = 16
-MAX_CRF = 51
 
 MP4_PRESET = "veryfast"                  # x264 speed/size trade-off for small machines
 MP4_AUDIO_BITRATE = "128k"
@@ -149,34 +138,6 @@ STAGE_WEIGHTS = {
     "mp4": (("probe", 0.02), ("remux", 0.13), ("poster", 0.05), ("mp4", 0.8)),
 }
 BEST_PLAYBACK = ("mp4", "remux")         # the derivative a player should prefer, in order
-
-
-def parse_mode(text):
-    value = str(text).strip().lower()
-    if value not in MODES:
-        raise argparse.ArgumentTypeError("processing mode must be one of %s" % ", ".join(MODES))
-    return value
-
-
-def parse_height(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a whole number of lines: %r" % text)
-    if value < MIN_MAX_HEIGHT:
-        raise argparse.ArgumentTypeError("must be at least %d lines" % MIN_MAX_HEIGHT)
-    return value
-
-
-def parse_crf(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a whole number: %r" % text)
-    if not 0 <= value <= MAX_CRF:
-        raise argparse.ArgumentTypeError("CRF must be 0..%d (lower is better quality)"
-                                         % MAX_CRF)
-    return value
 
 
 # ---------------------------------------------------------------------------------------------

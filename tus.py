@@ -127,6 +127,7 @@ import zlib
 from urllib.parse import unquote, urlsplit
 
 import httphead
+import options
 import storage
 from apierror import ApiError
 from storage import StoreError
@@ -144,10 +145,6 @@ EXTENSIONS = ("creation", "creation-with-upload", "creation-defer-length", "term
 OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
 COLLECTION_PATH = "/files/"
 
-DEFAULT_EXPIRY_S = 24 * 3600             # an unfinished upload idle this long is removed
-DEFAULT_PIECE_BYTES = 8 << 20            # a PATCH is stored in pieces (chunks) of this size
-DEFAULT_MAX_METADATA_BYTES = 4 << 10     # Upload-Metadata as sent, base64 included
-DEFAULT_MAX_PARTIALS = 128               # partial uploads in one final upload
 SWEEP_INTERVAL_S = 60.0                  # at most this long between expiry sweeps
 TOMBSTONE_KEEP_S = 7 * 24 * 3600.0       # how long an expired upload still answers 410
 STATUS_CACHE_SIZE = 4096                 # finished uploads whose status fields are remembered
@@ -163,9 +160,7 @@ METADATA_KEY_PATTERN = re.compile(r"[!-+\--~]+\Z")       # printable ASCII but s
 BASE64_PATTERN = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")
 
 # Headers a browser page may read (CORS) and send (preflight).
-EXPOSED_HEADERS = ["Upload-Offset", "Upload-Length", "Upload-Defer-Length", "Upload-Metadata",
-                   "Upload-Concat", "Upload-Expires", "Location", "Tus-Resumable",
-                   "Tus-Version", "Tus-Extension", "Tus-Max-Size", "Tus-Checksum-Algorithm"]
+EXPOSED_HEADERS = options.TUS_EXPOSED_HEADERS
 ALLOWED_REQUEST_HEADERS = ("Authorization, Content-Type, Origin, X-Requested-With, "
                            "X-Request-ID, X-HTTP-Method-Override, Tus-Resumable, "
                            "Upload-Length, Upload-Offset, Upload-Metadata, "

@@ -42,7 +42,6 @@ keeps no tombstone to catch up from). DNS lookups are not bounded by the attempt
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import datetime
@@ -63,6 +62,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import httphead
 import storage
 from apierror import ApiError
+from options import unique
 
 log = logging.getLogger("m1server.webhooks")
 
@@ -80,11 +80,6 @@ USER_AGENT = "m1server-webhooks/1"
 FIRST_RETRY_S = 1.0                 # the first retry waits about this long...
 MAX_RETRY_DELAY_S = 3600.0          # ...then twice as long each time, up to this
 JITTER_FRACTION = 0.2               # each wait is shortened by up to this fraction, at random
-DEFAULT_RETRY_FOR_S = 86400.0       # --webhook-retry-for: give up this long after the event
-DEFAULT_TIMEOUT_S = 10.0            # --webhook-timeout: one attempt, connect to status line
-DEFAULT_WORKERS = 2                 # --webhook-workers: attempts in flight at once per URL
-MAX_WORKERS = 16
-MAX_RECEIVERS = 32                  # URLs; threads = URLs x workers, fixed at start-up
 MAX_RESPONSE_HEAD_BYTES = 64 << 10  # we read the status line and headers, never the body
 MAX_ERROR_CHARS = 300
 HISTORY_S = 7 * 86400               # finished deliveries are kept this long (at least 2 x
@@ -101,57 +96,8 @@ TIME_SCALE_ENV = "M1_TEST_WEBHOOK_TIME_SCALE"
 
 
 # ---------------------------------------------------------------------------------------------
-# Flags: parsing and start-up checks (argparse errors exit 2 with the message)
+# Settings read from the environment (tests only)
 # ---------------------------------------------------------------------------------------------
-
-def parse_urls(text):
-    """One --webhook-url value -> a tuple of URLs. `@/path/file` reads one URL a line (blank
-    lines and `#` comments skipped); the env twin may hold several separated by spaces."""
-    text = str(text).strip()
-    if text.startswith("@"):
-        path = text[1:]
-        try:
-            with open(path, "r", encoding="utf-8") as f:
-                lines = [line.strip() for line in f]
-        except (OSError, UnicodeDecodeError) as error:
-            raise argparse.ArgumentTypeError("cannot read webhook URLs from %s: %s"
-                                             % (path, getattr(error, "strerror", None)
-                                                or error))
-        urls = [line for line in lines if line and not line.startswith("#")]
-        if not urls:
-            raise argparse.ArgumentTypeError("no webhook URL in %s" % path)
-    else:
-        urls = text.split()
-        if not urls:
-            raise argparse.ArgumentTypeError("empty webhook URL")
-    return tuple(check_url(url) for url in urls)
-
-
-def check_url(url):
-    """An absolute http:// or https:// URL with a host; anything else is refused."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port                      # ValueError on a bad port
-    except ValueError:
-        parts, port = None, None
-    if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname \
-            or any(ord(c) <= 32 or ord(c) == 127 for c in url):
-        raise argparse.ArgumentTypeError(
-            "webhook URL must be an absolute http:// or https:// URL, not %r" % url[:200])
-    if port == 0:
-        raise argparse.ArgumentTypeError("webhook URL has port 0: %r" % url[:200])
-    return url
-
-
-def parse_workers(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_WORKERS:
-        raise argparse.ArgumentTypeError("must be a whole number 1..%d" % MAX_WORKERS)
-    return value
-
 
 def time_scale(environ):
     """The test-only factor on backoff waits (1 in production)."""
@@ -159,26 +105,6 @@ def time_scale(environ):
     if value <= 0:
         raise ValueError("%s must be more than 0" % TIME_SCALE_ENV)
     return value
-
-
-def config_problem(config):
-    """What is wrong with the webhook settings as a whole (None: nothing), checked at start-up
-    before anything is opened."""
-    urls = unique(config.webhook_urls)
-    if urls and not config.webhook_secret:
-        return ("--webhook-url needs --webhook-secret (or M1_WEBHOOK_SECRET): every webhook "
-                "is signed")
-    if len(urls) > MAX_RECEIVERS:
-        return "at most %d webhook URLs (got %d)" % (MAX_RECEIVERS, len(urls))
-    return None
-
-
-def unique(urls):
-    seen = []
-    for url in urls:
-        if url not in seen:
-            seen.append(url)
-    return seen
 
 
 # ---------------------------------------------------------------------------------------------

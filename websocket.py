@@ -34,6 +34,7 @@ import struct
 import time
 
 from apierror import ApiError
+from options import DEFAULT_WS_MAX_MESSAGE_BYTES
 
 # ---------------------------------------------------------------------------------------------
 # Constants (RFC 6455 section numbers in the comments)
@@ -41,7 +42,7 @@ from apierror import ApiError
 
 ACCEPT_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"     # 1.3, 4.2.2
 PROTOCOL_VERSION = "13"                                   # 4.1, 4.4
-DEFAULT_MAX_MESSAGE_BYTES = 16 << 10     # what a client may send us; events only flow out
+DEFAULT_MAX_MESSAGE_BYTES = DEFAULT_WS_MAX_MESSAGE_BYTES    # --ws-max-message (options.py)
 CLOSE_TIMEOUT_S = 2.0                    # how long we wait for the client's Close answer
 CLOSE_DRAIN_BYTES = 1 << 20              # most we read and discard after failing a connection
 RECV_BYTES = 65536

@@ -129,7 +129,7 @@ def main(argv=None):
 def serve_once(args, profile):
     """Serve one client's connection of args.chunks requests on this thread; returns (CPU
     seconds of this thread per request, the cProfile.Profile or None)."""
-    import m1server
+    import httpapi as m1server
     directory = tempfile.mkdtemp(prefix="m1bench-profile-")
     flags = ["--host", "127.0.0.1", "--port", "0", "--dir", directory] + c.SERVER_ARGS + \
         args.server_args.split()

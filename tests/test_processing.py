@@ -34,6 +34,7 @@ import requests
 from conftest import ROOT, STORAGE, get_status, need, send_chunk, split_chunks, wait_until
 
 sys.path.insert(0, ROOT)
+import options  # noqa: E402
 import processing  # noqa: E402  (the module under test, for its pure functions)
 from chunkstore import ChunkStore  # noqa: E402
 
@@ -700,8 +701,8 @@ def _settings(mode="remux"):
     settings = type("Settings", (), {})()
     settings.processing = mode
     settings.ffmpeg, settings.ffprobe = "ffmpeg", "ffprobe"
-    settings.max_height = processing.DEFAULT_MAX_HEIGHT
-    settings.mp4_crf = processing.DEFAULT_MP4_CRF
+    settings.max_height = options.DEFAULT_MAX_HEIGHT
+    settings.mp4_crf = options.DEFAULT_MP4_CRF
     settings.processing_timeout = 60.0
     settings.processing_workers = 1
     return settings

@@ -28,6 +28,7 @@ import requests
 from conftest import ROOT, SERVER_PROGRAM, SERVER_PYTHON, need, send_chunk, wait_until
 
 sys.path.insert(0, ROOT)
+import options  # noqa: E402
 import webhooks  # noqa: E402
 
 SECRET = "test-secret-0123456789"
@@ -611,19 +612,19 @@ def test_start_refuses_bad_urls_from_the_env_and_a_url_without_secret(tmp_path):
     result = run_cli(["--dir", str(tmp_path / "u"), "--webhook-workers", "0"])
     assert result.returncode == 2, result.stdout
     result = run_cli(["--dir", str(tmp_path / "u"), "--webhook-workers",
-                      str(webhooks.MAX_WORKERS + 1)])
+                      str(options.MAX_WEBHOOK_WORKERS + 1)])
     assert result.returncode == 2, result.stdout
 
 
 def test_a_url_file_at_the_receiver_limit_starts_and_one_more_is_refused(server_factory,
                                                                          session, tmp_path):
-    urls = ["http://127.0.0.1:%d/h%d" % (9, n) for n in range(webhooks.MAX_RECEIVERS)]
+    urls = ["http://127.0.0.1:%d/h%d" % (9, n) for n in range(options.MAX_WEBHOOK_RECEIVERS)]
     urls[0] = "http://user:pw@127.0.0.1:9/private"
     at_limit = tmp_path / "urls.txt"
     at_limit.write_text("# receivers\n\n" + "\n".join(urls) + "\n", encoding="utf-8")
     srv = start(server_factory, ["@%s" % at_limit])
     receivers_shown = listing(session, srv)["receivers"]
-    assert len(receivers_shown) == webhooks.MAX_RECEIVERS
+    assert len(receivers_shown) == options.MAX_WEBHOOK_RECEIVERS
     assert receivers_shown[0] == "http://user:***@127.0.0.1:9/private"
     srv.stop()
     past = tmp_path / "more.txt"
@@ -634,11 +635,11 @@ def test_a_url_file_at_the_receiver_limit_starts_and_one_more_is_refused(server_
 
 
 def test_webhook_workers_accepts_1_to_the_limit():
-    assert webhooks.parse_workers("1") == 1
-    assert webhooks.parse_workers(str(webhooks.MAX_WORKERS)) == webhooks.MAX_WORKERS
-    for value in ("0", str(webhooks.MAX_WORKERS + 1), "two"):
+    assert options.parse_webhook_workers("1") == 1
+    assert options.parse_webhook_workers(str(options.MAX_WEBHOOK_WORKERS)) == options.MAX_WEBHOOK_WORKERS
+    for value in ("0", str(options.MAX_WEBHOOK_WORKERS + 1), "two"):
         with pytest.raises(Exception):
-            webhooks.parse_workers(value)
+            options.parse_webhook_workers(value)
 
 
 def test_help_never_shows_the_secret():
