@@ -105,7 +105,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import logging
 import os
 import queue
@@ -120,7 +119,7 @@ from localdisk import FileMedia, UnsafePath, UploadFolder, fsync_dir, open_file,
 from storage import (DUPLICATE, IN_ORDER, SIGNATURE_BYTES, Capabilities, ChunkResult, Store,
                      StoreError, TailWriter, UploadState, Workers, check_budgets,
                      check_chunk_bytes, check_chunk_fields, check_chunk_request,
-                     check_derivative_name, sha256_file, valid_file_id)
+                     check_derivative_name, new_sha256, sha256_file, valid_file_id)
 
 log = logging.getLogger("m1server.store")
 
@@ -1128,7 +1127,7 @@ class _TailWriter(TailWriter):
         self._created = created
         self._finished = False
         self._head = b"" if index == 0 and not store.allow_any_content else None
-        self._digest = hashlib.sha256() if checksum is not None else None
+        self._digest = new_sha256() if checksum is not None else None
         # A small chunk's bytes, kept for the journal until it outgrows it (then: fsync).
         self._journal = bytearray() if store.journal_chunk_bytes > 0 else None
 

@@ -135,7 +135,7 @@ from storage import StoreError
 log = logging.getLogger("m1server.tus")
 
 # ---------------------------------------------------------------------------------------------
-# Constants (limits are flags too: see m1server.py's OPTIONS table)
+# Constants (the limits that are flags: httpapi.py's OPTIONS table, defaults in options.py)
 # ---------------------------------------------------------------------------------------------
 
 TUS_VERSION = "1.0.0"

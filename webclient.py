@@ -17,7 +17,6 @@ client sends can reach the disk; only the names in STATIC_FILES exist.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 
@@ -55,6 +54,7 @@ class StaticFile:
         with self._lock:
             if self._loaded is None:
                 body = self._read_resource(self.name)
+                import hashlib     # at the first page served, not at every start (storage.py)
                 self._loaded = (body, '"%s"' % hashlib.sha256(body).hexdigest()[:32])
             return self._loaded
 

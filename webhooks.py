@@ -67,7 +67,7 @@ from options import unique
 log = logging.getLogger("m1server.webhooks")
 
 # ---------------------------------------------------------------------------------------------
-# Constants (the tunable ones are flags in m1server.py's OPTIONS table)
+# Constants (the tunable ones are flags: httpapi.py's OPTIONS table, defaults in options.py)
 # ---------------------------------------------------------------------------------------------
 
 EVENT_TYPES = ("upload.completed", "upload.failed", "upload.deleted", "video.ready",

@@ -285,7 +285,7 @@ def test_an_interrupted_upload_resumes_without_resending_acknowledged_chunks(
     file_id = new_id("resume")
     total = chunk_count(len(sample_webm), 16 << 10)
     srv = server_factory(start=False)
-    srv.start(extra_env={"M1_TEST_CRASH_AT": "appended:4"})   # dies appending chunk 3
+    srv.start(extra_env={"M1_TEST_CRASH_AT": "streamed:3"})   # dies writing chunk 3 in place
 
     done = run_upload(path, srv.url, "--file-id", file_id, "--chunk-size", "16K",
                       "--retries", "1")
@@ -430,7 +430,7 @@ def test_resuming_with_another_chunk_size_never_completes_a_corrupt_upload(
     path = write(tmp_path / "sample.webm", sample_webm)
     file_id = new_id("sizes")
     srv = server_factory(start=False)
-    srv.start(extra_env={"M1_TEST_CRASH_AT": "appended:5"})
+    srv.start(extra_env={"M1_TEST_CRASH_AT": "streamed:4"})     # dies writing chunk 4
     done = run_upload(path, srv.url, "--file-id", file_id, "--chunk-size", "10000",
                       "--retries", "1")
     assert done.returncode == 1
