@@ -856,6 +856,23 @@ def test_a_full_disk_answers_507_never_500_and_keeps_no_torn_tail(server_factory
     resume_and_finish(srv, "filling", chunks, set(range(refused)), "room again")
 
 
+def fill_the_disk_mid_body(srv, small_disk, request, receiving, what):
+    """Send the head and 1 MiB of `request`, wait until `receiving()`, leave the disk 64 KiB,
+    send the rest; the response."""
+    import _http
+    from conftest import leave_free
+    head_end = request.index(b"\r\n\r\n") + 4 + (1 << 20)
+    sock = _http.connect(srv.url)
+    try:
+        sock.sendall(request[:head_end])
+        wait_until(receiving, message=what)
+        leave_free(small_disk, 64 << 10)
+        _http.send_quietly(sock, request[head_end:])
+        return _http.read_response(sock)
+    finally:
+        sock.close()
+
+
 def test_a_part_file_that_runs_out_of_room_while_received_answers_507(server_factory,
                                                                       small_disk):
     """The disk fills up (another program) while a chunk's body is being received: the part
@@ -865,18 +882,9 @@ def test_a_part_file_that_runs_out_of_room_while_received_answers_507(server_fac
     chunk = EBML_MAGIC + os.urandom((4 << 20) - 4)
     srv = server_factory(args=["--min-free-disk", "0"], upload_dir=os.path.join(small_disk, "up"))
     request = _http.upload_request(_http.chunk_parts("receiving", 0, chunk))
-    head_end = request.index(b"\r\n\r\n") + 4 + (1 << 20)
-    sock = _http.connect(srv.url)
-    try:
-        sock.sendall(request[:head_end])
-        wait_until(lambda: any(os.path.getsize(os.path.join(incoming_dir(srv.upload_dir), n))
-                               for n in listdir(incoming_dir(srv.upload_dir))),
-                   message="the part file to fill")
-        leave_free(small_disk, 64 << 10)
-        _http.send_quietly(sock, request[head_end:])
-        response = _http.read_response(sock)
-    finally:
-        sock.close()
+    response = fill_the_disk_mid_body(srv, small_disk, request, lambda: any(
+        os.path.getsize(os.path.join(incoming_dir(srv.upload_dir), n))
+        for n in listdir(incoming_dir(srv.upload_dir))), "the part file to fill")
     assert response.status == 507, response
     assert response.json()["error"]["code"] == "insufficient_storage"
     wait_until(lambda: listdir(incoming_dir(srv.upload_dir)) == [], message="no part file")
@@ -902,19 +910,13 @@ def test_a_chunk_written_in_place_that_runs_out_of_room_answers_507_and_is_cut_o
     parts = [("fileId", "in_place"), ("chunkIndex", "1"), ("status", "completed"),
              ("file", chunk, "blob", "application/octet-stream")]
     request = _http.upload_request(parts)
-    head_end = request.index(b"\r\n\r\n") + 4 + (1 << 20)
     video = data_path(srv.upload_dir, "in_place")
-    sock = _http.connect(srv.url)
-    try:
-        sock.sendall(request[:head_end])
-        wait_until(lambda: os.path.getsize(video) > len(first),
-                   message="the chunk's bytes to reach the video file")
-        assert listdir(incoming_dir(srv.upload_dir)) == []          # no part file: in place
-        leave_free(small_disk, 64 << 10)
-        _http.send_quietly(sock, request[head_end:])
-        response = _http.read_response(sock)
-    finally:
-        sock.close()
+
+    def in_place():             # the bytes reach the video, and no part file exists
+        return os.path.getsize(video) > len(first) and not listdir(incoming_dir(srv.upload_dir))
+
+    response = fill_the_disk_mid_body(srv, small_disk, request, in_place,
+                                      "the chunk's bytes to reach the video file")
     assert response.status == 507, response
     assert response.json()["error"]["code"] == "insufficient_storage"
     assert read_bytes(video) == first
