@@ -41,6 +41,7 @@ import auth
 import chunkstore
 import cors
 import events
+import live
 import multipart
 import processing
 import tus
@@ -222,6 +223,11 @@ OPTIONS = (
      "and counted"),
     ("--event-history", parse_count, events.DEFAULT_HISTORY_EVENTS,
      "recent events kept per watched upload, so that a reconnect (Last-Event-ID) resumes"),
+    ("--live-max-viewers", live.parse_max_viewers, live.AUTO,
+     "live streams (GET /uploads/<id>.<ext>?live=1) open at once, 503 beyond; auto is an "
+     "eighth of --max-connections, and it must stay below it"),
+    ("--live-idle-timeout", parse_seconds, live.DEFAULT_IDLE_TIMEOUT_S,
+     "a live stream ends when its upload gets no new chunk for this many seconds"),
     ("--ws-max-message", parse_size, websocket.DEFAULT_MAX_MESSAGE_BYTES,
      "largest WebSocket frame or message a client may send (closed with 1009 beyond)"),
     ("--tus-expiry", parse_duration, tus.DEFAULT_EXPIRY_S,
@@ -381,6 +387,9 @@ class Config:
         self.event_queue = args.event_queue
         self.event_history = args.event_history
         self.ws_max_message = args.ws_max_message
+        self.live_max_viewers = live.resolve_max_viewers(args.live_max_viewers,
+                                                         args.max_connections)
+        self.live_idle_timeout = args.live_idle_timeout
         self.tus_expiry_s = args.tus_expiry or None           # None: tus uploads never expire
         self.tus_piece_bytes = max(1, args.tus_piece_size)
         self.tus_max_metadata_bytes = args.tus_max_metadata
@@ -463,6 +472,8 @@ class M1Server(ThreadingHTTPServer):
         self.webhooks = None         # webhooks.Webhooks, set by serve()
         self.metrics = Metrics()
         store.add_listener(self.metrics.on_store_event)
+        self.live = live.LiveHub.from_config(config, store)
+        store.add_listener(self.live.on_store_event)
         # tus works through the store in both modes (its records: the ledger, or the bucket);
         # processing picks its own queue the same way (processing.open_queue)
         self.tus = tus.TusEndpoint(config, store, _Body, IncompleteBody)
@@ -474,6 +485,7 @@ class M1Server(ThreadingHTTPServer):
                                      auth.routes(self.guard, Handler.read_small_body,
                                                  config.max_upload_bytes, _utc_iso) +
                                      events.routes() +
+                                     live.routes(read_resource, webclient.StaticFile) +
                                      tus.routes(self.tus) +
                                      processing.routes(self.processor) +
                                      tuple(webhooks.routes()))
@@ -481,7 +493,8 @@ class M1Server(ThreadingHTTPServer):
         self.status_extras = [self.tus.status_fields, self.processor.status_fields]
         self.processor.add_listener(self.forward_processing_event)
         self.cors_exposed_headers = cors.EXPOSED_HEADERS + tuple(tus.EXPOSED_HEADERS)
-        self.stop_hooks = [self.events.close]    # run on SIGTERM before in-flight requests
+        # run on SIGTERM before in-flight requests: they end the long-lived responses
+        self.stop_hooks = [self.events.close, self.live.close]
         if getattr(store, "shared", False):     # several nodes: what the others did, too
             relay = events.StoreRelay(self.events, self.status_of)
             self.stop_hooks.append(relay.stop)
@@ -835,6 +848,8 @@ class Handler(BaseHTTPRequestHandler):
     def get_media(self, name):
         store = self.server.store
         file_id, dot, ext = name.rpartition(".")
+        if live.wants_live(self):            # ?live=1: the bytes as they arrive (live.py)
+            return live.serve_live(self, file_id, ext)
         upload = store.status(file_id) if chunkstore.valid_file_id(file_id) else None
         media = store.open_media(upload) if upload is not None and dot and ext == upload.ext \
             else None
