@@ -1344,12 +1344,18 @@ class S3Store(chunkstore.EventSource):
     def _after_completion(self, m, emit):
         self._crash.passed("completion_recorded")
         self.client.put_object(self._done_key(m.file_id), b"")
-        _in_parallel(self._delete_quietly,
-                     [info.key for info in self.client.iter_objects(self._chunk_prefix(m))])
+        self._drop_chunk_objects(m)
         log.info("upload %s completed: %d chunks, %d bytes", m.file_id, m.last_index + 1,
                  m.size)
         if emit:
             self._emit_completed(m)
+
+    def _drop_chunk_objects(self, m):
+        """A completed upload's chunk objects (the assembled object holds their bytes). Done
+        after completion, and again by the hasher: a node that died between the two leaves
+        them, and the hasher runs again for an upload with no sha256."""
+        _in_parallel(self._delete_quietly,
+                     [info.key for info in self.client.iter_objects(self._chunk_prefix(m))])
 
     def _emit_completed(self, m):
         self._emit("completed", m.file_id, size=m.size, sha256=m.sha256, ext=m.ext,
@@ -1381,6 +1387,7 @@ class S3Store(chunkstore.EventSource):
                 data["sha256"] = value
                 return True
             done = self._update(m, change)
+            self._drop_chunk_objects(done)
             if done.sha256 == value:
                 self._emit_completed(done)
         except (S3Error, StoreError) as error:
