@@ -15,8 +15,10 @@ const KEY_STORAGE = "m1dashboard.apiKey";
 // Uploads per page: 20, or /dashboard?limit=N (1..500, the listing's own bounds).
 const PAGE_SIZE = Math.min(500, Math.max(1, Number(
   new URLSearchParams(location.search).get("limit")) || 20));
+const DELIVERY_PAGE_SIZE = 20;
 const MAX_WATCHED = 20;               // event streams open at once (the server caps them too)
 const TOKEN_LIFETIME_S = 3600;
+const RETRY_REFRESH_MS = 2000;        // after a retry, the deliveries are listed again
 const TOKEN_RENEW_MS = (TOKEN_LIFETIME_S - 300) * 1000;
 
 const $ = (id) => document.getElementById(id);
@@ -309,7 +311,7 @@ function confirmDelete(row, fileId) {
 let deliveriesCursor = null;
 
 async function loadDeliveries(cursor) {
-  const query = `limit=${PAGE_SIZE}` + (cursor ? `&cursor=${encodeURIComponent(cursor)}` : "");
+  const query = `limit=${DELIVERY_PAGE_SIZE}` + (cursor ? `&cursor=${encodeURIComponent(cursor)}` : "");
   const data = await api("GET", `/api/video/webhooks/deliveries?${query}`);
   ui.webhooksCard.hidden = false;
   ui.webhooksOff.hidden = data.enabled || data.deliveries.length > 0;
@@ -326,6 +328,7 @@ function deliveryRow(delivery) {
   const row = document.createElement("tr");
   row.dataset.deliveryId = String(delivery.id);
   row.dataset.state = delivery.state;
+  row.dataset.attempts = String(delivery.attempts);
   const answer = delivery.lastStatus ? `HTTP ${delivery.lastStatus}` : delivery.lastError || "";
   const when = delivery.lastAttemptAt || delivery.createdAt;
   const actions = document.createElement("td");
@@ -334,6 +337,8 @@ function deliveryRow(delivery) {
       try {
         const again = await api("POST", `/api/video/webhooks/deliveries/${delivery.id}/retry`);
         row.replaceWith(deliveryRow(again));
+        // The new attempt runs in the background: show how it went a moment later.
+        setTimeout(() => loadDeliveries(null).catch(failed), RETRY_REFRESH_MS);
       } catch (error) {
         failed(error);
       }
