@@ -39,7 +39,7 @@ import common as c
 
 NAME = "browser"
 CHROMIUM = os.environ.get("M1_TEST_CHROMIUM") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = [        # as tests/_browser.py (facts: ../shared/notes/browser.md)
+CHROMIUM_FLAGS = [        # as tests/_browser.py (the facts: its docstring)
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",

@@ -1,9 +1,20 @@
 """Browser test helpers: Debian's chromium driven by Playwright for Python, ffprobe, PNG pixels.
 
-Facts these rest on are in ../shared/notes/browser.md: Playwright's own browser download is
-never used (no `playwright install`); Debian's /usr/bin/chromium is launched with fake media
-devices, so Chromium's fake camera and microphone are really recorded and encoded. Every test
-gets its own browser process with its own TMPDIR (a killed Chromium leaves folders there).
+Facts these rest on (measured on the build machines):
+- Playwright's own browser download is never used (no `playwright install`): Debian's
+  /usr/bin/chromium is launched with `executable_path` and CHROMIUM_FLAGS below. `launch()`
+  refuses `--user-data-dir` in its args (`launch_persistent_context()` takes one).
+- The fake media devices (`--use-fake-device-for-media-stream`, `--use-fake-ui-...`) give a
+  camera and a microphone that are really recorded and encoded; `http://127.0.0.1:<port>`
+  counts as a secure context, so getUserMedia works there. Launch takes 0.3-0.8 s; a 4 s
+  recording with its uploads about 4.5 s and a third of a core.
+- Chromium records `video/webm;codecs=vp8,opus` by default, 640x480 at 20 fps, mono 48 kHz;
+  only chunk 0 carries the WebM header (1A 45 DF A3), later chunks start mid-cluster, and a
+  lost chunk is silent to ffprobe: only the server's index bookkeeping tells a complete
+  recording from a damaged one. `MediaRecorder.mimeType` is empty until `start()`.
+- A killed Chromium leaves an `org.chromium.Chromium.*` folder in its temp dir, so every test
+  gets its own browser process with its own TMPDIR. The /usr/bin/chromium wrapper prints a
+  harmless `[: ... unexpected operator` line; dbus errors in its log are harmless too.
 
 Test modules import the fixtures by name:
     from _browser import playwright_driver, browser, page  # noqa: F401  (pytest fixtures)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a real m1server process on a free port, an HTTP session, the shared media.
+"""Shared fixtures: a real m1server process on a free port, an HTTP session, the sample media.
 
 Every black-box test talks HTTP to a server started exactly as a user starts it
 (`python3 m1server.py --port 0 --dir DIR`); the server prints the URL it serves once it
@@ -26,7 +26,9 @@ import pytest
 import requests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("M1_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")
+DATA = os.path.join(ROOT, "tests", "data")        # everything the tests read (its README.md)
+SAMPLE_WEBM = os.path.join(DATA, "sample.webm")   # 4 s VP9 + Opus, live WebM as MediaRecorder
+SAMPLE_MP4 = os.path.join(DATA, "sample.mp4")     # 4 s H.264 + AAC, fragmented MP4 as Safari
 SERVER_PYTHON = os.environ.get("M1_TEST_PYTHON") or sys.executable
 SERVER_PROGRAM = os.environ.get("M1_TEST_SERVER") or os.path.join(ROOT, "m1server.py")
 IN_CI = os.environ.get("CI") == "true"
@@ -55,6 +57,39 @@ def wait_until(predicate, timeout=10.0, interval=0.02, message="condition"):
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting for " + message)
         time.sleep(interval)
+
+
+def live_processes():
+    """{pid: (ppid, pgid)} of every process still running, read from /proc (Linux; {}
+    elsewhere). Zombies are left out: they have exited, only their parent's wait is due."""
+    found = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                stat = f.read().decode("ascii", "replace")
+        except OSError:
+            continue                                   # it ended while we looked
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses itself
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] not in ("Z", "X"):
+            found[int(name)] = (int(fields[1]), int(fields[2]))
+    return found
+
+
+def wait_group_gone(pgid, timeout):
+    """Poll until no live process is in process group `pgid`; False if some still are."""
+    deadline = time.monotonic() + timeout
+    while any(group == pgid for _, group in live_processes().values()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 # --- where a test server keeps its videos (M1_TEST_STORAGE) -------------------------------
@@ -314,21 +349,19 @@ def session():
         yield s
 
 
-def _shared_file(name):
-    path = os.path.join(SHARED, "data", name)
-    need(os.path.exists(path), "shared media %s not found (set M1_SHARED)" % path)
+def read_bytes(path):
     with open(path, "rb") as f:
         return f.read()
 
 
 @pytest.fixture(scope="session")
 def sample_webm():
-    return _shared_file("sample.webm")
+    return read_bytes(SAMPLE_WEBM)
 
 
 @pytest.fixture(scope="session")
 def sample_mp4():
-    return _shared_file("sample.mp4")
+    return read_bytes(SAMPLE_MP4)
 
 
 def split_chunks(data, count):

@@ -19,7 +19,7 @@ import requests
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from conftest import ROOT, ServerProcess, send_chunk, wait_until
+from conftest import ROOT, SAMPLE_WEBM, ServerProcess, read_bytes, send_chunk, wait_until
 
 sys.path.insert(0, ROOT)
 import auth  # noqa: E402  (the server's own module, to mint expired tokens)
@@ -37,7 +37,7 @@ def env(tmp_path_factory, ):
                              "M1_WEBHOOK_SECRET": "whsec"}).start()
     session = requests.Session()
     session.headers["Authorization"] = "Bearer " + KEY
-    data = open(os.path.join(ROOT, "..", "shared", "data", "sample.webm"), "rb").read()
+    data = read_bytes(SAMPLE_WEBM)
     chunk0, chunk5 = data[:40000], data[40000:50000]
     for file_id in (MINE, OTHER):
         assert send_chunk(session, srv.url, file_id, 0, chunk0).status_code == 200
@@ -334,7 +334,7 @@ def test_api_key_from_a_file(server_factory, tmp_path):
 def test_cli_uploader_sends_its_token_and_a_token_for_another_upload_fails(env, tmp_path):
     srv = env["server"]
     path = tmp_path / "clip.webm"
-    data = open(os.path.join(ROOT, "..", "shared", "data", "sample.webm"), "rb").read()
+    data = read_bytes(SAMPLE_WEBM)
     path.write_bytes(data)
     token = mint(srv.url, fileId="cli_auth", rights=["upload", "read"])
     clean = {k: v for k, v in os.environ.items() if not k.startswith("M1_")}

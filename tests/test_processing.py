@@ -40,7 +40,7 @@ from chunkstore import ChunkStore  # noqa: E402
 FFMPEG = shutil.which("ffmpeg")
 FFPROBE = shutil.which("ffprobe")
 WEBM_MIME = "video/webm;codecs=vp9,opus"
-SAMPLE_SECONDS = 4.0                 # shared/data/README.md: 4 s, 320x240
+SAMPLE_SECONDS = 4.0                 # tests/data/README.md: 4 s, 320x240
 SAMPLE_SIZE = (320, 240)
 SAMPLE_FPS = 25
 DURATION_TOLERANCE_S = 0.2           # the "within 0.2 s of the true length"

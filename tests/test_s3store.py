@@ -9,7 +9,8 @@ server (SeaweedFS on loopback), no state but the bucket.
   /readyz; the server never prints a traceback and recovers when the store is back.
 - Playback by presigned redirect, deletion, listing, and `gc` finishing abandoned uploads.
 - Three nodes in one process whose S3 client fails at random before or after any request
-  (the crash injection of ../shared/notes/s3.md): every upload still byte-exact.
+  (the crash injection the design was first tried under: a crash around any S3 request, with
+  a small probability, with reordered and duplicated chunks): every upload still byte-exact.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Real tus clients written elsewhere, unchanged, upload ../shared/data/sample.webm byte-exact:
+"""Real tus clients written elsewhere, unchanged, upload tests/data/sample.webm byte-exact:
 tuspy (PyPI, pinned in requirements-test.txt) and tus-js-client under Node (npm, pinned in
 tests/js/package.json + package-lock.json, installed by .ci/run with `npm ci`), including a
 resume after the server was killed (kill -9) and restarted midway.
@@ -17,10 +17,9 @@ import pytest
 import requests
 
 import _tus
-from conftest import ROOT, SHARED, get_status, need, wait_until
+from conftest import ROOT, SAMPLE_WEBM, get_status, need, wait_until
 
 JS_DIR = os.path.join(ROOT, "tests", "js")
-SAMPLE = os.path.join(SHARED, "data", "sample.webm")
 CLIENT_DEADLINE_S = 60
 
 
@@ -57,7 +56,7 @@ def test_tuspy_uploads_sample_webm_byte_exact(server_factory, sample_webm, chunk
     srv = server_factory()
     options = {"chunk_size": chunk_size} if chunk_size else {}
     uploader = client.TusClient(srv.url + "/files/").uploader(
-        SAMPLE, metadata={"filename": "sample.webm", "filetype": "video/webm"},
+        SAMPLE_WEBM, metadata={"filename": "sample.webm", "filetype": "video/webm"},
         upload_checksum=checksum, **options)
     uploader.upload()
     status = assert_uploaded(srv, uploader.url, sample_webm)
@@ -72,7 +71,7 @@ def test_tuspy_resumes_after_kill_9_and_restart(server_factory, sample_webm, tmp
     srv = server_factory(args=["--tus-piece-size", "16K"])
     storage = filestorage.FileStorage(str(tmp_path / "tuspy-urls.json"))
     first = client.TusClient(srv.url + "/files/").uploader(
-        SAMPLE, chunk_size=32 << 10, store_url=True, url_storage=storage,
+        SAMPLE_WEBM, chunk_size=32 << 10, store_url=True, url_storage=storage,
         metadata={"filename": "sample.webm"})
     first.upload(stop_at=100000)
     sent = first.offset
@@ -81,7 +80,7 @@ def test_tuspy_resumes_after_kill_9_and_restart(server_factory, sample_webm, tmp
     srv.restart()
     # A new uploader finds the upload by the file's fingerprint and asks HEAD where it stands.
     second = client.TusClient(srv.url + "/files/").uploader(
-        SAMPLE, chunk_size=32 << 10, store_url=True, url_storage=storage)
+        SAMPLE_WEBM, chunk_size=32 << 10, store_url=True, url_storage=storage)
     assert second.url == first.url
     assert second.offset == sent
     second.upload()
@@ -101,7 +100,7 @@ class NodeUpload:
         need(os.path.isdir(os.path.join(JS_DIR, "node_modules", "tus-js-client")),
              "tus-js-client is not installed (cd tests/js && npm ci)")
         self.proc = subprocess.Popen(
-            [node, os.path.join(JS_DIR, "tus_upload.mjs"), endpoint, SAMPLE,
+            [node, os.path.join(JS_DIR, "tus_upload.mjs"), endpoint, SAMPLE_WEBM,
              json.dumps(options)], cwd=JS_DIR, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.events = queue.Queue()

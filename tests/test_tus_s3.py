@@ -26,10 +26,9 @@ import requests
 
 import _tus
 from _tus import TUS, OpenPatch, create, head, location, metadata, new_upload, patch
-from conftest import (S3_BUCKET, SHARED, BucketStorageView, get_status, need, s3_server_args,
+from conftest import (S3_BUCKET, SAMPLE_WEBM, BucketStorageView, get_status, need, s3_server_args,
                       wait_until)
 
-SAMPLE = os.path.join(SHARED, "data", "sample.webm")
 PIECE = 16 << 10
 
 
@@ -220,7 +219,7 @@ def test_kill_9_of_a_node_mid_patch_then_tuspy_resumes_on_the_other(server_facto
     pair.a.kill()                                       # kill -9 with the PATCH open
     request.close()
     uploader = client.TusClient(pair.b.url + "/files/").uploader(
-        SAMPLE, url=pair.b.url + path, chunk_size=40 << 10)
+        SAMPLE_WEBM, url=pair.b.url + path, chunk_size=40 << 10)
     assert uploader.offset == stored
     uploader.upload()
     file_id = _tus.upload_id(path)

@@ -3,7 +3,7 @@
 The page is served by a plain static server on another port, so every tus request is
 cross-origin and goes through the CORS preflight and exposed headers, as on a real site.
 Uppy is npm's prebuilt browser bundle (tests/js, `npm ci`); Chromium is Debian's, driven by
-Playwright for Python without `playwright install` (../shared/notes/browser.md).
+Playwright for Python without `playwright install` (the facts: tests/_browser.py).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 import requests
 
 import _tus
-from conftest import ROOT, SHARED, get_status, need
+from conftest import ROOT, SAMPLE_WEBM, get_status, need
 
 CHROMIUM = os.environ.get("M1_TEST_CHROMIUM") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -62,7 +62,7 @@ def site(tmp_path):
     folder.mkdir()
     (folder / "index.html").write_text(PAGE, encoding="utf-8")
     shutil.copy(UPPY_BUNDLE, str(folder / "uppy.min.js"))
-    shutil.copy(os.path.join(SHARED, "data", "sample.webm"), str(folder / "sample.webm"))
+    shutil.copy(SAMPLE_WEBM, str(folder / "sample.webm"))
     server = ThreadingHTTPServer(("127.0.0.1", 0),
                                  functools.partial(_QuietHandler, directory=str(folder)))
     server.daemon_threads = True

@@ -6,8 +6,8 @@ statuses and recording every request with its arrival time. Backoff is scaled do
 test-only M1_TEST_WEBHOOK_TIME_SCALE (first retry 50 ms instead of 1 s), never waited for with
 sleeps: every wait polls the deliveries listing or the receiver with a deadline.
 
-The signature is checked with the README's own Python function (taken out of README.md and
-run), and with its JavaScript one under Node when Node is installed.
+The signature is checked with the documentation's own Python function (taken out of
+docs/webhooks.md and run), and with its JavaScript one under Node when Node is installed.
 """
 from __future__ import annotations
 
@@ -145,13 +145,13 @@ def free_port():
 
 
 # ---------------------------------------------------------------------------------------------
-# The README's verification code, run as written there
+# The verification code of docs/webhooks.md, run as written there
 # ---------------------------------------------------------------------------------------------
 
 def readme_block(language):
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "docs", "webhooks.md"), encoding="utf-8") as f:
         text = f.read()
-    section = text[text.index("### Verifying the signature"):]
+    section = text[text.index("## Verifying the signature"):]
     return re.search(r"```%s\n(.*?)```" % language, section, re.S).group(1)
 
 
@@ -287,7 +287,7 @@ def test_processing_results_are_sent_as_video_ready(server_factory, receivers, s
 
 
 def test_readme_javascript_verifies_the_same_signature(tmp_path):
-    need(shutil.which("node"), "node is not installed (the README's JavaScript check)")
+    need(shutil.which("node"), "node is not installed (the JavaScript check of docs/webhooks.md)")
     body = json.dumps({"id": "evt_x", "type": "upload.completed", "createdAt": "now",
                        "data": {"fileId": "f"}}).encode()
     script = tmp_path / "verify.js"
