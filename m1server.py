@@ -922,6 +922,7 @@ class Handler(BaseHTTPRequestHandler):
             ("m1_disk_free_bytes", "Free bytes on the upload folder's disk.",
              shutil.disk_usage(config.dir).free),
             ("m1_connections_open", "Open client connections.", self.server.open_connections()),
+            ("m1_live_viewers", "Live streams open (live.py).", self.server.live.viewer_count),
         ]
         body = self.server.metrics.render(gauges).encode("utf-8")
         self.send_response(200)

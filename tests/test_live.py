@@ -274,6 +274,7 @@ def test_viewer_cap_at_and_past_the_edge(server_factory, session, sample_webm, r
     first = readers(server.url, live_path("live_cap"))
     second = readers(server.url, live_path("live_cap"))
     assert first.status == second.status == 200                       # at the cap
+    assert "\nm1_live_viewers 2\n" in session.get(server.url + "/metrics", timeout=10).text
     refused = session.get(server.url + live_path("live_cap"), timeout=10)
     error_of(refused, 503, "too_many_viewers")                         # past it
     assert refused.headers["Retry-After"] == "5"
