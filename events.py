@@ -86,8 +86,9 @@ EVENT_ID_PATTERN = re.compile(r"([0-9a-f]{1,16})-([0-9]{1,18})\Z")
 RESERVED_FIELDS = ("type", "id", "fileId")
 
 
-def parse_max_subscribers(text):
-    """--max-subscribers: `auto` or a whole number of at least 1."""
+def parse_auto_count(text):
+    """A cap on long-lived streams (--max-subscribers, live.py's --live-max-viewers): `auto` or
+    a whole number of at least 1."""
     if str(text).strip().lower() == AUTO:
         return AUTO
     try:
@@ -99,15 +100,21 @@ def parse_max_subscribers(text):
     return value
 
 
+def resolve_stream_cap(value, max_connections, flag, auto_divisor, what):
+    """The cap `flag` sets (`auto`: max_connections // auto_divisor, at least 1); ValueError
+    when it would leave uploads no room: every `what` holds a connection."""
+    if value == AUTO:
+        return max(1, max_connections // auto_divisor)
+    if value >= max_connections:
+        raise ValueError("%s (%d) must be below --max-connections (%d): every %s holds a "
+                         "connection, and uploads need some left"
+                         % (flag, value, max_connections, what))
+    return value
+
+
 def resolve_max_subscribers(value, max_connections):
     """The subscriber cap for these flags; ValueError when it would leave uploads no room."""
-    if value == AUTO:
-        return max_connections // 2
-    if value >= max_connections:
-        raise ValueError("--max-subscribers (%d) must be below --max-connections (%d): every "
-                         "event stream holds a connection, and uploads need some left"
-                         % (value, max_connections))
-    return value
+    return resolve_stream_cap(value, max_connections, "--max-subscribers", 2, "event stream")
 
 
 # ---------------------------------------------------------------------------------------------

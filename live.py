@@ -46,7 +46,6 @@ works, as for any media URL); the pages are public, and the data they show is no
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import selectors
@@ -65,7 +64,7 @@ log = logging.getLogger("m1server.live")
 # Limits (the first two are flags in m1server.py)
 # ---------------------------------------------------------------------------------------------
 
-AUTO = "auto"                        # --live-max-viewers default: an eighth of --max-connections
+AUTO = events.AUTO                   # --live-max-viewers default: an eighth of --max-connections
 AUTO_VIEWERS_DIVISOR = 8             # 32 viewers with the default 256 connections
 DEFAULT_IDLE_TIMEOUT_S = 60.0        # no new chunk this long: the recording is over or stuck
 SHARED_POLL_S = 0.5                  # shared store: how often a watched upload is looked at
@@ -82,28 +81,11 @@ PAGE_FILES = (
 WATCH_PAGE = ("static/watch.html", "text/html; charset=utf-8")
 
 
-def parse_max_viewers(text):
-    """--live-max-viewers: `auto` or a whole number of at least 1."""
-    if str(text).strip().lower() == AUTO:
-        return AUTO
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a whole number or auto: %r" % text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def resolve_max_viewers(value, max_connections):
-    """The viewer cap for these flags; ValueError when it would leave uploads no room."""
-    if value == AUTO:
-        return max(1, max_connections // AUTO_VIEWERS_DIVISOR)
-    if value >= max_connections:
-        raise ValueError("--live-max-viewers (%d) must be below --max-connections (%d): every "
-                         "live viewer holds a connection, and uploads need some left"
-                         % (value, max_connections))
-    return value
+    """The viewer cap for these flags (--live-max-viewers is parsed by
+    events.parse_auto_count); ValueError when it would leave uploads no room."""
+    return events.resolve_stream_cap(value, max_connections, "--live-max-viewers",
+                                     AUTO_VIEWERS_DIVISOR, "live viewer")
 
 
 def wants_live(handler):

@@ -212,7 +212,7 @@ OPTIONS = (
     ("--cors-origin", cors.parse_origins, cors.DEFAULT_ORIGINS,
      "origins whose pages may upload and read from a browser: '*' or a comma-separated list "
      "such as http://localhost:3000 (see cors.py)"),
-    ("--max-subscribers", events.parse_max_subscribers, events.AUTO,
+    ("--max-subscribers", events.parse_auto_count, events.AUTO,
      "event streams (WebSocket or SSE) open at once, 503 beyond; auto is half of "
      "--max-connections, and it must stay below it"),
     ("--event-heartbeat", parse_seconds, events.DEFAULT_HEARTBEAT_S,
@@ -223,7 +223,7 @@ OPTIONS = (
      "and counted"),
     ("--event-history", parse_count, events.DEFAULT_HISTORY_EVENTS,
      "recent events kept per watched upload, so that a reconnect (Last-Event-ID) resumes"),
-    ("--live-max-viewers", live.parse_max_viewers, live.AUTO,
+    ("--live-max-viewers", events.parse_auto_count, live.AUTO,
      "live streams (GET /uploads/<id>.<ext>?live=1) open at once, 503 beyond; auto is an "
      "eighth of --max-connections, and it must stay below it"),
     ("--live-idle-timeout", parse_seconds, live.DEFAULT_IDLE_TIMEOUT_S,

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import selectors
 import socket
 import sys
-import threading
 import time
 
 import common as c
+from common import format_ms as ms, percentile_or_none as pct
 
 NAME = "live"
 CHUNK_BYTES = 64 * c.KIB
@@ -128,35 +127,14 @@ class Viewers:
     (body bytes so far, time) after every recv."""
 
     def __init__(self, server, file_id, count):
-        self.selector = selectors.DefaultSelector()
         self.marks = [[] for _ in range(count)]
         self.parsers = [ChunkedBody() for _ in range(count)]
-        self.socks = []
-        for n in range(count):
-            sock = open_live(server, file_id)
-            self.socks.append(sock)
-            sock.setblocking(False)
-            self.selector.register(sock, selectors.EVENT_READ, n)
-        self.stopping = False
-        self.thread = threading.Thread(target=self.read_loop, daemon=True)
-        self.thread.start()
+        self.reader = c.SocketReader([open_live(server, file_id) for _ in range(count)],
+                                     self.on_data)
 
-    def read_loop(self):
-        while not self.stopping:
-            for key, _ in self.selector.select(0.1):
-                try:
-                    data = key.fileobj.recv(262144)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError:
-                    data = b""
-                now = time.perf_counter()
-                if not data:
-                    self.selector.unregister(key.fileobj)
-                    continue
-                parser = self.parsers[key.data]
-                parser.feed(data)
-                self.marks[key.data].append((parser.body_bytes, now))
+    def on_data(self, n, data, now):
+        self.parsers[n].feed(data)
+        self.marks[n].append((self.parsers[n].body_bytes, now))
 
     def wait_for(self, total):
         deadline = time.monotonic() + DEADLINE_S
@@ -167,11 +145,7 @@ class Viewers:
         return [list(m) for m in self.marks]
 
     def close(self):
-        self.stopping = True
-        self.thread.join(5)
-        for sock in self.socks:
-            sock.close()
-        self.selector.close()
+        self.reader.close()
 
 
 class ChunkedBody:
@@ -251,14 +225,6 @@ def idle_rss(ctx):
 
 
 # --------------------------------------------------------------------------------------------
-
-def pct(values, fraction):
-    return c.percentile(values, fraction) if values else None
-
-
-def ms(value):
-    return "n/a" if value is None else "%.2f ms" % value
-
 
 def main(argv=None):
     import run as runner

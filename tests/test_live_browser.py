@@ -2,7 +2,7 @@
 
 One page records with the demo page while a second page watches it at /watch/<fileId>; the
 dashboard lists, follows, plays and deletes uploads, and shows nothing without the API key.
-Waits poll with deadlines. With M1_SCREENSHOTS=<folder> (docs/img for the docs) the tests
+Waits poll with deadlines. With M1_TEST_SCREENSHOTS=<folder> (docs/img for the docs) the tests
 save the screenshots docs/live.md shows.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from conftest import ROOT, send_chunk, split_chunks, wait_until
 DEADLINE_S = 90.0
 LIVE_LAG_LIMIT_S = 3.0        # the issue: the viewer within 3 s of the recorder
 API_KEY = "dashboard-test-key-0123456789"
-SCREENSHOTS = os.environ.get("M1_SCREENSHOTS")
+SCREENSHOTS = os.environ.get("M1_TEST_SCREENSHOTS")
 
 # The recorder page notes when MediaRecorder really started (its "start" event).
 NOTE_RECORDING_START = """
