@@ -99,10 +99,19 @@ function playLive(status) {
   if (typeof MediaSource !== "undefined" && type && MediaSource.isTypeSupported(type)) {
     liveStream = streamIntoMediaSource(url, type);
   } else {
-    ui.player.src = url;                  // the browser plays the growing file as it comes
-    ui.player.play().catch(() => {});
-    setMode("live", "live (progressive)");
+    playProgressive(url);
   }
+}
+
+/** Without MediaSource for this type (e.g. "video/mp4" with no codecs, as Safari says): the
+ * browser plays the growing file as it comes, and its end when the stream ends. */
+function playProgressive(url) {
+  ui.player.src = url;
+  ui.player.play().catch(() => {});
+  ui.player.addEventListener("ended", () => {
+    if (ui.watch.dataset.mode === "live") setMode("ended", "the whole recording");
+  });
+  setMode("live", "live (progressive)");
 }
 
 /** MediaRecorder's "video/webm;codecs=vp8,opus" as MediaSource wants it. */
@@ -142,7 +151,12 @@ function streamIntoMediaSource(url, type) {
   }
 
   source.addEventListener("sourceopen", async () => {
-    buffer = source.addSourceBuffer(type);
+    try {
+      buffer = source.addSourceBuffer(type);
+    } catch (error) {                     // the type said yes, the buffer says no
+      playProgressive(url);
+      return;
+    }
     buffer.addEventListener("updateend", () => { keepUp(); pump(); });
     try {
       const response = await fetch(url, { signal: controller.signal, cache: "no-store" });

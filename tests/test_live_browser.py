@@ -141,6 +141,27 @@ def test_watch_page_waits_for_an_upload_that_has_not_started(server_factory, pag
     assert not page.problems, page.problems
 
 
+def test_watch_page_plays_a_fragmented_mp4_as_safari_records_it(server_factory, page,
+                                                                sample_mp4):
+    # Safari's MediaRecorder says "video/mp4" with no codecs: MediaSource cannot take that
+    # type, so the page plays the live stream as a progressive download.
+    srv = server_factory(args=["--processing", "off"])
+    chunks = split_chunks(sample_mp4, 4)
+    with requests.Session() as session:
+        assert send_chunk(session, srv.url, "safari_1", 0, chunks[0],
+                          mime_type="video/mp4").status_code == 200
+        page.goto(srv.url + "/watch/safari_1")
+        page.wait_for_selector('#watch[data-mode="live"]')
+        for index in (1, 2, 3):
+            assert send_chunk(session, srv.url, "safari_1", index, chunks[index],
+                              status="completed" if index == 3 else "uploading",
+                              mime_type="video/mp4").status_code == 200
+    assert "?live=1" in player(page)["src"]
+    page.wait_for_selector('#watch[data-mode="ended"]', timeout=DEADLINE_S * 1000)
+    assert player(page)["duration"] > 3.0                        # sample.mp4 is 4 s
+    assert not page.problems, page.problems
+
+
 def test_watch_page_with_auth_needs_a_read_token(server_factory, page, sample_webm):
     srv = server_factory(args=["--processing", "off"], env={"M1_API_KEY": API_KEY})
     key = {"Authorization": "Bearer " + API_KEY}
