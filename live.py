@@ -142,22 +142,22 @@ def serve_live(handler, file_id, ext):
 class LiveHub:
     """The live viewers of one server. Thread-safe. `on_store_event` is a store listener."""
 
-    def __init__(self, store, max_viewers, idle_timeout_s, poll_s=None):
+    def __init__(self, store, max_viewers, idle_timeout_s, shared):
         self.store = store
         self.max_viewers = max_viewers
         self.idle_timeout_s = idle_timeout_s
         # Local mode: every change is this process's own and comes as an event, so a viewer
         # waits for events alone. A shared store also changes under other nodes: look again.
-        self.poll_s = poll_s if poll_s is not None else (
-            SHARED_POLL_S if getattr(store, "shared", False) else None)
+        self.poll_s = SHARED_POLL_S if shared else None
         self.closed = False
         self._lock = threading.Lock()        # guards _feeds, _count and closed
         self._feeds = {}                     # fileId -> _Feed, while it has viewers
         self._count = 0
 
     @classmethod
-    def from_config(cls, config, store):
-        return cls(store, config.live_max_viewers, config.live_idle_timeout)
+    def from_config(cls, config, store, shared):
+        """`shared`: other nodes change the store's uploads too (S3)."""
+        return cls(store, config.live_max_viewers, config.live_idle_timeout, shared)
 
     @property
     def viewer_count(self):
@@ -304,7 +304,8 @@ class _LiveResponse:
 
     def open(self):
         handler = self.handler
-        handler.close_connection = True      # the stream's end frees the thread
+        if handler.command != "HEAD":
+            handler.close_connection = True  # the stream's end frees the thread
         headers = {"Content-Type": self.content_type, "Cache-Control": "no-store",
                    "Accept-Ranges": "none", "X-Accel-Buffering": "no"}
         if self.chunked:

@@ -472,7 +472,7 @@ class M1Server(ThreadingHTTPServer):
         self.webhooks = None         # webhooks.Webhooks, set by serve()
         self.metrics = Metrics()
         store.add_listener(self.metrics.on_store_event)
-        self.live = live.LiveHub.from_config(config, store)
+        self.live = live.LiveHub.from_config(config, store, getattr(store, "shared", False))
         store.add_listener(self.live.on_store_event)
         # tus works through the store in both modes (its records: the ledger, or the bucket);
         # processing picks its own queue the same way (processing.open_queue)

@@ -564,8 +564,8 @@ class S3Store(chunkstore.EventSource):
         LIST when the bytes lie past the folded chunks, and a fold record GET (cached) when
         they lie before."""
         end = min(upload.bytes_appended, offset + max_bytes)
-        m = getattr(upload, "manifest", None)
-        if m is None or offset >= end:
+        m = upload.manifest
+        if offset >= end:
             return b""
         with self._storage_errors():
             data = self._read_range(m, offset, end)

@@ -266,6 +266,18 @@ def test_unknown_or_invalid_uploads_get_404_envelopes(server, session, sample_we
     assert plain.status_code == 200 and plain.headers["Content-Length"] == str(len(sample_webm))
 
 
+def test_the_pages_are_served_and_a_bad_watch_id_is_a_404(server, session):
+    for path in ("/watch/upload_1", "/dashboard"):
+        page = session.get(server.url + path, timeout=10)
+        assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+        assert "Content-Security-Policy" in page.headers
+    for path in ("/watch.js", "/dashboard.js", "/ui.js"):
+        script = session.get(server.url + path, timeout=10)
+        assert script.status_code == 200 and "javascript" in script.headers["Content-Type"]
+    error_of(session.get(server.url + "/watch/bad%20id", timeout=10), 404, "not_found")
+    error_of(session.get(server.url + "/watch/" + "x" * 129, timeout=10), 404, "not_found")
+
+
 # --- limits ---------------------------------------------------------------------------------
 
 def test_viewer_cap_at_and_past_the_edge(server_factory, session, sample_webm, readers):
