@@ -92,8 +92,10 @@ def browser(playwright_driver):
     try:
         instance = playwright_driver.chromium.launch(executable_path=CHROMIUM, headless=True,
                                                      args=CHROMIUM_FLAGS, env=env)
-        yield instance
-        instance.close()
+        try:
+            yield instance
+        finally:
+            instance.close()                   # Chromium and its helpers, whatever failed
     finally:
         shutil.rmtree(own_tmp, ignore_errors=True)
 
@@ -101,13 +103,15 @@ def browser(playwright_driver):
 @pytest.fixture
 def page(browser):
     context = browser.new_context(viewport=VIEWPORT)
-    context.set_default_timeout(PAGE_TIMEOUT_MS)
-    context.add_init_script(CAPTURE_RECORDINGS)
-    tab = context.new_page()
-    tab.problems = []                        # uncaught page errors, for assertion messages
-    tab.on("pageerror", lambda error: tab.problems.append(str(error)))
-    yield tab
-    context.close()
+    try:
+        context.set_default_timeout(PAGE_TIMEOUT_MS)
+        context.add_init_script(CAPTURE_RECORDINGS)
+        tab = context.new_page()
+        tab.problems = []                    # uncaught page errors, for assertion messages
+        tab.on("pageerror", lambda error: tab.problems.append(str(error)))
+        yield tab
+    finally:
+        context.close()
 
 
 # --- reading the page -----------------------------------------------------------------------

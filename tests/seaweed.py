@@ -105,7 +105,11 @@ class WeedServer:
         self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         log.close()
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:                  # not ready: never leave it running
+            self.stop()
+            raise
         return self
 
     def _wait_ready(self):

@@ -19,7 +19,8 @@ import requests
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from conftest import ROOT, SAMPLE_WEBM, ServerProcess, read_bytes, send_chunk, wait_until
+from conftest import (ROOT, SAMPLE_WEBM, ServerProcess, read_bytes, send_chunk, stopping,
+                      wait_until)
 
 sys.path.insert(0, ROOT)
 import auth  # noqa: E402  (the server's own module, to mint expired tokens)
@@ -30,33 +31,35 @@ MINE, OTHER = "rec_mine", "rec_other"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, ):
-    directory = tmp_path_factory.mktemp("auth")
-    srv = ServerProcess(directory, args=["--webhook-url", "http://127.0.0.1:9/hook"],
+def env(tmp_path_factory):
+    """One server with auth on, two uploads and a token of every kind. The server is stopped
+    whatever fails once it started (a failed setup used to leave it running)."""
+    srv = ServerProcess(tmp_path_factory.mktemp("auth"),
+                        args=["--webhook-url", "http://127.0.0.1:9/hook"],
                         env={"M1_API_KEY": KEY, "M1_SECRET": SECRET,
-                             "M1_WEBHOOK_SECRET": "whsec"}).start()
-    session = requests.Session()
-    session.headers["Authorization"] = "Bearer " + KEY
-    data = read_bytes(SAMPLE_WEBM)
-    chunk0, chunk5 = data[:40000], data[40000:50000]
-    for file_id in (MINE, OTHER):
-        assert send_chunk(session, srv.url, file_id, 0, chunk0).status_code == 200
-    signer = auth.Signer(SECRET)
-    both = ["upload", "read"]
-    tokens = {
-        "none": None,
-        "wrong_key": "not-the-key",
-        "key": KEY,
-        "this": mint(srv.url, fileId=MINE, rights=both),
-        "other": mint(srv.url, fileId=OTHER, rights=both),
-        "expired": signer.mint(both, 3600, MINE, now=time.time() - 7200)[0],
-        "tampered": tamper(mint(srv.url, fileId=MINE, rights=both)),
-        "read_only": mint(srv.url, fileId=MINE, rights=["read"]),
-        "upload_only": mint(srv.url, fileId=MINE, rights=["upload"]),
-        "budget": mint(srv.url, fileId=MINE, rights=both, maxBytes=len(chunk0)),
-    }
-    yield {"server": srv, "tokens": tokens, "chunk5": chunk5, "chunk0": chunk0}
-    srv.stop()
+                             "M1_WEBHOOK_SECRET": "whsec"})
+    with stopping(srv), requests.Session() as session:
+        srv.start()
+        session.headers["Authorization"] = "Bearer " + KEY
+        data = read_bytes(SAMPLE_WEBM)
+        chunk0, chunk5 = data[:40000], data[40000:50000]
+        for file_id in (MINE, OTHER):
+            assert send_chunk(session, srv.url, file_id, 0, chunk0).status_code == 200
+        signer = auth.Signer(SECRET)
+        both = ["upload", "read"]
+        tokens = {
+            "none": None,
+            "wrong_key": "not-the-key",
+            "key": KEY,
+            "this": mint(srv.url, fileId=MINE, rights=both),
+            "other": mint(srv.url, fileId=OTHER, rights=both),
+            "expired": signer.mint(both, 3600, MINE, now=time.time() - 7200)[0],
+            "tampered": tamper(mint(srv.url, fileId=MINE, rights=both)),
+            "read_only": mint(srv.url, fileId=MINE, rights=["read"]),
+            "upload_only": mint(srv.url, fileId=MINE, rights=["upload"]),
+            "budget": mint(srv.url, fileId=MINE, rights=both, maxBytes=len(chunk0)),
+        }
+        yield {"server": srv, "tokens": tokens, "chunk5": chunk5, "chunk0": chunk0}
 
 
 def mint(url, **body):

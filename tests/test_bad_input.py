@@ -15,7 +15,7 @@ import pytest
 import requests
 
 import _http
-from conftest import ServerProcess, get_status, send_chunk, split_chunks, wait_until
+from conftest import ServerProcess, get_status, send_chunk, split_chunks, stopping, wait_until
 
 # A chunk 0 that passes the media-signature check (WebM starts with the EBML magic).
 VIDEO = b"\x1a\x45\xdf\xa3" + bytes(range(64))
@@ -31,9 +31,9 @@ def bad_server(tmp_path_factory):
     # and these tests compare the dir's files before and after each bad request.
     srv = ServerProcess(tmp_path_factory.mktemp("bad_input") / "uploads",
                         args=["--processing", "off"])
-    srv.start()
-    yield srv
-    srv.stop()
+    with stopping(srv):
+        srv.start()
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,11 @@
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +25,7 @@ import pytest
 import requests
 
 from conftest import (ROOT, SAMPLE_WEBM, START_DEADLINE_S, URL_LINE, need, read_bytes,
-                      wait_group_gone)
+                      stop_group)
 
 CONFIGURATION = os.path.join(ROOT, "docs", "configuration.md")
 README = os.path.join(ROOT, "README.md")
@@ -221,6 +219,7 @@ def test_make_run_serves_the_demo_page(tmp_path):
         assert page.content == read_bytes(os.path.join(ROOT, "static", "index.html"))
     finally:
         stop_group(proc)
+        proc.stdout.close()
 
 
 def read_url(proc):
@@ -241,24 +240,6 @@ def read_url(proc):
             if match:
                 return match.group(1)
     raise AssertionError("make run did not serve:\n" + output.decode("utf-8", "replace"))
-
-
-def stop_group(proc):
-    """SIGTERM to make and the server it started (one process group), SIGKILL to whatever
-    of the group still runs after the grace time."""
-    try:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            pass
-        wait_group_gone(proc.pid, 15)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        proc.stdout.close()
 
 
 def readme_section(title):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 
@@ -20,7 +19,7 @@ import requests
 
 from _browser import (browser, page, playwright_driver,  # noqa: F401  (pytest fixtures)
                       recorded_bytes)
-from conftest import ROOT, need, wait_until
+from conftest import ROOT, need, run_group, stop_group, wait_until
 
 EXAMPLE = os.path.join(ROOT, "examples", "nextjs")
 SOURCES = ("package.json", "package-lock.json", "app")
@@ -63,10 +62,8 @@ def prepared_example():
 
 
 def run(command, cwd, timeout, **env):
-    result = subprocess.run(command, cwd=cwd, env=npm_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, timeout=timeout)
-    output = result.stdout.decode("utf-8", "replace")
-    assert result.returncode == 0, "%s failed:\n%s" % (" ".join(command), output[-4000:])
+    code, output = run_group(command, timeout, cwd=cwd, env=npm_env(**env))
+    assert code == 0, "%s failed:\n%s" % (" ".join(command), output[-4000:])
     return output
 
 
@@ -112,12 +109,7 @@ def test_nextjs_example_builds_and_records_to_m1server(server_factory, page):
         assert '"OPTIONS /api/video/upload HTTP/1.1" 204' in srv.log()
         assert not page.problems, page.problems
     finally:
-        os.killpg(app.pid, signal.SIGTERM)                   # next start and its workers
-        try:
-            app.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(app.pid, signal.SIGKILL)
-            app.wait(15)
+        stop_group(app)                                      # next start and its workers
 
 
 def _answers(url):

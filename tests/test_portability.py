@@ -20,7 +20,7 @@ import sys
 import pytest
 import requests
 
-from conftest import ROOT, ServerProcess, get_status, send_chunk, split_chunks
+from conftest import ROOT, ServerProcess, get_status, send_chunk, split_chunks, stop_all
 
 OLDEST = (3, 7)
 NEWEST = (3, 13)
@@ -106,8 +106,7 @@ def start_server(tmp_path):
         return srv.start()
 
     yield start
-    for srv in started:
-        srv.stop()
+    stop_all(started)
 
 
 def upload_out_of_order_with_duplicate(srv, file_id, source):

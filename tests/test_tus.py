@@ -16,7 +16,7 @@ import requests
 
 import _tus
 from _tus import OFFSET_TYPE, TUS, create, head, location, metadata, new_upload, patch
-from conftest import ServerProcess, get_status, send_chunk, wait_until
+from conftest import ServerProcess, get_status, send_chunk, stopping, wait_until
 
 PIECE = 16 << 10           # the shared server stores PATCHes in 16 KiB pieces
 
@@ -25,9 +25,9 @@ PIECE = 16 << 10           # the shared server stores PATCHes in 16 KiB pieces
 def tus_server(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("tus"),
                         args=["--tus-piece-size", str(PIECE), "--max-upload-size", "8M"])
-    srv.start()
-    yield srv
-    srv.stop()
+    with stopping(srv):
+        srv.start()
+        yield srv
 
 
 @pytest.fixture

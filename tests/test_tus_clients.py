@@ -17,7 +17,7 @@ import pytest
 import requests
 
 import _tus
-from conftest import ROOT, SAMPLE_WEBM, get_status, need, wait_until
+from conftest import ROOT, SAMPLE_WEBM, get_status, need, stop_all, wait_until
 
 JS_DIR = os.path.join(ROOT, "tests", "js")
 CLIENT_DEADLINE_S = 60
@@ -99,13 +99,17 @@ class NodeUpload:
         need(node is not None, "node is not installed")
         need(os.path.isdir(os.path.join(JS_DIR, "node_modules", "tus-js-client")),
              "tus-js-client is not installed (cd tests/js && npm ci)")
+        self.events = queue.Queue()
+        self.seen = []
         self.proc = subprocess.Popen(
             [node, os.path.join(JS_DIR, "tus_upload.mjs"), endpoint, SAMPLE_WEBM,
              json.dumps(options)], cwd=JS_DIR, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.events = queue.Queue()
-        self.seen = []
-        threading.Thread(target=self._pump, daemon=True).start()
+        try:
+            threading.Thread(target=self._pump, daemon=True).start()
+        except BaseException:
+            self.stop()
+            raise
 
     def _pump(self):
         for line in self.proc.stdout:
@@ -133,7 +137,7 @@ class NodeUpload:
         self.proc.stdin.write(line.encode() + b"\n")
         self.proc.stdin.flush()
 
-    def close(self):
+    def stop(self):
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
@@ -149,8 +153,7 @@ def node_upload():
         return upload
 
     yield start
-    for upload in started:
-        upload.close()
+    stop_all(started)
 
 
 @pytest.mark.parametrize("options", [

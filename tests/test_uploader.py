@@ -21,7 +21,7 @@ import threading
 import pytest
 import requests
 
-from conftest import ROOT, SERVER_PROGRAM, SERVER_PYTHON, get_status, wait_until
+from conftest import ROOT, SERVER_PROGRAM, SERVER_PYTHON, get_status, kill_running, wait_until
 
 UPLOAD_TIMEOUT_S = 60
 CRASH_EXIT_CODE = 70
@@ -165,6 +165,7 @@ def follow_upload(srv, tmp_path, data, chunk_size, piece, pause, first):
     target = write(tmp_path / "recording.webm", data[:first])
     writer = subprocess.Popen([sys.executable, "-c", WRITER, source, target, str(piece),
                                str(pause), str(first)], env=clean_env())
+    uploader = None
     try:
         wait_until(lambda: os.path.getsize(target) > first or writer.poll() is not None,
                    message="the writer to start appending")
@@ -175,9 +176,9 @@ def follow_upload(srv, tmp_path, data, chunk_size, piece, pause, first):
             universal_newlines=True)
         writing = writer.poll() is None
         out, err = uploader.communicate(timeout=UPLOAD_TIMEOUT_S)
+        writer.wait(UPLOAD_TIMEOUT_S)
     finally:
-        if writer.poll() is None:
-            writer.wait(UPLOAD_TIMEOUT_S)
+        kill_running(uploader, writer)         # only left running when something failed
     assert writer.returncode == 0
     assert read(target) == data
     done = subprocess.CompletedProcess(uploader.args, uploader.returncode, out, err)
@@ -301,9 +302,7 @@ def test_the_uploader_retries_through_a_server_kill_and_restart(server, tmp_path
         server.start(port=server.port)                  # same port and folder
         out, _ = uploader.communicate(timeout=UPLOAD_TIMEOUT_S)
     finally:
-        if uploader.poll() is None:
-            uploader.kill()
-            uploader.wait(10)
+        kill_running(uploader)
     err = progress.text()
     done = subprocess.CompletedProcess(uploader.args, uploader.returncode,
                                        out.decode("utf-8"), err)

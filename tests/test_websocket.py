@@ -18,7 +18,7 @@ import _http
 from _events_clients import (OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
                              RawWebSocket, accept_for, encode_client_frame,
                              events_path)
-from conftest import ServerProcess, wait_until
+from conftest import ServerProcess, stopping, wait_until
 
 MAX_MESSAGE = 1024                     # --ws-max-message for these servers
 
@@ -27,9 +27,9 @@ MAX_MESSAGE = 1024                     # --ws-max-message for these servers
 def ws_server(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("ws"),
                         args=["--ws-max-message", "1K", "--allow-any-content"])
-    srv.start()
-    yield srv
-    srv.stop()
+    with stopping(srv):
+        srv.start()
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,9 @@ def heartbeat_server(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("hb"),
                         args=["--event-heartbeat", "0.3", "--timeout", "1",
                               "--allow-any-content"])
-    srv.start()
-    yield srv
-    srv.stop()
+    with stopping(srv):
+        srv.start()
+        yield srv
 
 
 def ws_url(srv, file_id):
