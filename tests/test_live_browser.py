@@ -254,6 +254,21 @@ def test_dashboard_lists_follows_plays_and_deletes_uploads(server_factory, page,
     assert not page.problems, page.problems
 
 
+def test_dashboard_shows_a_processing_error(server_factory, page):
+    srv = server_factory()
+    broken = b"\x1a\x45\xdf\xa3" + os.urandom(4000)           # a WebM signature, then noise
+    with requests.Session() as session:
+        assert send_chunk(session, srv.url, "dash_broken", 0, broken, status="completed",
+                          mime_type="video/webm").status_code == 200
+    wait_until(lambda: status(srv, "dash_broken").get("processing", {}).get("state") ==
+               "failed", DEADLINE_S, 0.2, "processing to fail")
+    page.goto(srv.url + "/dashboard")
+    page.wait_for_selector(row(page, "dash_broken") + '[data-processing="failed"]')
+    error = status(srv, "dash_broken")["processing"]["error"]
+    assert error and error in page.inner_text(row(page, "dash_broken") + " .error-text")
+    assert not page.problems, page.problems
+
+
 def test_dashboard_with_auth_shows_nothing_without_the_key_and_keeps_it_in_the_tab(
         server_factory, page, browser, sample_webm):
     srv = server_factory(args=["--processing", "off"], env={"M1_API_KEY": API_KEY})
