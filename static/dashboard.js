@@ -51,8 +51,10 @@ async function api(method, path, body) {
   const headers = {};
   if (apiKey()) headers.Authorization = "Bearer " + apiKey();
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  const response = await fetch(path, { method, headers, cache: "no-store",
-                                       body: body === undefined ? undefined : JSON.stringify(body) });
+  const response = await fetch(path, {
+    method, headers, cache: "no-store",
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
   const reply = await response.json().catch(() => null);
   if (!response.ok || !reply || !reply.success) throw new ApiError(response.status, reply);
   return reply.data;
@@ -311,7 +313,8 @@ function confirmDelete(row, fileId) {
 let deliveriesCursor = null;
 
 async function loadDeliveries(cursor) {
-  const query = `limit=${DELIVERY_PAGE_SIZE}` + (cursor ? `&cursor=${encodeURIComponent(cursor)}` : "");
+  const query = `limit=${DELIVERY_PAGE_SIZE}` +
+    (cursor ? `&cursor=${encodeURIComponent(cursor)}` : "");
   const data = await api("GET", `/api/video/webhooks/deliveries?${query}`);
   ui.webhooksCard.hidden = false;
   ui.webhooksOff.hidden = data.enabled || data.deliveries.length > 0;
