@@ -29,15 +29,17 @@ What it guarantees, when the server runs with --api-key (M1_API_KEY, --api-key-f
     /dashboard.js: the program's own code, no data) are public; so is every OPTIONS
     (a browser preflight never carries credentials). Status, media, derived files and events
     need a token with `read` for that fileId. The seed upload needs `upload`: the right is
-    checked before the body, the fileId and the budget after the multipart parse and before
-    the store (check_chunk). tus creation needs `upload` and an Upload-Metadata fileId the
-    token covers (a token never gets a generated id, and cannot create concatenation parts);
-    tus HEAD/PATCH need `upload` for /files/<id>; tus DELETE (termination), listing, deletion,
-    webhook admin, /readyz, /metrics and minting tokens need the key.
+    checked before the body, the fileId after the multipart parse (check_chunk), and the
+    budget by the store itself, under the upload's lock (check_chunk hands it over). tus
+    creation needs `upload` and an Upload-Metadata fileId the token covers (a token never gets
+    a generated id, and cannot create concatenation parts); tus HEAD/PATCH need `upload` for
+    /files/<id>; tus DELETE (termination), listing, deletion, webhook admin, /readyz, /metrics
+    and minting tokens need the key.
   * Byte budget: the upload's total size may not pass `max`. For the seed API, bytes already
-    held (appended and early chunks, ChunkStore.bytes_held) + the new chunk's size; a chunk
-    already stored (a retry) is let through. For tus,
-    Upload-Length at creation and offset + Content-Length of a PATCH, from the headers.
+    held (appended and early chunks) + the new chunk's size, counted by the store under the
+    upload's lock (storage.Budget), so chunks sent at the same time cannot pass it together;
+    a chunk already stored (a retry) is let through. For tus, Upload-Length at creation and
+    offset + Content-Length of a PATCH, from the headers.
   * Rate limits (RateLimiter): a token bucket per client address on requests and on request
     body bytes (Content-Length, charged before reading); 429 with Retry-After; a bucket may go
     into debt for one large body, so a chunk bigger than the burst still passes, then waits.
@@ -62,7 +64,7 @@ import threading
 import time
 from urllib.parse import parse_qs, urlsplit
 
-import chunkstore
+import storage
 from apierror import ApiError
 
 # ---------------------------------------------------------------------------------------------
@@ -167,12 +169,17 @@ class Grant:
             raise ApiError(403, "token_wrong_file",
                            "this token is not valid for upload %s" % file_id[:128])
 
+    def budget(self):
+        """The token's byte budget as the store checks it (None for the key: no cap)."""
+        if self.is_key or self.max_bytes is None:
+            return None
+        return storage.Budget(self.max_bytes, 403, "token_budget_spent",
+                              "the upload would reach %d bytes; this token allows %d")
+
     def require_budget(self, total_bytes):
-        if self.is_key or self.max_bytes is None or total_bytes <= self.max_bytes:
-            return
-        raise ApiError(403, "token_budget_spent",
-                       "the upload would reach %d bytes; this token allows %d"
-                       % (total_bytes, self.max_bytes))
+        budget = self.budget()
+        if budget is not None:
+            budget.check(total_bytes)
 
 
 class Signer:
@@ -240,10 +247,10 @@ def token_request(body, max_upload_bytes):
         raise ApiError(400, "invalid_token_request", "give exactly one of fileId and "
                        "fileIdPrefix")
     if file_id is not None and not (isinstance(file_id, str) and
-                                    chunkstore.valid_file_id(file_id)):
+                                    storage.valid_file_id(file_id)):
         raise ApiError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
     if prefix is not None and not (isinstance(prefix, str) and
-                                   chunkstore.valid_file_id(prefix)):
+                                   storage.valid_file_id(prefix)):
         raise ApiError(400, "invalid_file_id", "fileIdPrefix must match [A-Za-z0-9_-]{1,128}")
     rights = data.get("rights", ["upload", "read"])
     if not isinstance(rights, list) or not rights or \
@@ -329,18 +336,15 @@ class Guard:
             self._tus_upload(handler, grant, groups[0])
         return grant
 
-    def check_chunk(self, handler, file_id, index, size):
-        """Seed upload, after the multipart parse and before the store: the token covers
-        this fileId and its budget has room for the chunk."""
+    def check_chunk(self, handler, file_id):
+        """Seed upload, after the multipart parse and before the store: the token covers this
+        fileId. Returns its byte budget (a storage.Budget, or None) for put_chunk, which
+        checks it under the upload's lock, counting the chunks stored meanwhile."""
         grant = getattr(handler, "grant", None)
         if grant is None or grant.is_key:
-            return
+            return None
         grant.require("upload", file_id)
-        store = handler.server.store
-        upload = store.status(file_id)
-        if upload is not None and (index < upload.next_index or index in upload.stashed):
-            return                          # a retry of a stored chunk adds no bytes
-        grant.require_budget(store.bytes_held(file_id) + size)
+        return grant.budget()
 
     def _tus_create(self, handler, grant):
         grant.require_right("upload")

@@ -1,18 +1,21 @@
-"""chunkstore.py - the file-append module: numbered chunks in, one byte-exact file per upload out.
+"""chunkstore.py - the storage contract on a local folder: numbered chunks in, one byte-exact
+file per upload out.
 
-What it guarantees (SPEC section 1, "Chunk semantics"):
-  * The assembled file `<root>/<fileId>.<ext>` is always chunk 0 + chunk 1 + ... each exactly
-    once, whatever order the chunks arrive in and however often each is sent.
-  * Contiguous chunks are appended as soon as they arrive, so the file grows while the user
-    records; a chunk that arrives early waits in `<root>/temp/<fileId>/<index>.chunk`.
-  * A chunk is durable (fsync) before `put_chunk` returns, so the caller may answer 200.
-  * A crash between any two steps loses no acknowledged chunk and leaves no torn or duplicated
-    bytes: `repair()` (run at start-up) brings every upload back to its last consistent state.
-  * One lock per fileId serialises the decisions and appends of one upload; different uploads
-    never wait for each other (apart from SQLite's own short write lock).
+ChunkStore implements storage.Store, whose docstring lists what every store guarantees and
+the rules (storage.classify_chunk and its neighbours) it decides by. Here, on local disk:
+  * The assembled file `<root>/<fileId>.<ext>` grows as contiguous chunks arrive, so it is
+    there while the user records; a chunk that arrives early waits in
+    `<root>/temp/<fileId>/<index>.chunk`.
+  * A chunk is durable (fsync, or the ledger's commit) before `put_chunk` returns.
+  * A crash between any two steps below loses no acknowledged chunk and leaves no torn or
+    duplicated bytes: `repair()` (run at start-up) brings every upload back to its last
+    consistent state.
+  * The folder is handled as localdisk.py says: a full disk answers 507 and leaves nothing
+    half-written (each step's undo is named below), links are never followed, and repair sets
+    aside what it does not recognise instead of stopping.
 
-What it does not do: HTTP, multipart parsing, or limits other than the upload's total size.
-The caller hands it a finished part file (written into `incoming_dir`) and a validated request.
+What it does not do: HTTP, multipart parsing, or limits other than the upload's size. The
+caller hands it a finished part file (written into `incoming_dir`) and a validated request.
 
 The ledger is SQLite (`<root>/m1.sqlite3`, WAL, synchronous=FULL). It is both the metadata
 store and the crash journal; its invariant is:
@@ -34,6 +37,11 @@ crash-safety argument:
   4. cleaned: the source file is removed             never told 200)
      (a leftover source is deleted by repair)
 
+A write that fails before its step's commit (a full disk: ENOSPC, or SQLite's "database or
+disk is full") is undone at once as repair would undo it after a crash: the tail after
+bytes_appended is cut (steps 2-3), the renamed chunk file removed (stashed - stash_recorded).
+The part file is removed in every case, so nothing of a refused chunk stays.
+
 A small in-order chunk (at most --journal-chunk-size bytes) costs one fsync instead of two:
 in step 2 its bytes are written but the file is not fsynced, and step 3's transaction also
 keeps a copy of them in the `journal` table, so the ledger's commit is what makes the chunk
@@ -52,28 +60,30 @@ so its name survives a power cut as well as its bytes. If the disk still loses f
 (or an old backup is restored), repair rolls the ledger back to the whole chunks the file
 holds, and the client is asked for the rest; it never pads a hole with zeros.
 
-Feature modules may keep their own tables in the ledger file (ledger_read/ledger_write); they
-never touch the uploads and chunks tables, so the invariant above stays the store's alone. A
-feature that needs a second store (tus's partial uploads) asks for a `sibling`.
-Storage backends (s3store.py has the same interface) serve media through `open_media` and give
-processing a local file (`media_file`) and a place for derivatives (`put_derivative`,
-`open_derivative`). These only read the assembled file or write under derived/<fileId>/, which
-`delete` and `repair` already handle, so the argument above is unchanged.
+Feature modules may keep their own tables in the ledger file (ledger_read/ledger_write: the
+`ledger_tables` capability); they never touch the uploads and chunks tables, so the invariant
+above stays the store's alone. A feature that needs a second store (tus's partial uploads)
+asks for a `sibling`. Processing reads the assembled file (`media_file`) and writes only under
+derived/<fileId>/ (`put_derivative`), which `delete` and `repair` already handle, so the
+argument above is unchanged.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import queue
 import re
-import shutil
 import sqlite3
+import stat
 import threading
 import time
 
-from apierror import ApiError
+import localdisk
+from localdisk import FileMedia, UnsafePath, UploadFolder, fsync_dir, open_file, writing
+from storage import (DUPLICATE, IN_ORDER, Capabilities, ChunkResult, Store, StoreError,
+                     UploadState, Workers, check_chunk_request, check_derivative_name,
+                     sha256_file, valid_file_id)
 
 log = logging.getLogger("m1server.store")
 
@@ -83,15 +93,10 @@ log = logging.getLogger("m1server.store")
 
 SCHEMA_VERSION = 2                       # 2: the journal table (small chunks' bytes)
 LEDGER_NAME = "m1.sqlite3"
-TEMP_DIR_NAME = "temp"
-INCOMING_DIR_NAME = ".incoming"          # inside temp/: part files being received
 DELETING_DIR_NAME = ".deleting"          # inside temp/: uploads being deleted (the intent)
 DERIVED_DIR_NAME = "derived"             # derivatives of processing, one folder per upload
-FILE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}\Z")
-MAX_CHUNK_INDEX = 1000000                # 11.5 days of 1 s MediaRecorder slices
-MAX_MISSING_LISTED = 1000                # longest missingChunks list a reply carries
-COPY_BLOCK_BYTES = 1 << 20               # buffer for copies when the kernel cannot copy
 LEDGER_BUSY_TIMEOUT_S = 30.0
+COPIES_WHILE_STORING = 2                 # a chunk's part file and its copy in the video
 # Small in-order chunks are journaled (see the docstring). The journal writes a chunk's bytes
 # twice more (the WAL, then the ledger file at a checkpoint), which pays only while the fsync
 # saved costs more than those copies: measured, 16 KiB chunks gained 1.2x; 250 KiB chunks from
@@ -99,314 +104,135 @@ LEDGER_BUSY_TIMEOUT_S = 30.0
 DEFAULT_JOURNAL_CHUNK_BYTES = 64 << 10   # in-order chunks up to this size: one fsync (journal)
 MAX_JOURNAL_CHUNK_BYTES = 256 << 10      # the most --journal-chunk-size may say
 JOURNAL_FLUSH_BYTES = 1 << 20            # an upload's journaled bytes past this: sync the file
-
-# Chunk 0 must start with one of these (SPEC section 1): what MediaRecorder writes.
-MEDIA_SIGNATURES = (
-    (0, b"\x1a\x45\xdf\xa3"),            # EBML: WebM / Matroska
-    (4, b"ftyp"),                        # ISO BMFF: MP4 / MOV (Safari)
-    (0, b"OggS"),                        # Ogg
-)
-SIGNATURE_BYTES = 8
-
-# mimeType (its type/subtype, parameters ignored) -> extension of the assembled file.
-EXTENSIONS = {
-    "video/webm": "webm", "audio/webm": "webm",
-    "video/mp4": "mp4", "audio/mp4": "mp4",
-    "video/x-matroska": "mkv", "audio/x-matroska": "mkv",
-    "video/quicktime": "mov",
-    "video/ogg": "ogg", "audio/ogg": "ogg",
-}
-DEFAULT_EXTENSION = "webm"
-MEDIA_TYPES = {"webm": "video/webm", "mp4": "video/mp4", "mkv": "video/x-matroska",
-               "mov": "video/quicktime", "ogg": "video/ogg"}
-MIME_TYPE_PATTERN = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*\Z")
-MAX_MIME_TYPE_CHARS = 255
-
-
-class StoreError(ApiError):
-    """A refusal of the store (the HTTP edge turns it into the JSON error envelope)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Public helpers used by the HTTP layer
-# ---------------------------------------------------------------------------------------------
-
-def valid_file_id(file_id):
-    return isinstance(file_id, str) and FILE_ID_PATTERN.match(file_id) is not None
-
-
-def extension_for(mime_type):
-    """The file extension a MediaRecorder mimeType asks for; StoreError if we do not know it."""
-    if mime_type is None:
-        return None
-    base = mime_type.split(";", 1)[0].strip().lower()
-    if len(mime_type) > MAX_MIME_TYPE_CHARS or not MIME_TYPE_PATTERN.match(base):
-        raise StoreError(400, "invalid_mime_type", "mimeType is not a media type: %r"
-                         % mime_type[:80])
-    if base not in EXTENSIONS:
-        raise StoreError(415, "unsupported_media_type",
-                         "mimeType %s is not a video type this server stores" % base)
-    return EXTENSIONS[base]
-
-
-def check_chunk_request(file_id, index, part_path, mime_type, checksum, allow_any_content,
-                        sha256=None):
-    """What every store checks before it stores a chunk (StoreError otherwise): a valid id
-    and index, a known mimeType, a media signature on chunk 0, and the checksum field.
-    `sha256` is the chunk's digest when the caller has it already (else computed if needed)."""
-    if not valid_file_id(file_id):
-        raise StoreError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
-    if not 0 <= index <= MAX_CHUNK_INDEX:
-        raise StoreError(400, "invalid_chunk_index", "chunkIndex must be 0..%d" % MAX_CHUNK_INDEX)
-    extension_for(mime_type)
-    if index == 0 and not allow_any_content:
-        with open(part_path, "rb") as f:
-            if not has_media_signature(f.read(SIGNATURE_BYTES)):
-                raise StoreError(415, "unsupported_media_type",
-                                 "chunk 0 does not start with a WebM, MP4 or Ogg signature")
-    if checksum is not None:
-        algorithm, _, expected = checksum.partition(":")
-        if algorithm != "sha256" or not re.match(r"[0-9a-fA-F]{64}\Z", expected):
-            raise StoreError(400, "invalid_checksum", "checksum must be sha256:<64 hex>")
-        if (sha256 or _sha256_file(part_path)) != expected.lower():
-            raise StoreError(400, "checksum_mismatch",
-                             "the chunk's sha256 differs from the checksum field")
-
-
-def has_media_signature(head):
-    return any(head[at:at + len(magic)] == magic for at, magic in MEDIA_SIGNATURES)
-
-
-class ChunkResult:
-    """What one accepted chunk did to its upload (the fields of the seed's 200 reply)."""
-
-    def __init__(self, file_id, index, duplicate, upload):
-        self.file_id = file_id
-        self.index = index
-        self.duplicate = duplicate
-        self.upload = upload          # UploadState after the chunk
-
-
-class UploadState:
-    """A snapshot of one upload, read from the ledger."""
-
-    def __init__(self, row, stashed):
-        (self.file_id, self.mime_type, self.ext, self.next_index, self.bytes_appended,
-         self.last_index, self.created_at, self.updated_at, self.completed_at,
-         self.sha256) = row
-        self.stashed = stashed        # sorted indices waiting in temp/, all >= next_index
-
-    @property
-    def completed(self):
-        return self.last_index is not None and self.next_index == self.last_index + 1
-
-    @property
-    def chunks_received(self):
-        return self.next_index + len(self.stashed)
-
-    def missing_chunks(self):
-        """Indices not yet received below the last one; [] while the last index is unknown."""
-        if self.last_index is None:
-            return []
-        waiting = set(self.stashed)
-        missing = []
-        for index in range(self.next_index, self.last_index + 1):
-            if index not in waiting:
-                missing.append(index)
-                if len(missing) == MAX_MISSING_LISTED:
-                    break
-        return missing
+# temp/.deleting/<fileId>-<repr(created_at)>-<random hex>: what `delete` names its intent
+DELETION_NAME = re.compile(r"(?P<id>[A-Za-z0-9_-]{1,128})-(?P<created>[0-9][0-9.e+]*)-"
+                           r"[0-9a-f]{8,64}\Z")
 
 
 # ---------------------------------------------------------------------------------------------
 # The store
 # ---------------------------------------------------------------------------------------------
 
-class EventSource:
-    """Listeners of a source of events: ChunkStore here, S3Store in s3store.py, processing's
-    Processor. A source sets self._listeners = [] in its __init__."""
-
-    def add_listener(self, listener):
-        """Call `listener(event)` after each change, with event a dict such as
-        {"type": "chunk", "fileId": ..., "index": 3, "size": ..., "bytesReceived": ...} or
-        {"type": "completed", "fileId": ..., "size": ..., "sha256": ..., "ext": ...} or
-        {"type": "deleted", "fileId": ..., "reason": "requested"|"expired", "completed": bool}.
-        "chunk" events of one upload come in the order the chunks were stored (they are sent
-        under the upload's lock); "completed" follows once the file's sha256 is known.
-        Listeners must return at once (queue the work); an exception is logged and ignored."""
-        self._listeners.append(listener)
-
-    def _emit(self, event_type, file_id, **data):
-        event = dict(data, type=event_type, fileId=file_id)
-        for listener in self._listeners:
-            try:
-                listener(event)
-            except Exception:
-                log.exception("event listener failed on %s", event_type)
-
-
-class ChunkStore(EventSource):
+class ChunkStore(Store):
     """Chunks of many uploads into one file each, crash-safe. Thread-safe."""
 
-    shared = False       # one server owns the folder (m1.lock): every change is its own
+    # One server owns the folder (m1.lock): every change is its own. Feature tables go in
+    # its ledger file.
+    capabilities = Capabilities(ledger_tables=True)
 
     def __init__(self, root, allow_any_content=False, max_upload_bytes=None, crash_at=None,
-                 journal_chunk_bytes=DEFAULT_JOURNAL_CHUNK_BYTES):
-        self.root = os.path.abspath(root)
+                 journal_chunk_bytes=DEFAULT_JOURNAL_CHUNK_BYTES, min_free_bytes=None):
+        Store.__init__(self, UploadFolder(root, min_free_bytes, COPIES_WHILE_STORING),
+                       allow_any_content, max_upload_bytes, crash_at)
         self.journal_chunk_bytes = journal_chunk_bytes
-        self.temp_dir = os.path.join(self.root, TEMP_DIR_NAME)
-        self.incoming_dir = os.path.join(self.temp_dir, INCOMING_DIR_NAME)
         self.deleting_dir = os.path.join(self.temp_dir, DELETING_DIR_NAME)
         self.derived_dir = os.path.join(self.root, DERIVED_DIR_NAME)
-        self.allow_any_content = allow_any_content
-        self.max_upload_bytes = max_upload_bytes
-        self._crash = _CrashPoint(crash_at)
-        self._locks = _KeyedLocks()
-        for path in (self.root, self.temp_dir, self.incoming_dir, self.deleting_dir):
-            os.makedirs(path, exist_ok=True)
+        self.folder.prepare((self.temp_dir, self.deleting_dir))
         self._ledger = _Ledger(os.path.join(self.root, LEDGER_NAME))
-        self._listeners = []
-        self._hasher = _BackgroundHasher(self)
+        # Completing must take constant time whatever the length (SPEC section 1): the file's
+        # sha256 is computed off the request path, and status shows it once it is known.
+        self._hasher = Workers("m1-hasher", 1, self._hash_in_background)
 
     # -- receiving ------------------------------------------------------------------------
 
-    def new_part_file(self):
-        """A fresh file in incoming_dir for the parser to stream one chunk into."""
-        path = os.path.join(self.incoming_dir, os.urandom(16).hex() + ".part")
-        return path, open(path, "w+b")
-
-    def discard(self, path):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-
     def put_chunk(self, file_id, index, part_path, size, is_last, mime_type=None,
-                  checksum=None):
+                  checksum=None, budget=None):
         """Store chunk `index` of `file_id` from `part_path` (consumed: moved or removed).
 
         Returns a ChunkResult once the chunk is durable; raises StoreError when refused.
         """
         try:
-            self._check_request(file_id, index, part_path, mime_type, checksum)
+            check_chunk_request(file_id, index, part_path, mime_type, checksum,
+                                self.allow_any_content)
             self._crash.passed("received")
             with self._locks.held(file_id):
-                return self._put_locked(file_id, index, part_path, size, is_last, mime_type)
+                return self._put_locked(file_id, index, part_path, size, is_last, mime_type,
+                                        budget)
         finally:
             self.discard(part_path)   # no-op when the chunk was moved or already removed
 
-    def _check_request(self, file_id, index, part_path, mime_type, checksum):
-        check_chunk_request(file_id, index, part_path, mime_type, checksum,
-                            self.allow_any_content)
-
-    def _put_locked(self, file_id, index, part_path, size, is_last, mime_type):
-        upload = self._ledger.load(file_id)
-        known_size = self._ledger.chunk_size(file_id, index) if upload else None
-        duplicate = known_size is not None
-        if duplicate and not self._same_bytes(upload, index, known_size, part_path, size):
-            raise StoreError(409, "chunk_conflict",
-                             "chunk %d was already received with other bytes" % index)
-        self._check_completion(upload, index, is_last)
-        ext = self._check_mime_type(upload, mime_type)
-        if not duplicate:
-            self._check_upload_size(upload, size)
-            if upload is None:
-                self._ledger.create(file_id, mime_type, ext)
-                upload = self._ledger.load(file_id)
-            elif upload.mime_type is None and mime_type is not None:
-                self._ledger.set_mime_type(file_id, mime_type, ext)
-                upload = self._ledger.load(file_id)
+    def _put_locked(self, file_id, index, part_path, size, is_last, mime_type, budget):
+        """Read the upload once, decide by the contract's rules, then take the steps."""
+        upload = self._ledger.load(file_id) or UploadState.unknown(file_id)
+        kind, ext = self.decide(upload, index, self._stored_as(upload, index, part_path, size),
+                                size, is_last, mime_type, budget)
+        if kind == DUPLICATE:
+            if is_last and upload.last_index is None:
+                self._ledger.set_last_index(file_id, index)
+        else:
+            upload = self._record_type(upload, mime_type, ext)
             # The last index is recorded in the same transaction as the chunk itself, so no
             # crash can leave a stored last chunk that the ledger does not know is the last.
             last = index if is_last else None
-            if index == upload.next_index:
+            if kind == IN_ORDER:
                 small = 0 < self.journal_chunk_bytes and size <= self.journal_chunk_bytes
                 self._append(upload, index, part_path, size, last, journal=small)
             else:
                 self._stash(file_id, index, part_path, size, last)
-        elif is_last and upload.last_index is None:
-            self._ledger.set_last_index(file_id, index)
         upload = self._append_stashed_run(file_id)
         if upload.completed and upload.completed_at is None:
             upload = self._complete(upload)
-        if not duplicate:
+        if kind != DUPLICATE:
             self._emit("chunk", file_id, index=index, size=size,
                        bytesReceived=upload.bytes_appended, nextChunkIndex=upload.next_index)
-        return ChunkResult(file_id, index, duplicate, upload)
+        return ChunkResult(file_id, index, kind == DUPLICATE, upload)
 
-    # -- decisions ------------------------------------------------------------------------
-
-    def _check_completion(self, upload, index, is_last):
-        last = upload.last_index if upload else None
-        if last is not None and index > last:
-            raise StoreError(409, "completion_conflict",
-                             "chunk %d is past the last chunk %d" % (index, last))
-        if is_last and last is not None and index != last:
-            raise StoreError(409, "completion_conflict",
-                             "the last chunk is already %d, not %d" % (last, index))
-        if is_last and upload and upload.stashed and upload.stashed[-1] > index:
-            raise StoreError(409, "completion_conflict",
-                             "chunk %d cannot be the last: chunk %d was received"
-                             % (index, upload.stashed[-1]))
-
-    def _check_mime_type(self, upload, mime_type):
-        wanted = extension_for(mime_type)
-        if upload is None:
-            return wanted or DEFAULT_EXTENSION
-        if wanted is None or wanted == upload.ext:
-            return upload.ext
-        if upload.mime_type is None and upload.next_index == 0:
-            return wanted                # nothing assembled yet: the first type given wins
-        raise StoreError(409, "mime_type_conflict",
-                         "upload is %s, this chunk says %s" % (upload.ext, mime_type))
-
-    def _check_upload_size(self, upload, size):
-        if self.max_upload_bytes is None:
-            return
-        so_far = 0 if upload is None else upload.bytes_appended + self._ledger.stashed_bytes(
-            upload.file_id)
-        if so_far + size > self.max_upload_bytes:
-            raise StoreError(413, "upload_too_large",
-                             "upload would be %d bytes; the limit is %d"
-                             % (so_far + size, self.max_upload_bytes))
-
-    def _same_bytes(self, upload, index, known_size, part_path, size):
+    def _stored_as(self, upload, index, part_path, size):
+        """What the store holds at `index`: None (nothing), True (these bytes), False (other
+        bytes). Only a chunk the ledger knows costs a read of it."""
+        if index >= upload.next_index and index not in upload.stashed:
+            return None
+        known_size, offset = self._ledger.chunk_at(upload.file_id, index)
         if known_size != size:
             return False
-        if index < upload.next_index:
-            offset = self._ledger.chunk_offset(upload.file_id, index)
-            return _same_region(self.media_path(upload), offset, part_path, size)
-        return _same_region(self._stash_path(upload.file_id, index), 0, part_path, size)
+        if offset is not None:
+            return localdisk.same_region(self.media_path(upload), offset, part_path, size)
+        return localdisk.same_region(self._stash_path(upload.file_id, index), 0, part_path,
+                                     size)
+
+    def _record_type(self, upload, mime_type, ext):
+        """A new upload gets its row; the first chunk that names a mimeType records it."""
+        if upload.created_at is None:
+            with writing("recording the upload"):
+                self._ledger.create(upload.file_id, mime_type, ext)
+        elif upload.mime_type is None and mime_type is not None:
+            with writing("recording the upload's type"):
+                self._ledger.set_mime_type(upload.file_id, mime_type, ext)
+        else:
+            return upload
+        return self._ledger.load(upload.file_id)
 
     # -- the steps (see the module docstring for why this order is crash-safe) --------------
 
     def _append(self, upload, index, source_path, size, last_index=None, journal=False):
         """Append `source_path` after the upload's consistent prefix, durable, then record it.
         journal: a small chunk, written without an fsync of the file; its bytes go into the
-        ledger's transaction instead (one fsync in all, see the module docstring)."""
+        ledger's transaction instead (one fsync in all, see the module docstring). A failure
+        before the record cuts the tail back to the consistent prefix."""
         offset = upload.bytes_appended
         data = None
         if journal:
             with open(source_path, "rb") as f:
                 data = f.read(size)
         path = self.media_path(upload)
-        created = not os.path.exists(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | _O_BINARY, 0o644)
+        created = not os.path.lexists(path)
+        fd = open_file(path, os.O_WRONLY | os.O_CREAT, "the upload's video file")
         try:
-            os.ftruncate(fd, offset)     # drop a torn tail an earlier failed write left
-            os.lseek(fd, offset, os.SEEK_SET)
-            if data is None:
-                _copy_into(source_path, fd, size)
-                os.fsync(fd)
-            else:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+            with writing("appending chunk %d" % index, undo=lambda: os.ftruncate(fd, offset)):
+                os.ftruncate(fd, offset)     # drop a torn tail an earlier failed write left
+                os.lseek(fd, offset, os.SEEK_SET)
+                if data is None:
+                    localdisk.copy_into(source_path, fd, size)
+                    os.fsync(fd)
+                else:
+                    localdisk.write_all(fd, memoryview(data))
+                if created:
+                    fsync_dir(self.root)    # the file's name must survive a power cut too
+                self._crash.passed("appended")
+                journaled = self._ledger.record_append(upload.file_id, index, size, offset,
+                                                       last_index, journal=data)
         finally:
             os.close(fd)
-        if created:
-            fsync_dir(self.root)        # the file's name must survive a power cut too
-        self._crash.passed("appended")
-        journaled = self._ledger.record_append(upload.file_id, index, size, offset, last_index,
-                                               journal=data)
         self._crash.passed("append_recorded")
         os.remove(source_path)
         self._crash.passed("cleaned")
@@ -414,46 +240,60 @@ class ChunkStore(EventSource):
             self._sync_journaled(upload)
 
     def _sync_journaled(self, upload):
-        """fsync the file, then forget its journal (both steps may be repeated)."""
+        """fsync the file, then forget its journal (both steps may be repeated). The chunks are
+        durable either way, so a full disk only postpones it (logged)."""
         path = self.media_path(upload)
-        if os.path.exists(path):
-            fd = os.open(path, os.O_RDONLY | _O_BINARY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self._crash.passed("journal_synced")
-        self._ledger.clear_journal(upload.file_id)
+        try:
+            if os.path.lexists(path):
+                localdisk.fsync_path(path, "the upload's video file")
+            self._crash.passed("journal_synced")
+            self._ledger.clear_journal(upload.file_id)
+        except (OSError, sqlite3.DatabaseError) as error:
+            if not localdisk.is_disk_full(error):
+                raise
+            log.warning("%s: journal kept until there is room on the disk: %s",
+                        upload.file_id, error)
+            return
         self._crash.passed("journal_cleared")
 
     def _stash(self, file_id, index, part_path, size, last_index=None):
-        """Keep an early chunk in temp/<id>/ until the chunks before it arrive."""
-        with open(part_path, "rb+") as f:
-            os.fsync(f.fileno())
-        folder = os.path.join(self.temp_dir, file_id)
-        if not os.path.isdir(folder):
-            os.makedirs(folder, exist_ok=True)
-            fsync_dir(self.temp_dir)    # the folder's name must survive a power cut too
-        os.replace(part_path, self._stash_path(file_id, index))
-        fsync_dir(folder)
-        self._crash.passed("stashed")
-        self._ledger.record_stash(file_id, index, size, last_index)
+        """Keep an early chunk in temp/<id>/ until the chunks before it arrive. A failure
+        before the record removes the renamed file (it has no row)."""
+        target = self._stash_path(file_id, index)
+        with writing("keeping chunk %d for later" % index,
+                     undo=lambda: self.discard(target)):
+            localdisk.fsync_path(part_path, "a part file")
+            self.folder.own_dir(self.temp_dir, "the temp folder")
+            folder = os.path.join(self.temp_dir, file_id)
+            self.folder.own_dir(folder, "the upload's temp folder", create=True)
+            os.replace(part_path, target)
+            fsync_dir(folder)
+            self._crash.passed("stashed")
+            self._ledger.record_stash(file_id, index, size, last_index)
         self._crash.passed("stash_recorded")
 
     def _append_stashed_run(self, file_id):
-        """Append every stashed chunk that is now contiguous; return the upload afterwards."""
+        """Append every stashed chunk that is now contiguous; return the upload afterwards. A
+        full disk stops the run: those chunks stay, durable, in temp/ for the next try."""
         while True:
             upload = self._ledger.load(file_id)
             if not upload.stashed or upload.stashed[0] != upload.next_index:
                 return upload
             index = upload.next_index
             path = self._stash_path(file_id, index)
-            self._append(upload, index, path, os.path.getsize(path))
+            try:
+                self._append(upload, index, path, os.lstat(path).st_size)
+            except StoreError as error:
+                if error.status != 507:
+                    raise
+                log.warning("%s: chunk %d waits in temp/ for room on the disk", file_id,
+                            index)
+                return upload
 
     def _complete(self, upload):
         self._sync_journaled(upload)    # the whole file on disk before anyone reads it back
         self._ledger.set_completed(upload.file_id)
-        shutil.rmtree(os.path.join(self.temp_dir, upload.file_id), ignore_errors=True)
+        self.folder.remove_tree(os.path.join(self.temp_dir, upload.file_id))
         self._hasher.submit(upload.file_id)
         log.info("upload %s completed: %d chunks, %d bytes", upload.file_id,
                  upload.next_index, upload.bytes_appended)
@@ -471,19 +311,33 @@ class ChunkStore(EventSource):
     def _stash_path(self, file_id, index):
         return os.path.join(self.temp_dir, file_id, "%d.chunk" % index)
 
-    def record_sha256(self, file_id, completed_at, digest):
-        """Store the digest of the upload that completed at `completed_at` (not of a newer
-        upload that took its id after a deletion)."""
+    def _hash_in_background(self, file_id):
+        """The hasher's work: the digest of the upload that completed, kept only for that
+        upload (not a newer one that took its id after a deletion)."""
+        upload = self.status(file_id)
+        if upload is None or upload.completed_at is None or upload.sha256 is not None:
+            return
+        digest = sha256_file(self.media_path(upload), upload.bytes_appended)
         # Under the upload's lock, like the chunk events: the hasher is handed the upload
         # before the last chunk's event is sent, and "completed" must not overtake it.
         with self._locks.held(file_id):
-            if not self._ledger.set_sha256(file_id, completed_at, digest):
+            if not self._ledger.set_sha256(file_id, upload.completed_at, digest):
                 return
             upload = self._ledger.load(file_id)
             self._emit("completed", file_id, size=upload.bytes_appended, sha256=digest,
                        ext=upload.ext, mimeType=upload.mime_type)
 
-    # -- listing, deletion, retention -------------------------------------------------------
+    def open_media(self, upload):
+        """The assembled file to serve: its consistent prefix, even while it grows; None
+        when there are no bytes yet."""
+        if upload is None or upload.bytes_appended == 0:
+            return None
+        return FileMedia(self.media_path(upload), upload.bytes_appended, upload.updated_at)
+
+    @contextlib.contextmanager
+    def media_file(self, upload):
+        """A local file holding the assembled video, for tools such as ffprobe."""
+        yield self.media_path(upload)
 
     def list_uploads(self, limit, after=None):
         """Up to `limit` uploads, newest first, after the (created_at, file_id) cursor `after`.
@@ -494,6 +348,50 @@ class ChunkStore(EventSource):
     def counts(self):
         """(uploads in progress, uploads completed)."""
         return self._ledger.counts()
+
+    def completed_since(self, since):
+        """Uploads completed at or after `since` (unix time) whose sha256 is known, oldest
+        first: what a listener that must not miss a "completed" event (one a crash cut off
+        between recording the sha256 and emitting) catches up from at start-up."""
+        return [self._ledger.load(file_id) for file_id in self._ledger.completed_ids(since)]
+
+    def check_storage(self):
+        """Readiness of the storage backend (the upload folder checks say the rest)."""
+        return {"ok": True, "backend": "local"}
+
+    # -- derivatives ------------------------------------------------------------------------
+
+    def put_derivative(self, upload, name, path, content_type=None):
+        """Keep a derivative (poster.jpg, remux.webm, ...): `path` is moved, durably, to
+        derived/<fileId>/<name>."""
+        check_derivative_name(name)
+        folder = os.path.join(self.derived_dir, upload.file_id)
+        with writing("keeping derivative %s" % name):
+            self.folder.own_dir(self.derived_dir, "the derivatives folder", create=True)
+            self.folder.own_dir(folder, "the upload's derivatives folder", create=True)
+            localdisk.fsync_path(path, "a derivative")
+            os.replace(path, os.path.join(folder, name))
+            fsync_dir(folder)
+
+    def open_derivative(self, upload, name):
+        """A derivative to serve, like open_media; None when there is none (or when a link
+        stands in its way: logged)."""
+        if not name or os.path.basename(name) != name or name in (".", ".."):
+            return None
+        folder = os.path.join(self.derived_dir, upload.file_id)
+        path = os.path.join(folder, name)
+        try:
+            if not (self.folder.own_dir(self.derived_dir, "the derivatives folder") and
+                    self.folder.own_dir(folder, "the upload's derivatives folder")):
+                return None
+            info = os.lstat(path)
+        except (UnsafePath, FileNotFoundError):
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        return FileMedia(path, info.st_size, info.st_mtime)
+
+    # -- deletion, retention ----------------------------------------------------------------
 
     def delete(self, file_id, unless=None, reason="requested"):
         """Remove an upload and every trace of it; False when it is unknown (or when
@@ -511,136 +409,108 @@ class ChunkStore(EventSource):
             upload = self._ledger.load(file_id)
             if upload is None or (unless is not None and unless(upload)):
                 return False
+            self.folder.own_dir(self.deleting_dir, "the deletion folder")
             trash = os.path.join(self.deleting_dir, "%s-%r-%s" % (
                 file_id, upload.created_at, os.urandom(8).hex()))
             os.makedirs(trash)
             fsync_dir(self.deleting_dir)
             for name, path in self._traces(upload):
                 if os.path.lexists(path):
-                    os.replace(path, os.path.join(trash, name))
+                    os.replace(path, os.path.join(trash, name))   # a link moves, itself
             fsync_dir(trash)
             self._ledger.delete(file_id)
-            shutil.rmtree(trash, ignore_errors=True)
+            self.folder.remove_tree(trash)
         log.info("upload %s deleted", file_id)
         self._emit("deleted", file_id, reason=reason, completed=upload.completed)
         return True
 
     def _traces(self, upload):
-        """(name, path) of everything on disk that belongs to `upload`."""
-        return (("media", self.media_path(upload)),
-                ("temp", os.path.join(self.temp_dir, upload.file_id)),
-                ("derived", os.path.join(self.derived_dir, upload.file_id)))
-
-    def _finish_deletion(self, name):
-        """repair(): a deletion cut short. The folder name says which upload (id and creation
-        time), so a newer upload with the same id is never touched."""
-        file_id, created_at = name.split("-")[0:-2], name.split("-")[-2]
-        file_id = "-".join(file_id)
-        upload = self._ledger.load(file_id)
-        if upload is not None and repr(upload.created_at) == created_at:
-            log.warning("repair: finishing the deletion of %r", file_id)
-            for _, path in self._traces(upload):      # what step (1) had not moved yet
-                if os.path.isdir(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                elif os.path.lexists(path):
-                    os.remove(path)
-            self._ledger.delete(file_id)
-        shutil.rmtree(os.path.join(self.deleting_dir, name), ignore_errors=True)
+        """(name, path) of everything on disk that belongs to `upload`: never a path that
+        goes through a link (a folder of the store's replaced by one is left out, logged)."""
+        traces = [("media", self.media_path(upload))]
+        for name, folder in (("temp", self.temp_dir), ("derived", self.derived_dir)):
+            with contextlib.suppress(UnsafePath):
+                if self.folder.own_dir(folder, "the store's %s folder" % name):
+                    traces.append((name, os.path.join(folder, upload.file_id)))
+        return traces
 
     def expired(self, now, incomplete_ttl=None, retention=None):
         """Ids of uploads idle and incomplete for longer than `incomplete_ttl` seconds, and of
         completed uploads older than `retention` seconds (None: keep them)."""
-        return self._ledger.expired(*self._cutoffs(now, incomplete_ttl, retention))
-
-    @staticmethod
-    def _cutoffs(now, incomplete_ttl, retention):
-        return (None if incomplete_ttl is None else now - incomplete_ttl,
-                None if retention is None else now - retention)
-
-    def sweep(self, incomplete_ttl=None, retention=None, now=None):
-        """Delete what `expired` names; returns the deleted ids (each one logged)."""
-        deleted = []
-        now = time.time() if now is None else now
-
-        def revived(upload):       # a chunk arrived since the list was read: keep it
-            return upload.file_id not in self._ledger.expired_among(
-                [upload.file_id], *self._cutoffs(now, incomplete_ttl, retention))
-
-        for file_id in self.expired(now, incomplete_ttl, retention):
-            if self.delete(file_id, unless=revived, reason="expired"):
-                log.info("retention: removed %s", file_id)
-                deleted.append(file_id)
-        return deleted
+        return self._ledger.expired(None if incomplete_ttl is None else now - incomplete_ttl,
+                                    None if retention is None else now - retention)
 
     # -- start-up repair ------------------------------------------------------------------
 
     def repair(self):
         """Bring every upload back to its last consistent state after a crash; returns a count
-        of the uploads it had to mend. Runs before the server accepts connections."""
+        of the uploads it had to mend. Runs before the server accepts connections. What it
+        does not recognise it sets aside (localdisk's quarantine), so it always finishes."""
         mended = 0
-        for name in os.listdir(self.incoming_dir):
-            self.discard(os.path.join(self.incoming_dir, name))   # never acknowledged
+        self.folder.make_own_dirs((self.temp_dir, self.incoming_dir, self.deleting_dir))
+        if os.path.lexists(self.derived_dir):
+            self.folder.make_own_dirs((self.derived_dir,))
+        self.folder.clear_incoming()                               # never acknowledged
         for name in os.listdir(self.deleting_dir):                # a deletion cut short
-            self._finish_deletion(name)
-            mended += 1
+            if self._finish_deletion(name):
+                mended += 1
         known = set()
         for file_id in self._ledger.all_ids():
             known.add(file_id)
-            with self._locks.held(file_id):
-                if self._repair_upload(file_id):
-                    mended += 1
-        for name in os.listdir(self.temp_dir):
-            if name not in (INCOMING_DIR_NAME, DELETING_DIR_NAME) and name not in known:
-                # Not a fileId (no dot in those): work files a crash left, e.g. processing's.
-                what = "temp chunks of unknown upload" if valid_file_id(name) else "leftover"
-                log.warning("repair: removing %s %r", what, name)
-                shutil.rmtree(os.path.join(self.temp_dir, name), ignore_errors=True)
+            try:
+                with self._locks.held(file_id):
+                    if self._repair_upload(file_id):
+                        mended += 1
+            except (OSError, StoreError, sqlite3.DatabaseError):
+                log.exception("repair: %s is left as it is (repaired at the next start)",
+                              file_id)
+        self._clear_strays(self.temp_dir, known, (localdisk.INCOMING_DIR_NAME,
+                                                  DELETING_DIR_NAME))
         if os.path.isdir(self.derived_dir):
-            for name in os.listdir(self.derived_dir):
-                if name not in known:
-                    log.warning("repair: removing derivatives of unknown upload %r", name)
-                    shutil.rmtree(os.path.join(self.derived_dir, name), ignore_errors=True)
+            self._clear_strays(self.derived_dir, known)
         return mended
+
+    def _clear_strays(self, folder, known, own=()):
+        """Folders of unknown uploads (and work folders a crash left, e.g. processing's) are
+        removed; links and files that have no business here are set aside."""
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            if name in own or name in known and not os.path.islink(path):
+                continue
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                self.folder.quarantine(path, "not a folder the store made")
+                continue
+            what = "folder of unknown upload" if valid_file_id(name) else "leftover"
+            log.warning("repair: removing %s %s", what, path)
+            self.folder.remove_tree(path)
+
+    def _finish_deletion(self, name):
+        """repair(): a deletion cut short. The folder name says which upload (id and creation
+        time), so a newer upload with the same id is never touched. An entry with another
+        name (or a link) was not made by `delete`: it is set aside."""
+        path = os.path.join(self.deleting_dir, name)
+        match = DELETION_NAME.match(name)
+        if match is None or not stat.S_ISDIR(os.lstat(path).st_mode):
+            self.folder.quarantine(path, "not a deletion the store began")
+            return False
+        upload = self._ledger.load(match.group("id"))
+        if upload is not None and repr(upload.created_at) == match.group("created"):
+            log.warning("repair: finishing the deletion of %r", upload.file_id)
+            for _, trace in self._traces(upload):      # what step (1) had not moved yet
+                self.folder.remove_tree(trace)
+            self._ledger.delete(upload.file_id)
+        self.folder.remove_tree(path)
+        return True
 
     def _repair_upload(self, file_id):
         upload = self._ledger.load(file_id)
         path = self.media_path(upload)
-        mended = self._replay_journal(upload, path)
-        actual = os.path.getsize(path) if os.path.exists(path) else 0
-        if actual > upload.bytes_appended:
-            log.warning("repair: %s: cutting %d torn bytes after %d", file_id,
-                        actual - upload.bytes_appended, upload.bytes_appended)
-            with open(path, "r+b") as f:
-                f.truncate(upload.bytes_appended)
-                os.fsync(f.fileno())
-            mended = True
-        elif actual < upload.bytes_appended:
-            # The disk lost bytes it had fsynced (or an old backup was restored). Go back to
-            # the whole chunks the file still holds, so the client resends the rest; never
-            # leave a hole the next append would fill with zeros.
-            index, offset = self._ledger.rollback_to_length(file_id, actual)
-            log.error("repair: %s: file has %d bytes but the ledger said %d; chunks from %d "
-                      "on must be sent again", file_id, actual, upload.bytes_appended, index)
-            with open(path, "r+b") if os.path.exists(path) else open(path, "wb") as f:
-                f.truncate(offset)
-                os.fsync(f.fileno())
-            upload = self._ledger.load(file_id)
-            mended = True
-        folder = os.path.join(self.temp_dir, file_id)
-        on_disk = os.listdir(folder) if os.path.isdir(folder) else []
-        stashed = set(upload.stashed)
-        for name in on_disk:
-            index = _chunk_file_index(name)
-            if index is None or index not in stashed:
-                # appended already, or renamed in but never recorded (never acknowledged)
-                self.discard(os.path.join(folder, name))
-                mended = True
-        for index in stashed:
-            if not os.path.exists(self._stash_path(file_id, index)):
-                log.error("repair: %s: stashed chunk %d has no file; forgetting it so the "
-                          "client sends it again", file_id, index)
-                self._ledger.forget_chunk(file_id, index)
-                mended = True
+        if os.path.islink(path):
+            self.folder.quarantine(path, "a link where the upload's video belongs")
+        self._replay_journal(upload, path)
+        mended = self._repair_length(upload, path)
+        upload = self._ledger.load(file_id)
+        mended = self._repair_stash(upload) or mended
         before = upload.next_index
         upload = self._append_stashed_run(file_id)
         mended = mended or upload.next_index != before
@@ -651,33 +521,85 @@ class ChunkStore(EventSource):
                 self._hasher.submit(file_id)
         return mended
 
+    def _repair_length(self, upload, path):
+        """The file back to the ledger's consistent length: a torn tail is cut; a file that
+        lost bytes rolls the ledger back to the whole chunks it still holds."""
+        actual = os.lstat(path).st_size if os.path.lexists(path) else 0
+        if actual > upload.bytes_appended:
+            log.warning("repair: %s: cutting %d torn bytes after %d", upload.file_id,
+                        actual - upload.bytes_appended, upload.bytes_appended)
+            localdisk.truncate(path, upload.bytes_appended, "the upload's video file")
+            return True
+        if actual < upload.bytes_appended:
+            # The disk lost bytes it had fsynced (or an old backup was restored). Go back to
+            # the whole chunks the file still holds, so the client resends the rest; never
+            # leave a hole the next append would fill with zeros.
+            index, offset = self._ledger.rollback_to_length(upload.file_id, actual)
+            log.error("repair: %s: file has %d bytes but the ledger said %d; chunks from %d "
+                      "on must be sent again", upload.file_id, actual, upload.bytes_appended,
+                      index)
+            os.close(open_file(path, os.O_WRONLY | os.O_CREAT, "the upload's video file"))
+            localdisk.truncate(path, offset, "the upload's video file")
+            return True
+        return False
+
+    def _repair_stash(self, upload):
+        """temp/<id>/ holds exactly the stashed chunks the ledger knows, as regular files."""
+        mended = False
+        folder = os.path.join(self.temp_dir, upload.file_id)
+        on_disk = []
+        if os.path.lexists(folder):
+            if stat.S_ISDIR(os.lstat(folder).st_mode):
+                on_disk = os.listdir(folder)
+            else:
+                self.folder.quarantine(folder, "not the upload's temp folder")
+        stashed = set(upload.stashed)
+        for name in on_disk:
+            path = os.path.join(folder, name)
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                self.folder.quarantine(path, "not a chunk file")
+            elif _chunk_file_index(name) not in stashed:
+                # appended already, or renamed in but never recorded (never acknowledged)
+                self.discard(path)
+            else:
+                continue
+            mended = True
+        for index in stashed:
+            if not os.path.isfile(self._stash_path(upload.file_id, index)):
+                log.error("repair: %s: stashed chunk %d has no file; forgetting it so the "
+                          "client sends it again", upload.file_id, index)
+                self._ledger.forget_chunk(upload.file_id, index)
+                mended = True
+        return mended
+
     def _replay_journal(self, upload, path):
         """Write the journaled chunks back at their offsets (the file's unsynced writes may
         be lost), fsync, forget the journal. A row that would leave a hole before it (the
-        file lost more than its journal holds) is not written: the rollback below then
-        goes back to the whole chunks the file has, as for any other loss."""
+        file lost more than its journal holds) is not written: the rollback that follows
+        then goes back to the whole chunks the file has, as for any other loss."""
         rows = self._ledger.journal(upload.file_id)
         if not rows:
-            return False
+            return
         written = 0
-        if os.path.exists(path):
-            with open(path, "r+b") as f:
-                length = os.fstat(f.fileno()).st_size
+        if os.path.lexists(path):
+            fd = open_file(path, os.O_RDWR, "the upload's video file")
+            try:
+                length = os.fstat(fd).st_size
                 for offset, data in rows:
                     if offset > length:
                         break
-                    f.seek(offset)
-                    f.write(data)
+                    os.lseek(fd, offset, os.SEEK_SET)
+                    localdisk.write_all(fd, memoryview(data))
                     length = max(length, offset + len(data))
                     written += 1
-                f.flush()
-                os.fsync(f.fileno())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         self._crash.passed("journal_synced")
         self._ledger.clear_journal(upload.file_id)
         if written:
             log.info("repair: %s: wrote %d journaled chunk(s) back into the file",
                      upload.file_id, written)
-        return False
 
     def close(self):
         """Stop the hasher, sync the files whose chunks are still journaled, close."""
@@ -702,67 +624,10 @@ class ChunkStore(EventSource):
 
     def sibling(self, name, allow_any_content=True):
         """A second store of its own in <root>/<name>/ (tus keeps partial uploads there: no
-        media signature rule, no listing, no events of the main store); s3store.S3Store has
-        the same method, so a feature asks the store it has for one."""
+        media signature rule, no listing, no events of the main store)."""
         return ChunkStore(os.path.join(self.root, name), allow_any_content=allow_any_content,
-                          max_upload_bytes=self.max_upload_bytes)
-    # -- added for features beside the core (read-only: the crash-safety argument holds) --
-
-    def completed_ids(self, since=0.0):
-        """fileIds of the uploads completed at or after `since` (a time.time()) whose sha256
-        is known, i.e. whose "completed" event was sent; oldest first. Processing uses it at
-        start-up to find uploads whose event it missed (a crash right after the event)."""
-        return self._ledger.completed_ids(since)
-
-    def completed_since(self, since):
-        """Uploads completed at or after `since` (unix time) whose sha256 is known, oldest
-        first: what a listener that must not miss a "completed" event (one a crash cut off
-        between recording the sha256 and emitting) catches up from at start-up."""
-        return [self._ledger.load(file_id) for file_id in self._ledger.completed_ids(since)]
-    # -- the storage interface shared with s3store.S3Store ----------------------------------
-
-    def open_media(self, upload):
-        """The assembled file to serve: its consistent prefix, even while it grows; None
-        when there are no bytes yet."""
-        if upload is None or upload.bytes_appended == 0:
-            return None
-        return FileMedia(self.media_path(upload), upload.bytes_appended, upload.updated_at)
-
-    def check_storage(self):
-        """Readiness of the storage backend (the upload folder checks say the rest)."""
-        return {"ok": True, "backend": "local"}
-
-    @contextlib.contextmanager
-    def media_file(self, upload):
-        """A local file holding the assembled video, for tools such as ffprobe."""
-        yield self.media_path(upload)
-
-    def put_derivative(self, upload, name, path, content_type=None):
-        """Keep a derivative (poster.jpg, remux.webm, ...): `path` is moved, durably, to
-        derived/<fileId>/<name>."""
-        if not name or os.path.basename(name) != name or name in (".", ".."):
-            raise StoreError(400, "invalid_name", "not a derivative name: %r" % name)
-        folder = os.path.join(self.derived_dir, upload.file_id)
-        os.makedirs(folder, exist_ok=True)
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(path, os.path.join(folder, name))
-        fsync_dir(folder)
-
-    def open_derivative(self, upload, name):
-        """A derivative to serve, like open_media; None when there is none."""
-        path = os.path.join(self.derived_dir, upload.file_id, os.path.basename(name))
-        if not name or os.path.basename(name) != name or not os.path.isfile(path):
-            return None
-        stat = os.stat(path)
-        return FileMedia(path, stat.st_size, stat.st_mtime)
-
-    def bytes_held(self, file_id):
-        """Bytes an upload holds: appended plus early chunks waiting in temp/ (what
-        max_upload_bytes counts; auth.py's token byte budget counts the same). Read-only."""
-        upload = self._ledger.load(file_id)
-        return 0 if upload is None else upload.bytes_appended + self._ledger.stashed_bytes(
-            file_id)
+                          max_upload_bytes=self.max_upload_bytes,
+                          min_free_bytes=self.folder.min_free_bytes)
 
     # -- live reading (issue 18, live.py): the growing file, read while it grows ----------
     # (read-only; s3store.S3Store.read_appended is the other backend's)
@@ -777,7 +642,7 @@ class ChunkStore(EventSource):
         if count <= 0:
             return b""
         try:
-            fd = os.open(self.media_path(upload), os.O_RDONLY | _O_BINARY)
+            fd = open_file(self.media_path(upload), os.O_RDONLY, "the upload's video file")
         except FileNotFoundError:
             return b""
         try:
@@ -880,42 +745,36 @@ class _Ledger:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # A COMMIT that failed (a full disk) may leave the transaction open: a
+                # connection goes back to the pool only with none.
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
 
     def load(self, file_id):
+        """The upload's UploadState (with its stashed chunks and their bytes), or None."""
         with self._connection() as db:
             row = db.execute("SELECT %s FROM uploads WHERE file_id = ?" % _UPLOAD_COLUMNS,
                              (file_id,)).fetchone()
             if row is None:
                 return None
-            stashed = [r[0] for r in db.execute(
-                "SELECT idx FROM chunks WHERE file_id = ? AND idx >= ? ORDER BY idx",
-                (file_id, row[3]))]
-        return UploadState(row, stashed)
+            stashed = db.execute("SELECT idx, size FROM chunks WHERE file_id = ? AND idx >= ? "
+                                 "ORDER BY idx", (file_id, row[3])).fetchall()
+        return UploadState(row, [index for index, _ in stashed],
+                           sum(size for _, size in stashed))
 
     def all_ids(self):
         with self._connection() as db:
             return [r[0] for r in db.execute("SELECT file_id FROM uploads")]
 
-    def chunk_size(self, file_id, index):
+    def chunk_at(self, file_id, index):
+        """(size, offset) of a stored chunk; offset is None while it is stashed."""
         with self._connection() as db:
-            row = db.execute("SELECT size FROM chunks WHERE file_id = ? AND idx = ?",
-                             (file_id, index)).fetchone()
-        return None if row is None else row[0]
-
-    def chunk_offset(self, file_id, index):
-        with self._connection() as db:
-            return db.execute("SELECT offset FROM chunks WHERE file_id = ? AND idx = ?",
-                              (file_id, index)).fetchone()[0]
-
-    def stashed_bytes(self, file_id):
-        with self._connection() as db:
-            return db.execute(
-                "SELECT COALESCE(SUM(c.size), 0) FROM chunks c JOIN uploads u USING (file_id) "
-                "WHERE c.file_id = ? AND c.idx >= u.next_index", (file_id,)).fetchone()[0]
+            return db.execute("SELECT size, offset FROM chunks WHERE file_id = ? AND idx = ?",
+                              (file_id, index)).fetchone()
 
     def page(self, limit, after):
         with self._connection() as db:
@@ -935,22 +794,17 @@ class _Ledger:
                               ).fetchone()
 
     def expired(self, idle_before, completed_before):
-        return self.expired_among(None, idle_before, completed_before)
-
-    def expired_among(self, file_ids, idle_before, completed_before):
-        """Expired uploads, among `file_ids` (None: all)."""
-        only = "" if file_ids is None else " AND file_id IN (%s)" % ",".join("?" * len(file_ids))
-        params = list(file_ids or [])
+        """Ids of incomplete uploads idle since before `idle_before` and of uploads completed
+        before `completed_before` (None: neither)."""
         with self._connection() as db:
             ids = []
             if idle_before is not None:
                 ids += [r[0] for r in db.execute(
-                    "SELECT file_id FROM uploads WHERE completed_at IS NULL AND updated_at < ?"
-                    + only, [idle_before] + params)]
+                    "SELECT file_id FROM uploads WHERE completed_at IS NULL AND updated_at < ?",
+                    (idle_before,))]
             if completed_before is not None:
                 ids += [r[0] for r in db.execute(
-                    "SELECT file_id FROM uploads WHERE completed_at < ?" + only,
-                    [completed_before] + params)]
+                    "SELECT file_id FROM uploads WHERE completed_at < ?", (completed_before,))]
             return ids
 
     def delete(self, file_id):
@@ -1073,160 +927,8 @@ class _Ledger:
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers: locks, hashing, copying, crash points
+# Helpers
 # ---------------------------------------------------------------------------------------------
-
-class _KeyedLocks:
-    """One lock per key, created on first use and dropped when nobody holds or waits for it."""
-
-    def __init__(self):
-        self._guard = threading.Lock()
-        self._locks = {}      # key -> [lock, number of holders and waiters]
-
-    @contextlib.contextmanager
-    def held(self, key):
-        with self._guard:
-            entry = self._locks.setdefault(key, [threading.Lock(), 0])
-            entry[1] += 1
-        try:
-            with entry[0]:
-                yield
-        finally:
-            with self._guard:
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del self._locks[key]
-
-
-class _BackgroundHasher:
-    """Computes the sha256 of completed uploads off the request path, one at a time.
-
-    Completing an upload must take constant time whatever its length (SPEC section 1), so the
-    whole-file digest is computed here afterwards; status shows it once it is known.
-    """
-
-    def __init__(self, store):
-        self._store = store
-        self._queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="m1-hasher", daemon=True)
-        self._thread.start()
-
-    def submit(self, file_id):
-        self._queue.put(file_id)
-
-    def _run(self):
-        while True:
-            file_id = self._queue.get()
-            if file_id is None:
-                return
-            try:
-                upload = self._store.status(file_id)
-                if upload is not None and upload.completed_at is not None and \
-                        upload.sha256 is None:
-                    digest = _sha256_file(self._store.media_path(upload),
-                                          upload.bytes_appended)
-                    self._store.record_sha256(file_id, upload.completed_at, digest)
-            except Exception:          # logged once; status simply shows no sha256
-                log.exception("hashing %s failed", file_id)
-
-    def stop(self):
-        self._queue.put(None)
-        self._thread.join(5)
-
-
-class _CrashPoint:
-    """Test-only: `M1_TEST_CRASH_AT=step[:n]` exits the process at the n-th pass of a step,
-    so tests can crash the store deterministically between any two steps."""
-
-    def __init__(self, spec):
-        self.step, self.count = None, 0
-        if spec:
-            step, _, nth = spec.partition(":")
-            self.step, self.count = step, int(nth or 1)
-        self._guard = threading.Lock()
-
-    def passed(self, step):
-        if step != self.step:
-            return
-        with self._guard:
-            self.count -= 1
-            if self.count == 0:
-                os._exit(70)
-
-
-_O_BINARY = getattr(os, "O_BINARY", 0)     # Windows: no newline translation
-
-
-def _sha256_file(path, length=None):
-    digest = hashlib.sha256()
-    buffer = bytearray(COPY_BLOCK_BYTES)
-    view = memoryview(buffer)
-    remaining = length
-    with open(path, "rb") as f:
-        while remaining is None or remaining > 0:
-            n = f.readinto(view if remaining is None else view[:min(remaining, len(buffer))])
-            if not n:
-                break
-            digest.update(view[:n])
-            if remaining is not None:
-                remaining -= n
-    return digest.hexdigest()
-
-
-def _copy_into(source_path, fd, size):
-    """Copy `size` bytes of `source_path` to the current position of `fd`."""
-    with open(source_path, "rb") as src:
-        copied = 0
-        kernel_copy = getattr(os, "copy_file_range", None)
-        while kernel_copy is not None and copied < size:
-            try:
-                n = kernel_copy(src.fileno(), fd, size - copied)
-            except OSError:           # other filesystem, old kernel: copy in user space
-                break
-            if n == 0:
-                break
-            copied += n
-        src.seek(copied)
-        buffer = bytearray(min(COPY_BLOCK_BYTES, max(size - copied, 1)))
-        while copied < size:
-            n = src.readinto(buffer)
-            if not n:
-                break
-            _write_all(fd, memoryview(buffer)[:n])
-            copied += n
-    if copied != size:
-        raise IOError("chunk file %s is shorter than %d bytes" % (source_path, size))
-
-
-def _write_all(fd, view):
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _same_region(path, offset, part_path, size):
-    """True when `size` bytes of `path` at `offset` equal the whole of `part_path`."""
-    with open(path, "rb") as stored, open(part_path, "rb") as incoming:
-        stored.seek(offset)
-        remaining = size
-        while remaining > 0:
-            step = min(remaining, COPY_BLOCK_BYTES)
-            if stored.read(step) != incoming.read(step):
-                return False
-            remaining -= step
-    return True
-
-
-def fsync_dir(path):
-    """Make a rename durable (POSIX). Windows cannot open directories; NTFS journals renames."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _chunk_file_index(name):
     stem, dot, suffix = name.partition(".")
@@ -1234,51 +936,3 @@ def _chunk_file_index(name):
         return int(stem)
     return None
 
-
-class FileMedia:
-    """A file to serve: size, ETag and mtime for the headers, and `open_range` to send bytes
-    (sendfile(2) where the OS has it). `redirect_url` is for backends that send the client
-    elsewhere (s3store with --s3-presign); a file never does."""
-
-    redirect_url = None
-
-    def __init__(self, path, size, mtime):
-        self.path = path
-        self.size = size                  # may be less than the file: its consistent prefix
-        self.mtime = mtime
-        self.etag = '"%x-%x"' % (size, int(mtime * 1000))
-
-    def open_range(self, start, count):
-        return _FileRange(open(self.path, "rb"), start, count)
-
-
-class _FileRange:
-    def __init__(self, f, start, count):
-        self._file = f
-        self._start = start
-        self._count = count
-
-    def send(self, sock, wfile):
-        wfile.flush()
-        try:
-            sock.sendfile(self._file, self._start, self._count)
-            return
-        except (AttributeError, NotImplementedError):
-            pass
-        self._file.seek(self._start)
-        remaining = self._count
-        while remaining > 0:
-            block = self._file.read(min(remaining, COPY_BLOCK_BYTES))
-            if not block:
-                break
-            wfile.write(block)
-            remaining -= len(block)
-
-    def close(self):
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

@@ -34,11 +34,11 @@ What it guarantees:
     the expiry, then a `token_expired` event, then the end (WebSocket close 1008). The client
     reconnects with a fresh token and resumes from the last event id it saw.
 
-Several nodes on one bucket (a store with `shared` set, s3store.py): each node publishes the
-events of what it did itself, and a StoreRelay reads the status of every upload watched on
-this node every RELAY_POLL_S; a change that no event of this node explains, seen at two polls
-in a row, goes out as a `state` event (the status, as at the start of a stream). So a
-watcher on node B follows an upload whose chunks go to node A, in steps of 1-2 s, and no
+Several nodes on one bucket (a store whose capabilities say `shared`, s3store.py): each node
+publishes the events of what it did itself, and a StoreRelay reads the status of every upload
+watched on this node every RELAY_POLL_S; a change that no event of this node explains, seen
+at two polls in a row, goes out as a `state` event (the status, as at the start of a stream).
+So a watcher on node B follows an upload whose chunks go to node A, in steps of 1-2 s, and no
 `state` is added when this node did the work itself. Cost: one status read (S3: a GET, and a
 LIST while the upload is incomplete) per watched upload per node per RELAY_POLL_S.
 
@@ -62,7 +62,7 @@ import threading
 import time
 from urllib.parse import parse_qs, urlsplit
 
-import chunkstore
+import storage
 import websocket
 from apierror import ApiError
 
@@ -218,7 +218,7 @@ class EventBus:
             ext = fields.pop("ext", None)
             if ext is not None:
                 fields["url"] = "/uploads/%s.%s" % (event["fileId"], ext)
-                fields["mimeType"] = fields.get("mimeType") or chunkstore.MEDIA_TYPES.get(ext)
+                fields["mimeType"] = fields.get("mimeType") or storage.MEDIA_TYPES.get(ext)
         self.publish(event["fileId"], event["type"], **fields)
 
     # -- what StoreRelay reads ----------------------------------------------------------------
@@ -521,7 +521,7 @@ def get_events(handler, file_id):
     """validate -> (WebSocket: check the handshake) -> subscribe (503 past the cap) -> read the
     state -> answer 101 or 200 -> stream until the client leaves, dies, or the server stops."""
     server = handler.server
-    if not chunkstore.valid_file_id(file_id):
+    if not storage.valid_file_id(file_id):
         raise ApiError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
     upgrade = websocket.wants_upgrade(handler.headers)
     if upgrade:

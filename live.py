@@ -54,7 +54,7 @@ import threading
 import time
 from urllib.parse import parse_qs, urlsplit
 
-import chunkstore
+import storage
 import events
 from apierror import ApiError
 
@@ -108,7 +108,7 @@ def routes(read_resource, static_file):
     page = static_file(WATCH_PAGE[0], WATCH_PAGE[1], read_resource)
 
     def watch_page(handler, file_id):
-        if not chunkstore.valid_file_id(file_id):
+        if not storage.valid_file_id(file_id):
             raise ApiError(404, "not_found", "no such upload: fileId must match "
                            "[A-Za-z0-9_-]{1,128}")
         page(handler)
@@ -121,10 +121,10 @@ def serve_live(handler, file_id, ext):
     """GET /uploads/<fileId>.<ext>?live=1: find the upload (404) -> HEAD: the headers ->
     join (503 past the cap) -> 200 and the bytes so far -> each new chunk's bytes -> the end."""
     store = handler.server.store
-    upload = store.status(file_id) if chunkstore.valid_file_id(file_id) else None
+    upload = store.status(file_id) if storage.valid_file_id(file_id) else None
     if upload is None or ext != upload.ext:
         raise ApiError(404, "not_found", "no such video")
-    stream = _LiveResponse(handler, chunkstore.MEDIA_TYPES.get(ext, "application/octet-stream"))
+    stream = _LiveResponse(handler, storage.MEDIA_TYPES.get(ext, "application/octet-stream"))
     if handler.command == "HEAD":
         return stream.open()
     viewer = handler.server.live.join(file_id)

@@ -9,7 +9,8 @@ where the upload stands. Run it with `python3 m1server.py` (see `--help`).
 A chunk travels through the code in this order, and so can you when reading it:
   socket -> this file (limits, routing, one JSON error envelope)
          -> multipart.py (fields, and the file part streamed to a part file)
-         -> chunkstore.py (lock per upload, ledger, append, fsync) -> disk.
+         -> chunkstore.py (lock per upload, ledger, append, fsync) -> disk
+            (storage.py is the contract it keeps, and s3store.py keeps it on S3).
 
 This file is ordered top-down: settings, errors, the HTTP server, the request handler (routing,
 then one method per route), then helpers, then `main`.
@@ -42,8 +43,10 @@ import chunkstore
 import cors
 import events
 import live
+import localdisk
 import multipart
 import processing
+import storage
 import tus
 import webclient
 import webhooks
@@ -472,7 +475,8 @@ class M1Server(ThreadingHTTPServer):
         self.webhooks = None         # webhooks.Webhooks, set by serve()
         self.metrics = Metrics()
         store.add_listener(self.metrics.on_store_event)
-        self.live = live.LiveHub.from_config(config, store, getattr(store, "shared", False))
+        store.observe_storage(self.metrics.on_storage_request)
+        self.live = live.LiveHub.from_config(config, store, store.capabilities.shared)
         store.add_listener(self.live.on_store_event)
         # tus works through the store in both modes (its records: the ledger, or the bucket);
         # processing picks its own queue the same way (processing.open_queue)
@@ -495,7 +499,7 @@ class M1Server(ThreadingHTTPServer):
         self.cors_exposed_headers = cors.EXPOSED_HEADERS + tuple(tus.EXPOSED_HEADERS)
         # run on SIGTERM before in-flight requests: they end the long-lived responses
         self.stop_hooks = [self.events.close, self.live.close]
-        if getattr(store, "shared", False):     # several nodes: what the others did, too
+        if store.capabilities.shared:          # several nodes: what the others did, too
             relay = events.StoreRelay(self.events, self.status_of)
             self.stop_hooks.append(relay.stop)
         self.stopping = False
@@ -648,7 +652,10 @@ class Handler(BaseHTTPRequestHandler):
                                            "client sent nothing for %gs" % self.timeout))
         except (ConnectionError, BrokenPipeError):
             self.close_connection = True                 # the client left; nobody to tell
-        except Exception:
+        except Exception as error:
+            full = localdisk.disk_full_error(error)       # ENOSPC, SQLite's "disk is full"
+            if full is not None:
+                return self.send_error_json(full)
             logging.getLogger("m1server").exception("unexpected error on %s %s", self.command,
                                                     _printable(auth.redact(self.path)))
             self.send_error_json(HttpError(500, "internal_error",
@@ -688,19 +695,18 @@ class Handler(BaseHTTPRequestHandler):
             raise HttpError(413, "body_too_large",
                             "body of %d bytes exceeds the %d-byte limit (--max-chunk-size %d)"
                             % (length, body_limit, config.max_chunk_bytes))
-        self.check_free_disk(length)
-        form, part_paths = self.read_form(boundary, length)
-        try:
-            fields, chunk = self.chunk_fields(form)
-            self.server.guard.check_chunk(self, fields["fileId"], fields["chunkIndex"],
-                                          chunk.size)          # token scope and byte budget
-            result = store.put_chunk(
-                fields["fileId"], fields["chunkIndex"], chunk.file.name, chunk.size,
-                is_last=fields["status"] == "completed", mime_type=fields.get("mimeType"),
-                checksum=fields.get("checksum"))
-        finally:
-            for path in part_paths:
-                store.discard(path)
+        with store.room_for(length):              # 507 unless the disk has room (--min-free-disk)
+            form, part_paths = self.read_form(boundary, length)
+            try:
+                fields, chunk = self.chunk_fields(form)
+                budget = self.server.guard.check_chunk(self, fields["fileId"])   # token scope
+                result = store.put_chunk(
+                    fields["fileId"], fields["chunkIndex"], chunk.file.name, chunk.size,
+                    is_last=fields["status"] == "completed", mime_type=fields.get("mimeType"),
+                    checksum=fields.get("checksum"), budget=budget)
+            finally:
+                for path in part_paths:
+                    store.discard(path)
         if result.duplicate:
             self.server.metrics.count("m1_chunks_duplicate_total")
         self.send_json(200, {"success": True, "data": chunk_reply(result)})
@@ -740,10 +746,9 @@ class Handler(BaseHTTPRequestHandler):
         return bytes(buffer)
 
     def check_free_disk(self, length):
-        free = shutil.disk_usage(self.server.config.dir).free
-        if free - length < self.server.config.min_free_disk_bytes:
-            raise HttpError(507, "insufficient_storage",
-                            "not enough free disk for this chunk (--min-free-disk)")
+        """507 unless the disk has room for `length` bytes now (the store's rule; tus)."""
+        with self.server.store.room_for(length):
+            pass
 
     def read_form(self, boundary, length):
         """Stream the body through the parser; the chunk's bytes go to a part file on disk.
@@ -797,12 +802,12 @@ class Handler(BaseHTTPRequestHandler):
         if len(chunks) > 1:
             raise HttpError(400, "duplicate_field", "field file was sent %d times"
                             % len(chunks))
-        if not chunkstore.valid_file_id(fields["fileId"]):
+        if not storage.valid_file_id(fields["fileId"]):
             raise HttpError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
         index = fields["chunkIndex"]
-        if not CHUNK_INDEX_PATTERN.match(index) or int(index) > chunkstore.MAX_CHUNK_INDEX:
+        if not CHUNK_INDEX_PATTERN.match(index) or int(index) > storage.MAX_CHUNK_INDEX:
             raise HttpError(400, "invalid_chunk_index", "chunkIndex must be an integer "
-                            "0..%d written in digits" % chunkstore.MAX_CHUNK_INDEX)
+                            "0..%d written in digits" % storage.MAX_CHUNK_INDEX)
         fields["chunkIndex"] = int(index)
         if fields["status"] not in UPLOAD_STATUSES:
             raise HttpError(400, "invalid_status", "status must be uploading or completed")
@@ -811,7 +816,7 @@ class Handler(BaseHTTPRequestHandler):
     # -- GET /api/video/status/:fileId -------------------------------------------------------
 
     def get_status(self, file_id):
-        if not chunkstore.valid_file_id(file_id):
+        if not storage.valid_file_id(file_id):
             raise HttpError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
         upload = self.server.store.status(file_id)
         self.send_json(200, {"success": True, "data": self.describe(file_id, upload)})
@@ -837,7 +842,7 @@ class Handler(BaseHTTPRequestHandler):
             "nextCursor": encode_cursor(page[-1]) if more else None}})
 
     def delete_upload(self, file_id):
-        if not chunkstore.valid_file_id(file_id):
+        if not storage.valid_file_id(file_id):
             raise HttpError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
         if not self.server.store.delete(file_id):
             raise HttpError(404, "not_found", "no upload %s" % file_id)
@@ -850,12 +855,12 @@ class Handler(BaseHTTPRequestHandler):
         file_id, dot, ext = name.rpartition(".")
         if live.wants_live(self):            # ?live=1: the bytes as they arrive (live.py)
             return live.serve_live(self, file_id, ext)
-        upload = store.status(file_id) if chunkstore.valid_file_id(file_id) else None
+        upload = store.status(file_id) if storage.valid_file_id(file_id) else None
         media = store.open_media(upload) if upload is not None and dot and ext == upload.ext \
             else None
         if media is None:
             raise HttpError(404, "not_found", "no such video")
-        self.send_media(media, chunkstore.MEDIA_TYPES.get(ext, "application/octet-stream"))
+        self.send_media(media, storage.MEDIA_TYPES.get(ext, "application/octet-stream"))
 
     def send_media(self, media, content_type):
         """A stored video with Range (206/416), ETag, If-None-Match, If-Range and
@@ -915,15 +920,18 @@ class Handler(BaseHTTPRequestHandler):
 
     def get_metrics(self):
         store, config = self.server.store, self.server.config
-        active, completed = store.counts()
         gauges = [
-            ("m1_uploads_active", "Uploads not yet complete.", active),
-            ("m1_uploads_completed", "Completed uploads on disk.", completed),
             ("m1_disk_free_bytes", "Free bytes on the upload folder's disk.",
              shutil.disk_usage(config.dir).free),
             ("m1_connections_open", "Open client connections.", self.server.open_connections()),
             ("m1_live_viewers", "Live streams open (live.py).", self.server.live.viewer_count),
         ]
+        try:
+            active, completed = store.counts()
+            gauges[:0] = [("m1_uploads_active", "Uploads not yet complete.", active),
+                          ("m1_uploads_completed", "Completed uploads on disk.", completed)]
+        except ApiError:         # the object store is down: the rest (its retries) still counts
+            pass
         body = self.server.metrics.render(gauges).encode("utf-8")
         self.send_response(200)
         self.send_headers({"Content-Type": "text/plain; version=0.0.4; charset=utf-8",
@@ -1072,7 +1080,7 @@ def status_reply(file_id, upload):
             "state": "completed" if upload.completed else "uploading",
             "chunksReceived": upload.chunks_received, "nextChunkIndex": upload.next_index,
             "missingChunks": upload.missing_chunks(),
-            "mimeType": upload.mime_type or chunkstore.MEDIA_TYPES[upload.ext],
+            "mimeType": upload.mime_type or storage.MEDIA_TYPES[upload.ext],
             "url": "/uploads/%s.%s" % (file_id, upload.ext),
             "createdAt": _utc_iso(upload.created_at)}
     if upload.last_index is not None:
@@ -1092,7 +1100,7 @@ def decode_cursor(text):
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         created_at, file_id = json.loads(raw.decode("utf-8"))
-        if not isinstance(created_at, (int, float)) or not chunkstore.valid_file_id(file_id):
+        if not isinstance(created_at, (int, float)) or not storage.valid_file_id(file_id):
             raise ValueError
         return float(created_at), file_id
     except (ValueError, TypeError, binascii.Error):
@@ -1101,14 +1109,16 @@ def decode_cursor(text):
 
 def readiness_checks(config, store):
     checks = {}
-    probe = os.path.join(store.temp_dir, ".ready-probe")
     try:
-        with open(probe, "wb") as f:
+        probe, f = store.new_part_file()       # where chunks are received; never via a link
+        with f:
             f.write(b"ok")
-        os.remove(probe)
+        store.discard(probe)
         checks["uploadDirWritable"] = {"ok": True}
     except OSError as error:
         checks["uploadDirWritable"] = {"ok": False, "error": error.strerror or str(error)}
+    except ApiError as error:                  # a link stands where the folder should be
+        checks["uploadDirWritable"] = {"ok": False, "error": error.message}
     free = shutil.disk_usage(config.dir).free
     checks["freeDisk"] = {"ok": free >= config.min_free_disk_bytes, "freeBytes": free,
                           "minFreeBytes": config.min_free_disk_bytes}
@@ -1466,7 +1476,8 @@ def open_store(config):
     if config.storage == "local":
         return ChunkStore(config.dir, allow_any_content=config.allow_any_content,
                           max_upload_bytes=config.max_upload_bytes, crash_at=config.crash_at,
-                          journal_chunk_bytes=config.journal_chunk_bytes)
+                          journal_chunk_bytes=config.journal_chunk_bytes,
+                          min_free_bytes=config.min_free_disk_bytes)
     import s3client                       # only S3 mode needs http.client, hmac, xml
     import s3store
     try:

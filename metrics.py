@@ -22,7 +22,12 @@ COUNTERS = {
     "m1_chunks_duplicate_total": "Chunks received again with the same bytes.",
     "m1_uploads_completed_total": "Uploads that became complete in this process.",
     "m1_uploads_deleted_total": "Uploads deleted (by request or retention).",
+    "m1_s3_retries_total": "Requests to the object store tried again, by S3 operation.",
+    "m1_s3_failures_total": "Requests to the object store given up after every retry, by "
+                            "S3 operation.",
 }
+# What observe_storage reports, and the labels it may carry: a fixed set (s3client.OPERATIONS).
+STORAGE_OUTCOMES = {"retry": "m1_s3_retries_total", "failure": "m1_s3_failures_total"}
 HISTOGRAM = ("m1_http_request_duration_seconds",
              "Time from the request line to the response, by route.")
 
@@ -52,7 +57,7 @@ class Metrics:
             row[-1] += 1
 
     def on_store_event(self, event):
-        """A chunkstore listener: counts what the store did."""
+        """A store listener (add_listener): counts what the store did."""
         if event["type"] == "chunk":
             self.count("m1_chunks_stored_total")
             self.count("m1_chunk_bytes_received_total", event["size"])
@@ -60,6 +65,13 @@ class Metrics:
             self.count("m1_uploads_completed_total")
         elif event["type"] == "deleted":
             self.count("m1_uploads_deleted_total")
+
+    def on_storage_request(self, operation, outcome):
+        """The store's observe_storage callback: a request to S3 was retried or given up.
+        `operation` comes from s3client's fixed set, so the label set stays bounded."""
+        name = STORAGE_OUTCOMES.get(outcome)
+        if name is not None:
+            self.count(name, operation=operation)
 
     def render(self, gauges):
         """The exposition text; `gauges` is [(name, help, value)] read at scrape time."""

@@ -87,7 +87,8 @@ import threading
 import time
 import uuid
 
-import chunkstore
+import localdisk
+import storage
 from apierror import ApiError
 
 log = logging.getLogger("m1server.processing")
@@ -206,7 +207,7 @@ class JobInterrupted(Exception):
     """The server is stopping (or the upload was forgotten): leave the job for later."""
 
 
-class Processor(chunkstore.EventSource):
+class Processor(storage.EventSource):
     """Processes completed uploads in the background. Thread-safe; one per server. Its
     listeners (add_listener) get the processing/ready/failed events of the module docstring,
     from a worker thread; they must return at once (exceptions are logged)."""
@@ -246,7 +247,7 @@ class Processor(chunkstore.EventSource):
     def available(self):
         return self.mode != "off" and self.queue is not None and not self.unavailable_reason
 
-    # -- events (add_listener, _emit: chunkstore.EventSource) ------------------------------
+    # -- events (add_listener, _emit: storage.EventSource) ---------------------------------
 
     def _on_store_event(self, event):
         # Queued even without ffmpeg: a restart that finds it, or (shared queue) another
@@ -389,7 +390,7 @@ class Processor(chunkstore.EventSource):
         presigned redirect), or None unless a finished job made it. Only names of
         DERIVATIVE_TYPES ever reach the store, with a validated fileId."""
         if name not in DERIVATIVE_TYPES or self.queue is None or \
-                not chunkstore.valid_file_id(file_id):
+                not storage.valid_file_id(file_id):
             return None
         upload = self.store.status(file_id)
         if upload is None or not upload.completed:
@@ -781,11 +782,12 @@ class _Progress:
 # ---------------------------------------------------------------------------------------------
 
 def open_queue(store, lease_s=JOB_LEASE_S):
-    """The queue for `store`: a store that can change a job by compare-and-swap
-    (s3store.S3Store.change_job) shares its jobs between every node on its bucket
-    (SharedJobQueue); any other keeps them in SQLite in its upload folder (JobQueue). Both
-    offer the same methods, so nothing else in this module knows which it has."""
-    if hasattr(store, "change_job"):
+    """The queue for `store`: a store that declares shared jobs (storage.Capabilities.
+    shared_jobs: s3store.S3Store.change_job, by compare-and-swap) shares its jobs between
+    every node on its bucket (SharedJobQueue); any other keeps them in SQLite in its upload
+    folder (JobQueue). Both offer the same methods, so nothing else in this module knows
+    which it has."""
+    if store.capabilities.shared_jobs:
         return SharedJobQueue(store, store.root, lease_s)
     return JobQueue(os.path.join(store.root, JOBS_DB_NAME),
                     os.path.join(store.root, DERIVED_DIR_NAME))
@@ -881,7 +883,8 @@ class JobQueue:
     def backfill(self, store):
         """Queue the uploads completed since this queue was created that have no job (their
         "completed" event was lost to a crash, or came before ffmpeg was found)."""
-        return self.add_missing(store.completed_ids(since=self.created_at))
+        return self.add_missing([upload.file_id for upload in
+                                 store.completed_since(self.created_at)])
 
     def add_missing(self, file_ids):
         """Queue every upload of `file_ids` that has no job, in one transaction; returns how
@@ -966,8 +969,9 @@ class JobQueue:
         """The upload is deleted: drop its row and whatever derivatives a run that raced the
         deletion put back into derived/<fileId>/ (the store's delete took the rest)."""
         self.delete(file_id)
-        if self.derived_dir is not None and chunkstore.valid_file_id(file_id):
-            shutil.rmtree(os.path.join(self.derived_dir, file_id), ignore_errors=True)
+        if self.derived_dir is not None and storage.valid_file_id(file_id):
+            localdisk.remove_below(os.path.dirname(self.derived_dir),   # never through a link
+                                   (DERIVED_DIR_NAME, file_id))
 
     def job_of(self, upload):
         return self.load(upload.file_id)
@@ -1254,7 +1258,7 @@ class SharedJobQueue:
             except (OSError, ValueError, KeyError, TypeError):   # a write a crash cut short
                 with contextlib.suppress(OSError):
                     os.remove(path)
-        return [entry for entry in found if chunkstore.valid_file_id(entry[0])]
+        return [entry for entry in found if storage.valid_file_id(entry[0])]
 
     def requeue_after_crash(self, file_id, limit):
         """The job itself is in the bucket, still `running` under this node's old token:
@@ -1286,7 +1290,7 @@ def _node_id(path):
     try:
         with open(path, encoding="utf-8") as f:
             value = f.read().strip()
-        if chunkstore.valid_file_id(value):
+        if storage.valid_file_id(value):
             return value
     except OSError:
         pass

@@ -17,6 +17,10 @@ What it does:
     429 and 503 SlowDown; the body is sent again from the start on each attempt. A request that
     may have taken effect before its answer was lost is retried too: callers make each of
     their writes safe to repeat (a conditional write that already happened answers 412).
+    Each retry is logged (a warning with the operation, e.g. PutObject, and the attempt), and
+    so is a request given up after the last attempt; `observer(operation, "retry" |
+    "failure")`, when set, hears of both (m1server counts them in /metrics). Operation names
+    are a fixed set (OPERATIONS), so they are safe as metric labels.
   * Every refusal becomes an S3Error with the HTTP status, S3's error code (NoSuchKey,
     AccessDenied, ...), its message and request id, parsed from the XML error body.
 
@@ -31,6 +35,7 @@ import datetime
 import hashlib
 import hmac
 import http.client
+import logging
 import os
 import random
 import re
@@ -58,6 +63,12 @@ MAX_PRESIGN_S = 7 * 86400              # SigV4 presigned URLs last at most a wee
 MAX_LIST_KEYS = 1000                   # what ListObjectsV2 returns at most per page
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 RETRY_CODES = ("SlowDown", "InternalError", "RequestTimeout", "ServiceUnavailable")
+OPERATIONS = ("PutObject", "GetObject", "HeadObject", "DeleteObject", "ListObjectsV2",
+              "CreateMultipartUpload", "UploadPart", "UploadPartCopy",
+              "CompleteMultipartUpload", "AbortMultipartUpload", "ListMultipartUploads",
+              "CreateBucket", "other")
+
+log = logging.getLogger("m1server.s3client")
 S3_XML_NS = re.compile(r"^\{[^}]*\}")
 
 # RFC 3986 unreserved characters: the only ones SigV4 leaves unencoded.
@@ -354,6 +365,7 @@ class S3Client:
         self.timeout = timeout
         self.attempts = max(1, int(attempts))
         self.service = service
+        self.observer = None              # observer(operation, "retry" | "failure")
         self._idle = []
         self._idle_lock = threading.Lock()
 
@@ -528,6 +540,7 @@ class S3Client:
         last_error = None
         for attempt in range(self.attempts):
             if attempt:
+                self._report(method, key, query, headers, "retry", attempt, last_error)
                 time.sleep(random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** attempt)))
             try:
                 connection, response = self._send(method, path, target, query, headers or {},
@@ -550,7 +563,24 @@ class S3Client:
                 last_error = error
                 continue
             raise error
+        self._report(method, key, query, headers, "failure", self.attempts, last_error)
         raise last_error
+
+    def _report(self, method, key, query, headers, outcome, attempt, error):
+        """Log a retry (before attempt `attempt` + 1) or a request given up, and tell the
+        observer."""
+        operation = operation_name(method, key, query, headers)
+        if outcome == "retry":
+            log.warning("S3 %s %s: attempt %d of %d failed (%s); trying again", operation,
+                        key or "", attempt, self.attempts, error)
+        else:
+            log.warning("S3 %s %s: giving up after %d attempts (%s)", operation, key or "",
+                        attempt, error)
+        if self.observer is not None:
+            try:
+                self.observer(operation, outcome)
+            except Exception:
+                log.exception("the S3 request observer failed")
 
     def _path(self, key):
         if key is None:
@@ -608,6 +638,23 @@ class S3Client:
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
+def operation_name(method, key, query=(), headers=None):
+    """The S3 API operation a request is (one of OPERATIONS), from its method and query."""
+    names = set(name for name, _ in query)
+    if key is None:
+        if method == "PUT":
+            return "CreateBucket"
+        return "ListMultipartUploads" if "uploads" in names else "ListObjectsV2"
+    if method == "PUT" and "partNumber" in names:
+        copy = "x-amz-copy-source" in (headers or {})
+        return "UploadPartCopy" if copy else "UploadPart"
+    if method == "POST":
+        return "CreateMultipartUpload" if "uploads" in names else "CompleteMultipartUpload"
+    if method == "DELETE":
+        return "AbortMultipartUpload" if "uploadId" in names else "DeleteObject"
+    return {"PUT": "PutObject", "GET": "GetObject", "HEAD": "HeadObject"}.get(method, "other")
+
 
 def _length(body):
     if isinstance(body, FileRegion):

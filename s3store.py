@@ -1,8 +1,10 @@
-"""s3store.py - the chunk store on S3-compatible object storage, shared by any number of nodes.
+"""s3store.py - the storage contract on S3-compatible object storage, shared by any number of
+nodes.
 
-The same interface as chunkstore.ChunkStore (what m1server.py calls on `store`), with no state
-but the bucket: every node answers every request from what the bucket holds, so several
-m1server processes behind a load balancer need no sticky sessions. docs/s3.md has the whole
+S3Store implements storage.Store (the guarantees and the chunk rules every store shares are
+there; chunkstore.ChunkStore is the local backend) with no state but the bucket: every node
+answers every request from what the bucket holds, so several m1server processes behind a load
+balancer need no sticky sessions. docs/s3.md has the whole
 design; in short, for an upload <id> under the prefix P:
 
   P/uploads/<id>/manifest.json       the upload's metadata; created with If-None-Match: *,
@@ -44,6 +46,13 @@ What it guarantees (SPEC section 1 over S3):
     the upload (a chunk, a status) or the sweep finishes what a dead node left.
   * Listeners get ChunkStore's events of what this node did, in the same order: one "chunk"
     per new chunk, and "completed" after the chunk that completed the upload.
+  * A deletion by the retention sweep never takes a chunk that any node acknowledged: the
+    sweep marks the manifest `expiring` (compare-and-swap), reads the upload's chunks again,
+    and sets `deleting` only while its mark is still there; a node that stores a new chunk
+    reads the manifest after its PUT and clears such a mark, or, finding `deleting`, starts
+    the chunk afresh as a chunk that comes after a deletion does (delete, _after_store).
+  * Every retried or abandoned request is logged with its operation and attempt
+    (s3client.py) and reported to observe_storage's callback (/metrics counts them).
 
 What it does not do: serve an upload's bytes by Range before it is complete (a multipart upload
 cannot be read until it is completed; read_appended reads the chunk objects instead); pass single
@@ -59,18 +68,19 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import s3client
-import chunkstore
-from chunkstore import (DEFAULT_EXTENSION, INCOMING_DIR_NAME, MEDIA_TYPES, TEMP_DIR_NAME,
-                        ChunkResult, StoreError, UploadState, _CrashPoint, _KeyedLocks,
-                        _sha256_file, extension_for, valid_file_id)
+from localdisk import UploadFolder
 from s3client import FileRegion, S3ConnectionError, S3Error
+from storage import (DEFAULT_EXTENSION, DUPLICATE, MEDIA_TYPES, Capabilities, ChunkResult,
+                     KeyedLocks, Media, MediaRange, Store, StoreError, UploadState, Workers,
+                     check_chunk_request, check_completion, check_derivative_name,
+                     choose_extension, extension_for, is_complete, is_expired, sha256_file,
+                     valid_file_id)
 
 log = logging.getLogger("m1server.s3store")
 
@@ -136,7 +146,7 @@ def open_store(config):
     return S3Store(client, prefix, config.dir, allow_any_content=config.allow_any_content,
                    max_upload_bytes=config.max_upload_bytes, part_bytes=config.s3_part_size,
                    presign=config.s3_presign, crash_at=config.crash_at,
-                   one_shot=config.one_shot)
+                   one_shot=config.one_shot, min_free_bytes=config.min_free_disk_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,10 +209,10 @@ class Manifest:
 
 
 class ObjectUploadState(UploadState):
-    """chunkstore's UploadState, with the manifest it was read from."""
+    """storage.UploadState, with the manifest it was read from."""
 
-    def __init__(self, row, stashed, manifest):
-        UploadState.__init__(self, row, stashed)
+    def __init__(self, row, stashed, stashed_bytes, manifest):
+        UploadState.__init__(self, row, stashed, stashed_bytes)
         self.manifest = manifest
 
 
@@ -223,54 +233,48 @@ class _Progress:
         self.stashed = sorted(i for i in chunks
                               if i > index and (last is None or i <= last))
         self.stashed_bytes = sum(chunks[i].size for i in self.stashed)
-        self.highest = max([index - 1] + self.stashed)
         self.updated_at = max([manifest.updated_at] + [info.last_modified
                                                        for info in chunks.values()])
 
     def complete(self, manifest):
-        return manifest.last_index is not None and self.next_index == manifest.last_index + 1
+        return is_complete(self.next_index, manifest.last_index)
 
 
 # ---------------------------------------------------------------------------------------------
 # The store
 # ---------------------------------------------------------------------------------------------
 
-class S3Store(chunkstore.EventSource):
+class S3Store(Store):
     """Chunks of many uploads into one object each, on a bucket shared by many nodes."""
 
-    shared = True        # other nodes change uploads too (events.StoreRelay relays it)
+    # Other nodes change uploads too (events.StoreRelay relays it); tus's records and
+    # processing's jobs live in the bucket, where every node sees them.
+    capabilities = Capabilities(shared=True, shared_records=True, shared_jobs=True)
 
     def __init__(self, client, prefix, root, allow_any_content=False, max_upload_bytes=None,
                  part_bytes=DEFAULT_PART_BYTES, presign=False, crash_at=None,
-                 one_shot=False):
+                 one_shot=False, min_free_bytes=None):
+        # Part files are local: a chunk is on this disk once (its part file) while stored.
+        Store.__init__(self, UploadFolder(root, min_free_bytes, copies=1), allow_any_content,
+                       max_upload_bytes, crash_at)
         self.client = client
         self.bucket = client.bucket
         self.prefix = prefix.strip("/")
-        self.root = os.path.abspath(root)
-        self.temp_dir = os.path.join(self.root, TEMP_DIR_NAME)
-        self.incoming_dir = os.path.join(self.temp_dir, INCOMING_DIR_NAME)
-        for path in (self.root, self.temp_dir, self.incoming_dir):
-            os.makedirs(path, exist_ok=True)
-        self.allow_any_content = allow_any_content
-        self.max_upload_bytes = max_upload_bytes
         self.part_bytes = choose_part_bytes(part_bytes, max_upload_bytes)
         self.presign = presign
         self._probe = s3client.S3Client(
             client.bucket, endpoint=client.endpoint, region=client.region,
             credentials=client.credentials, addressing=client.addressing,
             timeout=READY_TIMEOUT_S, attempts=1)
-        self._crash = _CrashPoint(crash_at)
-        self._locks = _KeyedLocks()           # one upload's chunk decisions on this node
-        self._fold_locks = _KeyedLocks()      # one upload's folding on this node
-        self._listeners = []
+        self._fold_locks = KeyedLocks()       # one upload's folding on this node
         self._records = {}                    # fold record cache: key -> [(size, sha256)]
         self._records_lock = threading.Lock()
         self._counts = (0.0, None)
         self.one_shot = one_shot              # `gc`: one sweep does everything, then exit
         # A full listing of the bucket: not at every node's start-up, only in a one-shot gc.
         self._last_orphan_scan = None if one_shot else time.monotonic()
-        self._folder = _Workers("m1-fold", FOLD_WORKERS, self._fold_in_background)
-        self._hasher = _Workers("m1-s3-hash", 1, self._hash_in_background)
+        self._folder = Workers("m1-fold", FOLD_WORKERS, self._fold_in_background)
+        self._hasher = Workers("m1-s3-hash", 1, self._hash_in_background)
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -306,61 +310,52 @@ class S3Store(chunkstore.EventSource):
 
     # -- receiving --------------------------------------------------------------------------
 
-    def new_part_file(self):
-        path = os.path.join(self.incoming_dir, uuid.uuid4().hex + ".part")
-        return path, open(path, "w+b")
-
-    def discard(self, path):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-
     def put_chunk(self, file_id, index, part_path, size, is_last, mime_type=None,
-                  checksum=None):
+                  checksum=None, budget=None):
         """Store chunk `index` of `file_id` from `part_path` (removed afterwards). Returns a
         ChunkResult once the chunk object exists in the bucket; raises StoreError."""
         try:
-            digest = self._check_request(file_id, index, part_path, mime_type, checksum)
+            digest = sha256_file(part_path)     # every chunk object carries it (duplicates)
+            check_chunk_request(file_id, index, part_path, mime_type, checksum,
+                                self.allow_any_content, sha256=digest)
             with self._storage_errors(), self._locks.held(file_id):
-                return self._put_locked(file_id, index, part_path, size, digest, is_last,
-                                        mime_type)
+                for _ in range(CAS_ATTEMPTS):
+                    try:
+                        return self._put_locked(file_id, index, part_path, size, digest,
+                                                is_last, mime_type, budget)
+                    except _DeletedMeanwhile:
+                        continue            # the chunk comes after the deletion: afresh
+                raise StoreError(503, "storage_contention",
+                                 "upload %s was deleted again and again meanwhile" % file_id)
         finally:
             self.discard(part_path)
 
-    def _check_request(self, file_id, index, part_path, mime_type, checksum):
-        """The checks ChunkStore makes before it stores anything; returns the chunk's sha256
-        (every chunk object carries it, to tell duplicates from conflicts)."""
-        digest = _sha256_file(part_path)
-        chunkstore.check_chunk_request(file_id, index, part_path, mime_type, checksum,
-                                       self.allow_any_content, sha256=digest)
-        return digest
-
-    def _put_locked(self, file_id, index, part_path, size, digest, is_last, mime_type):
+    def _put_locked(self, file_id, index, part_path, size, digest, is_last, mime_type,
+                    budget):
         manifest = self._load_live(file_id)
         if manifest is None:
-            self._check_upload_size(0, size)
+            self.decide(UploadState.unknown(file_id), index, None, size, is_last, mime_type,
+                        budget)                     # refused before anything is created
             manifest = self._create(file_id, mime_type)
         chunks = self._chunks(manifest)
-        progress = _Progress(manifest, chunks)
+        upload = self._state(manifest, _Progress(manifest, chunks))
         known = self._known_chunk(manifest, chunks, index)
-        duplicate = known is not None
-        if duplicate and known != (size, digest):
-            raise StoreError(409, "chunk_conflict",
-                             "chunk %d was already received with other bytes" % index)
-        self._check_completion(manifest, progress, index, is_last)
-        manifest = self._check_mime_type(manifest, progress, mime_type)
+        if known is None and index < upload.next_index:
+            manifest = self._check_alive(manifest)  # its object went with a deletion?
+        kind, _ = self.decide(upload, index, None if known is None else known == (size, digest),
+                              size, is_last, mime_type, budget)
+        duplicate = kind == DUPLICATE
+        manifest = self._record_type(manifest, mime_type)
         if not duplicate:
-            self._check_upload_size(progress.bytes + progress.stashed_bytes, size)
             duplicate = self._store_chunk(manifest, index, part_path, size, digest)
             chunks[index] = s3client.ObjectInfo(self._chunk_key(manifest, index), size, None,
                                                 time.time())
         self._crash.passed("chunk_stored")
-        # Read the manifest again after the chunk PUT: a fold by another node may have moved
-        # on meanwhile; the listing taken before this read is then consistent with it.
-        manifest = self._reload(manifest)
+        manifest = self._after_store(manifest, stored=not duplicate)
         if index < manifest.folded_chunks and not duplicate:
             duplicate = self._settle_folded_chunk(manifest, index, size, digest)
         if is_last:
-            manifest = self._record_last_index(manifest, chunks, index)
+            manifest = self._record_last_index(manifest, index)
         progress = _Progress(manifest, chunks)
         if manifest.last_index is not None and not progress.complete(manifest) and \
                 not manifest.completed:
@@ -387,6 +382,27 @@ class S3Store(chunkstore.EventSource):
         if announce:
             self._emit_chunk(file_id, index, size, upload.bytes_appended, upload.next_index)
         return ChunkResult(file_id, index, duplicate, upload)
+
+    def _after_store(self, m, stored):
+        """The manifest, read again after the chunk PUT: a fold by another node may have moved
+        on meanwhile (the listing taken before is consistent with it). A deletion that won
+        meanwhile took our chunk with it (_DeletedMeanwhile: start afresh); a sweep's
+        `expiring` mark is cleared, so that it cannot delete the chunk we acknowledge."""
+        m = self._check_alive(m)
+        if stored and m.data.get("expiring"):
+            m = self._update(m, _revive, touch=False)
+            if m.deleting:
+                self._finish_delete(m)
+                raise _DeletedMeanwhile()
+        return m
+
+    def _check_alive(self, m):
+        """The upload's manifest now; _DeletedMeanwhile when `m`'s upload is gone or going
+        (a deletion found cut short is finished first)."""
+        fresh = self._load_live(m.file_id)
+        if fresh is None or fresh.generation != m.generation:
+            raise _DeletedMeanwhile()
+        return fresh
 
     def _emit_chunk(self, file_id, index, size, bytes_received, next_index):
         self._emit("chunk", file_id, index=index, size=size, bytesReceived=bytes_received,
@@ -428,71 +444,36 @@ class S3Store(chunkstore.EventSource):
         self._delete_quietly(self._chunk_key(m, index))
         return True
 
-    # -- decisions (as ChunkStore makes them, from what the bucket holds) -------------------
+    # -- decisions the bucket records --------------------------------------------------------
 
-    def _check_completion(self, m, progress, index, is_last):
-        last = m.last_index
-        if last is not None and index > last:
-            raise StoreError(409, "completion_conflict",
-                             "chunk %d is past the last chunk %d" % (index, last))
-        if is_last and last is not None and index != last:
-            raise StoreError(409, "completion_conflict",
-                             "the last chunk is already %d, not %d" % (last, index))
-        if is_last and last is None and progress.highest > index:
-            raise StoreError(409, "completion_conflict",
-                             "chunk %d cannot be the last: chunk %d was received"
-                             % (index, progress.highest))
-
-    def _check_mime_type(self, m, progress, mime_type):
-        wanted = extension_for(mime_type)
-        if wanted is None or (wanted == m.ext and m.mime_type is not None):
+    def _record_type(self, m, mime_type):
+        """The first chunk that names a mimeType records it (decide has checked it). The
+        extension names the final object, so it may change only before any byte of that
+        object exists: the change below asks the rule again against what it finds."""
+        if mime_type is None or m.mime_type is not None:
             return m
-        if wanted != m.ext and not (m.mime_type is None and progress.next_index == 0):
-            raise StoreError(409, "mime_type_conflict",
-                             "upload is %s, this chunk says %s" % (m.ext, mime_type))
 
         def change(data):
-            # The extension names the final object: it may change only before any byte of
-            # that object exists (no multipart upload, no part, not complete).
             started = data.get("uploadId") or data.get("parts") or data.get("completedAt")
-            if wanted != data["ext"] and (data.get("mimeType") is not None or started):
-                raise StoreError(409, "mime_type_conflict", "upload is %s, this chunk says %s"
-                                 % (data["ext"], mime_type))
+            wanted = choose_extension(mime_type, data["ext"], data.get("mimeType"),
+                                      bool(started))
             if data.get("mimeType") is not None:
                 return False
             data["mimeType"], data["ext"] = mime_type, wanted
             return True
         return self._update(m, change)
 
-    def _check_upload_size(self, so_far, size):
-        if self.max_upload_bytes is not None and so_far + size > self.max_upload_bytes:
-            raise StoreError(413, "upload_too_large", "upload would be %d bytes; the limit is "
-                             "%d" % (so_far + size, self.max_upload_bytes))
-
-    def _record_last_index(self, m, chunks, index):
+    def _record_last_index(self, m, index):
         def change(data):
-            last = data.get("lastIndex")
-            if last == index:
+            # another node may have recorded a last index since we read the manifest
+            check_completion(index, True, data.get("lastIndex"), -1)
+            if data.get("lastIndex") == index:
                 return False
-            if last is not None:
-                raise StoreError(409, "completion_conflict",
-                                 "the last chunk is already %d, not %d" % (last, index))
             data["lastIndex"] = index
             return True
         return self._update(m, change)
 
     # -- reading ----------------------------------------------------------------------------
-
-    def bytes_held(self, file_id):
-        """As ChunkStore.bytes_held: assembled plus early chunks (auth's byte budget)."""
-        with self._storage_errors():
-            manifest = self._load_live(file_id)
-            if manifest is None:
-                return 0
-            if manifest.completed:
-                return manifest.size or 0
-            progress = _Progress(manifest, self._chunks(manifest))
-            return progress.bytes + progress.stashed_bytes
 
     def status(self, file_id):
         """The upload's state from the bucket (None when unknown). An upload whose chunks
@@ -508,8 +489,6 @@ class S3Store(chunkstore.EventSource):
                 return self._state(manifest, None)
             chunks = self._chunks(manifest)
             manifest = self._reload(manifest)
-            if manifest is None:
-                return None
             if manifest.completed:
                 return self._state(manifest, None)
             progress = _Progress(manifest, chunks)
@@ -533,19 +512,19 @@ class S3Store(chunkstore.EventSource):
 
     def _state(self, m, progress):
         if m.completed:
-            next_index, size, stashed = m.last_index + 1, m.size, []
+            next_index, size, stashed, waiting = m.last_index + 1, m.size, [], 0
             updated = m.completed_at
         else:
             next_index, size, stashed = progress.next_index, progress.bytes, progress.stashed
-            updated = progress.updated_at
+            updated, waiting = progress.updated_at, progress.stashed_bytes
         row = (m.file_id, m.mime_type, m.ext, next_index, size, m.last_index, m.created_at,
                updated, m.completed_at, m.sha256)
-        return ObjectUploadState(row, stashed, m)
+        return ObjectUploadState(row, stashed, waiting, m)
 
     def open_media(self, upload):
         """The assembled video to serve (or a redirect to it); None while it is incomplete
         or empty: an unfinished multipart upload cannot be read."""
-        m = getattr(upload, "manifest", None)
+        m = upload.manifest if upload is not None else None
         if m is None or not m.completed or not m.size:
             return None
         key = self._final_key(m)
@@ -680,23 +659,46 @@ class S3Store(chunkstore.EventSource):
 
     # -- deletion, retention ----------------------------------------------------------------
 
-    def delete(self, file_id):
-        """Remove an upload everywhere; False when unknown. Crash-safe: the manifest is first
-        marked `deleting` (the intent), then the multipart upload is aborted and every object
-        of its generation deleted, then the index entries, the manifest last. Whoever reads a
+    def delete(self, file_id, unless=None, reason="requested"):
+        """Remove an upload everywhere; False when unknown (or when `unless(upload)`, asked
+        under the upload's lock, says to keep it). Emits "deleted" with `reason` and whether
+        it had completed. Crash-safe: the manifest is first marked `deleting` (the intent,
+        _mark_deleting), then the multipart upload is aborted and every object of its
+        generation deleted, then the index entries, the manifest last. Whoever reads a
         `deleting` manifest finishes the deletion."""
         if not valid_file_id(file_id):
             return False
         with self._storage_errors(), self._locks.held(file_id):
             manifest = self._load(file_id)
+            if manifest is not None and not manifest.deleting:
+                manifest = self._mark_deleting(manifest, unless)
             if manifest is None:
                 return False
-            if not manifest.deleting:
-                manifest = self._update(manifest, _mark_deleting)
             self._finish_delete(manifest)
         log.info("upload %s deleted", file_id)
-        self._emit("deleted", file_id)
+        self._emit("deleted", file_id, reason=reason, completed=manifest.completed)
         return True
+
+    def _mark_deleting(self, m, unless):
+        """Set `deleting` by compare-and-swap; the manifest afterwards, or None to keep the
+        upload. With `unless` (the sweep's second look) in two steps, so that no chunk a node
+        acknowledges is deleted: an `expiring` mark first (a node that stores a new chunk
+        clears it, _after_store), then the upload is read again and asked `unless`, and
+        `deleting` is set only while the mark is still there."""
+        try:
+            if unless is None:
+                return self._update(m, _mark_deleting)
+            token = uuid.uuid4().hex
+            m = self._update(m, lambda data: _mark_expiring(data, token), touch=False)
+            if unless(self._snapshot(m)):
+                self._update(m, lambda data: _unmark_expiring(data, token), touch=False)
+                return None
+            m = self._update(m, lambda data: _expire(data, token))
+        except StoreError as error:
+            if error.code == "upload_gone":
+                return None
+            raise
+        return m if m.deleting else None
 
     def _finish_delete(self, m):
         if m.upload_id:
@@ -716,15 +718,16 @@ class S3Store(chunkstore.EventSource):
                 raise
 
     def expired(self, now, incomplete_ttl=None, retention=None):
+        """Ids of the uploads storage.is_expired names; deletions and creations that a dead
+        node left half done are finished or removed on the way."""
         with self._storage_errors():
             ids = []
             stale = []
             for m in self._indexed_uploads(stale=stale):
-                if m.completed:
-                    if retention is not None and m.completed_at < now - retention:
-                        ids.append(m.file_id)
-                elif incomplete_ttl is not None:
-                    if _Progress(m, self._chunks(m)).updated_at < now - incomplete_ttl:
+                if m.completed or incomplete_ttl is not None:
+                    state = self._snapshot(m)
+                    if is_expired(state.completed_at, state.updated_at, now, incomplete_ttl,
+                                  retention):
                         ids.append(m.file_id)
             for info, manifest in stale:
                 if manifest is None or manifest.deleting:
@@ -735,15 +738,12 @@ class S3Store(chunkstore.EventSource):
             return ids
 
     def sweep(self, incomplete_ttl=None, retention=None, now=None):
-        """Delete expired uploads, finish what crashed nodes left (every node may run this:
-        each step is safe to repeat), and once every ORPHAN_SCAN_INTERVAL_S remove orphaned
-        objects (at once in `m1server.py gc`)."""
+        """Delete expired uploads (storage.Store.sweep: each re-checked under its lock),
+        finish what crashed nodes left (every node may run this: each step is safe to
+        repeat), and once every ORPHAN_SCAN_INTERVAL_S remove orphaned objects (at once in
+        `m1server.py gc`)."""
         now = time.time() if now is None else now
-        deleted = []
-        for file_id in self.expired(now, incomplete_ttl, retention):
-            if self.delete(file_id):
-                log.info("retention: removed %s", file_id)
-                deleted.append(file_id)
+        deleted = Store.sweep(self, incomplete_ttl, retention, now)
         self.finish_abandoned()
         if self._last_orphan_scan is None or \
                 time.monotonic() - self._last_orphan_scan > ORPHAN_SCAN_INTERVAL_S:
@@ -811,10 +811,11 @@ class S3Store(chunkstore.EventSource):
     # -- start-up ---------------------------------------------------------------------------
 
     def repair(self):
-        """Start-up: part files of requests cut short are removed; the bucket is scanned in the
-        background (starting must stay fast) for uploads a dead node left unfinished."""
-        for name in os.listdir(self.incoming_dir):
-            self.discard(os.path.join(self.incoming_dir, name))
+        """Start-up: part files of requests cut short are removed (localdisk: what is not a
+        part file is set aside); the bucket is scanned in the background (starting must stay
+        fast) for uploads a dead node left unfinished."""
+        self.folder.make_own_dirs((self.temp_dir, self.incoming_dir))
+        self.folder.clear_incoming()
         if self.one_shot:
             return 0                              # gc's sweep scans, in the foreground
 
@@ -832,6 +833,10 @@ class S3Store(chunkstore.EventSource):
         threading.Thread(target=scan, name="m1-s3-repair", daemon=True).start()
         return 0
 
+    def observe_storage(self, callback):
+        """callback(operation, outcome) for each request s3client retried or gave up on."""
+        self.client.observer = callback
+
     def close(self):
         self._folder.stop()
         self._hasher.stop()
@@ -848,9 +853,11 @@ class S3Store(chunkstore.EventSource):
                                    region=self.client.region,
                                    credentials=self.client.credentials,
                                    addressing=self.client.addressing)
+        client.observer = self.client.observer
         return S3Store(client, self._key(name), os.path.join(self.root, name),
                        allow_any_content=allow_any_content,
-                       max_upload_bytes=self.max_upload_bytes, part_bytes=self.part_bytes)
+                       max_upload_bytes=self.max_upload_bytes, part_bytes=self.part_bytes,
+                       min_free_bytes=self.folder.min_free_bytes)
 
     def json_folder(self, name):
         """Small JSON records and empty markers under P/<name>/, shared by every node
@@ -869,13 +876,8 @@ class S3Store(chunkstore.EventSource):
             raise StoreError(404, "not_found", "upload %s is not complete" % upload.file_id)
         path = os.path.join(self.temp_dir, "%s.%s.download" % (uuid.uuid4().hex, upload.ext))
         try:
-            with self._storage_errors(), \
-                    self.client.open_object(media.key) as stream, open(path, "wb") as f:
-                while True:
-                    block = stream.read(STREAM_BLOCK_BYTES)
-                    if not block:
-                        break
-                    f.write(block)
+            with self._storage_errors(), open(path, "wb") as f:
+                self._read_object(media.key, f.write)
             yield path
         finally:
             self.discard(path)
@@ -883,12 +885,13 @@ class S3Store(chunkstore.EventSource):
     def put_derivative(self, upload, name, path, content_type=None):
         """Store a derivative (poster.jpg, remux.webm, ...) of a completed upload."""
         with self._storage_errors():
-            self.client.put_object(self._derived_key(upload.manifest, _derived_name(name)),
+            self.client.put_object(self._derived_key(upload.manifest,
+                                                     check_derivative_name(name)),
                                    FileRegion(path), content_type=content_type)
 
     def open_derivative(self, upload, name):
         """A derivative to serve, like open_media; None when there is none."""
-        key = self._derived_key(upload.manifest, _derived_name(name))
+        key = self._derived_key(upload.manifest, check_derivative_name(name))
         with self._storage_errors():
             try:
                 head = self.client.head_object(key)
@@ -913,8 +916,7 @@ class S3Store(chunkstore.EventSource):
 
     def job_of(self, upload):
         """The `job` field of the manifest `upload` was read from (a copy), or None."""
-        manifest = getattr(upload, "manifest", None)
-        job = manifest.data.get("job") if manifest is not None else None
+        job = upload.manifest.data.get("job") if upload is not None else None
         return copy.deepcopy(job) if job is not None else None
 
     def change_job(self, file_id, change):
@@ -1031,17 +1033,19 @@ class S3Store(chunkstore.EventSource):
             return self._create(file_id, mime_type)
         return manifest
 
-    def _update(self, manifest, change):
+    def _update(self, manifest, change, touch=True):
         """Compare-and-swap: `change(data)` edits a copy and returns True to write it (False:
         nothing to do). A lost race re-reads and asks `change` again, so every change must be
-        written as "make it so" against whatever is there (update_json, at the end)."""
+        written as "make it so" against whatever is there (update_json, at the end). With
+        `touch`, updatedAt says now (retention's marks leave it: it is what they judge by)."""
         if manifest is None:
             raise StoreError(409, "upload_gone", "the upload was deleted meanwhile")
 
         def stamped(data):
             if not change(data):
                 return False
-            data["updatedAt"] = round(time.time(), 3)
+            if touch:
+                data["updatedAt"] = round(time.time(), 3)
             return True
         found = update_json(self.client, self._manifest_key(manifest.file_id),
                             (manifest.data, manifest.etag), stamped)
@@ -1373,12 +1377,7 @@ class S3Store(chunkstore.EventSource):
             if m is None or not m.completed or m.sha256 is not None:
                 return
             digest = hashlib.sha256()
-            with self.client.open_object(self._final_key(m)) as stream:
-                while True:
-                    block = stream.read(STREAM_BLOCK_BYTES)
-                    if not block:
-                        break
-                    digest.update(block)
+            self._read_object(self._final_key(m), digest.update)
             value = digest.hexdigest()
 
             def change(data):
@@ -1392,6 +1391,12 @@ class S3Store(chunkstore.EventSource):
                 self._emit_completed(done)
         except (S3Error, StoreError) as error:
             log.warning("hashing %s failed (retried on a later status): %s", file_id, error)
+
+    def _read_object(self, key, consume):
+        """consume(block) for the whole object at `key`, a block at a time."""
+        with self.client.open_object(key) as stream:
+            for block in iter(lambda: stream.read(STREAM_BLOCK_BYTES), b""):
+                consume(block)
 
     # -- errors -----------------------------------------------------------------------------
 
@@ -1409,7 +1414,7 @@ class S3Store(chunkstore.EventSource):
 # Serving the assembled object
 # ---------------------------------------------------------------------------------------------
 
-class ObjectMedia:
+class ObjectMedia(Media):
     """A completed upload's object: size, ETag, mtime for the headers; `open_range` streams
     bytes from the store, or `redirect_url` sends the client to a presigned URL instead."""
 
@@ -1426,38 +1431,24 @@ class ObjectMedia:
         is sent); the returned reader's send() copies them to the client."""
         with self.store._storage_errors():
             stream = self.store.client.open_object(self.key, (start, start + count - 1))
-        return _StreamRange(stream, count, self.key)
+        return _StreamRange(stream, start, count, self.key)
 
 
-class _StreamRange:
-    def __init__(self, stream, count, key):
-        self._stream = stream
-        self._count = count
-        self._key = key
-
+class _StreamRange(MediaRange):
     def send(self, sock, wfile):
         remaining = self._count
         while remaining > 0:
             try:
-                block = self._stream.read(min(remaining, STREAM_BLOCK_BYTES))
+                block = self._source.read(min(remaining, STREAM_BLOCK_BYTES))
             except OSError as error:
                 block = b""
-                log.warning("object store stopped sending %s: %s", self._key, error)
+                log.warning("object store stopped sending %s: %s", self._name, error)
             if not block:
                 # the status line is out: all we can do is cut the connection short
                 raise ConnectionAbortedError("object store sent %d bytes less than promised"
                                              % remaining)
             wfile.write(block)
             remaining -= len(block)
-
-    def close(self):
-        self._stream.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1491,55 +1482,44 @@ def _mark_deleting(data):
     return True
 
 
-def _derived_name(name):
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise StoreError(400, "invalid_name", "not a derivative name: %r" % name)
-    return name
+def _mark_expiring(data, token):
+    """The sweep's first step: a mark that any node storing a new chunk clears (_revive)."""
+    if data.get("deleting") or data.get("expiring") == token:
+        return False
+    data["expiring"] = token
+    return True
+
+
+def _unmark_expiring(data, token):
+    if data.get("expiring") != token:
+        return False
+    del data["expiring"]
+    return True
+
+
+def _expire(data, token):
+    """The sweep's last step: `deleting`, only while its own mark is still there."""
+    if data.get("deleting") or data.get("expiring") != token:
+        return False
+    del data["expiring"]
+    data["deleting"] = True
+    return True
+
+
+def _revive(data):
+    """A new chunk was stored: a sweep's `expiring` mark must not turn into `deleting`."""
+    if data.get("deleting") or not data.get("expiring"):
+        return False
+    del data["expiring"]
+    return True
+
+
+class _DeletedMeanwhile(Exception):
+    """put_chunk: the upload was deleted while this chunk was being stored; start afresh."""
 
 
 def _json(data):
     return json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")
-
-
-class _Workers:
-    """A few daemon threads working through file ids; an id already waiting is not queued
-    twice."""
-
-    def __init__(self, name, count, work):
-        self._work = work
-        self._queue = queue.Queue()
-        self._pending = set()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, name="%s-%d" % (name, n),
-                                          daemon=True) for n in range(count)]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, file_id):
-        with self._lock:
-            if file_id in self._pending:
-                return
-            self._pending.add(file_id)
-        self._queue.put(file_id)
-
-    def _run(self):
-        while True:
-            file_id = self._queue.get()
-            if file_id is None:
-                return
-            with self._lock:
-                self._pending.discard(file_id)
-            try:
-                self._work(file_id)
-            except Exception:
-                log.exception("background work on %s failed", file_id)
-
-    def stop(self, timeout=5.0):
-        for _ in self._threads:
-            self._queue.put(None)
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 # ---------------------------------------------------------------------------------------------

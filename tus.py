@@ -122,9 +122,9 @@ import uuid
 import zlib
 from urllib.parse import unquote, urlsplit
 
-import chunkstore
+import storage
 from apierror import ApiError
-from chunkstore import StoreError
+from storage import StoreError
 
 log = logging.getLogger("m1server.tus")
 
@@ -471,7 +471,7 @@ class TusEndpoint:
 
     def _resource(self, upload_id):
         """The upload behind /files/<upload_id> (claim held), or 404/410; expires it if due."""
-        record = self.table.get(upload_id) if chunkstore.valid_file_id(upload_id) else None
+        record = self.table.get(upload_id) if storage.valid_file_id(upload_id) else None
         if record is None:
             raise ApiError(404, "not_found", "no such upload")
         if record.expired_at is not None:
@@ -705,7 +705,7 @@ class TusEndpoint:
         if wanted is None:
             return self._new_id("tus_"), mime_type
         file_id = wanted.decode("ascii", "replace")
-        if not chunkstore.valid_file_id(file_id):
+        if not storage.valid_file_id(file_id):
             raise ApiError(400, "invalid_file_id", "metadata fileId must match "
                            "[A-Za-z0-9_-]{1,128}")
         record = self.table.get(file_id)
@@ -979,11 +979,12 @@ class _Claims:
 # ---------------------------------------------------------------------------------------------
 
 def open_table(store):
-    """The one choice point between the two homes of the tus records: a store that keeps
-    shared JSON records (S3Store.json_folder) holds them in its bucket, where every node sees
-    them; otherwise they are a table in the store's ledger file. Both tables have the same
-    methods, so the endpoint does not know which it has."""
-    if hasattr(store, "json_folder"):
+    """The one choice point between the two homes of the tus records: a store that declares
+    shared records (storage.Capabilities.shared_records: S3Store.json_folder) holds them in
+    its bucket, where every node sees them; otherwise they are a table in the store's ledger
+    file (ledger_tables). Both tables have the same methods, so the endpoint does not know
+    which it has."""
+    if store.capabilities.shared_records:
         return _BucketTusTable(store.json_folder(BUCKET_FOLDER))
     return _TusTable(store)
 
@@ -1251,7 +1252,7 @@ class _Resource:
 
     def __init__(self, record, upload, expiry_s):
         self.record = record
-        self.upload = upload                  # chunkstore.UploadState, None before any byte
+        self.upload = upload                  # storage.UploadState, None before any byte
         if record.kind == "final":
             self.offset = record.length if upload is not None and upload.completed else None
         else:
@@ -1392,11 +1393,11 @@ def _mime_type(values):
     """The seed's mimeType for metadata filetype (or a known filename extension)."""
     filetype = values.get("filetype", b"").decode("ascii", "replace").strip()
     if filetype and filetype.lower() != "application/octet-stream":
-        chunkstore.extension_for(filetype)           # 400 / 415 for what we do not store
+        storage.extension_for(filetype)           # 400 / 415 for what we do not store
         return filetype
     filename = values.get("filename", b"").decode("utf-8", "replace")
     ext = filename.rpartition(".")[2].lower() if "." in filename else ""
-    return chunkstore.MEDIA_TYPES.get(ext)
+    return storage.MEDIA_TYPES.get(ext)
 
 
 def _too_large(size, limit):

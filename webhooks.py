@@ -26,7 +26,7 @@ What it guarantees:
     two would lose the event, so at start-up every upload completed within the retry window
     (and after this queue was created) that has no `upload.completed` event gets one.
 
-The event its reasons come from (the store's own events, chunkstore.add_listener):
+The event its reasons come from (the store's own events, storage.EventSource.add_listener):
   completed                          -> upload.completed {fileId, size, sha256, mimeType, url,
                                                           completedAt}
   deleted, reason "requested"        -> upload.deleted {fileId, reason: "requested"}
@@ -60,7 +60,7 @@ import time
 import uuid
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import chunkstore
+import storage
 from apierror import ApiError
 
 log = logging.getLogger("m1server.webhooks")
@@ -280,7 +280,7 @@ class Webhooks:
         return event_id
 
     def on_store_event(self, event):
-        """The chunkstore listener: "chunk" costs nothing; the others queue one event."""
+        """The store listener (add_listener): "chunk" costs nothing; the others queue one event."""
         kind = event["type"]
         if kind == "completed":
             upload = self._store.status(event["fileId"])
@@ -300,7 +300,7 @@ class Webhooks:
     def _publish_completed(self, upload):
         self.publish("upload.completed", upload.file_id, {
             "size": upload.bytes_appended, "sha256": upload.sha256,
-            "mimeType": upload.mime_type or chunkstore.MEDIA_TYPES.get(upload.ext),
+            "mimeType": upload.mime_type or storage.MEDIA_TYPES.get(upload.ext),
             "url": "/uploads/%s.%s" % (upload.file_id, upload.ext),
             "completedAt": utc_iso(upload.completed_at)}, key=repr(upload.completed_at))
 
@@ -308,8 +308,7 @@ class Webhooks:
         since = max(self._queue.created_at, time.time() - self._retry_for)
         # An event is published after its upload completed, so its created_at >= since.
         known = self._queue.event_ids("upload.completed", since)
-        completed_since = getattr(self._store, "completed_since", None)
-        for upload in completed_since(since) if completed_since else ():   # not on S3 yet
+        for upload in self._store.completed_since(since):
             if new_event_id("upload.completed", upload.file_id,
                             repr(upload.completed_at)) not in known:
                 log.warning("webhooks: catching up on upload.completed for %s", upload.file_id)

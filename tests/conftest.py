@@ -238,6 +238,16 @@ def pytest_sessionfinish(session, exitstatus):
 
 _weed = None                       # the session's SeaweedFS, once started (S3 mode, S3 tests)
 _prefixes = iter(range(1, 10 ** 9))
+_prefix_of_dir = {}                # upload folder -> its bucket prefix: the same folder, the
+                                   # same uploads (a restart, `gc`, a second server on it)
+
+
+def s3_prefix_for(upload_dir):
+    """The bucket prefix of the servers started on `upload_dir` under M1_TEST_STORAGE=s3."""
+    key = os.path.abspath(str(upload_dir))
+    if key not in _prefix_of_dir:
+        _prefix_of_dir[key] = "t%d-%s" % (next(_prefixes), os.urandom(3).hex())
+    return _prefix_of_dir[key]
 
 
 def s3_backend():
@@ -362,10 +372,11 @@ class ServerProcess:
         self.env = dict(os.environ)
         self.env.pop("M1_TEST_CRASH_AT", None)
         self.storage = LocalStorageView(self.upload_dir)
+        self.storage_args = []           # what a command on the same storage must add (gc)
         if STORAGE == "s3" and "--storage" not in self.args:
-            prefix = "t%d-%s" % (next(_prefixes), os.urandom(3).hex())
-            extra_args, extra_env = s3_server_args(prefix)
-            self.args += extra_args
+            prefix = s3_prefix_for(self.upload_dir)
+            self.storage_args, extra_env = s3_server_args(prefix)
+            self.args += self.storage_args
             self.env.update(extra_env)
             self.storage = BucketStorageView(s3_backend().client(S3_BUCKET), prefix)
         self.env.update(env or {})
@@ -488,6 +499,39 @@ def server_factory(tmp_path):
 @pytest.fixture
 def server(server_factory):
     return server_factory()
+
+
+SMALL_DISK_BYTES = 20 << 20
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 20 MiB filesystem of the test's own (a tmpfs; mounting needs root, as here and in
+    CI), unmounted whatever happens."""
+    need(hasattr(os, "geteuid") and os.geteuid() == 0, "mounting a small tmpfs needs root")
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%d" % SMALL_DISK_BYTES,
+                              "tmpfs", str(folder)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
+    need(mounted.returncode == 0, "mount -t tmpfs failed: %s" % mounted.stdout[-200:])
+    try:
+        yield str(folder)
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def leave_free(disk, nbytes):
+    """Fill `disk` (a small_disk) with one filler file so that about `nbytes` stay free (in
+    whole pages); returns the bytes actually free."""
+    filler = os.path.join(disk, "filler")
+    with open(filler, "ab") as f:
+        f.truncate(0)
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        if free > nbytes:
+            os.posix_fallocate(f.fileno(), 0, free - nbytes)
+    stat = os.statvfs(disk)
+    return stat.f_bavail * stat.f_frsize
 
 
 @pytest.fixture

@@ -12,7 +12,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import chunkstore  # noqa: E402
-from chunkstore import ChunkStore, StoreError  # noqa: E402
+from chunkstore import ChunkStore  # noqa: E402
+import storage  # noqa: E402
+from storage import StoreError  # noqa: E402
 
 EBML = b"\x1a\x45\xdf\xa3"
 
@@ -203,9 +205,9 @@ def test_checksum_is_verified(store):
 
 
 def test_chunk_index_limits(store):
-    put(store, "i", chunkstore.MAX_CHUNK_INDEX, b"z")           # at the edge: accepted
+    put(store, "i", storage.MAX_CHUNK_INDEX, b"z")           # at the edge: accepted
     with pytest.raises(StoreError) as caught:
-        put(store, "i", chunkstore.MAX_CHUNK_INDEX + 1, b"z")
+        put(store, "i", storage.MAX_CHUNK_INDEX + 1, b"z")
     assert caught.value.code == "invalid_chunk_index"
 
 
@@ -213,7 +215,7 @@ def test_missing_list_is_capped(store):
     put(store, "big", 0, EBML)
     result = put(store, "big", 5000, b"z", last=True)
     missing = result.upload.missing_chunks()
-    assert len(missing) == chunkstore.MAX_MISSING_LISTED
+    assert len(missing) == storage.MAX_MISSING_LISTED
     assert missing[:2] == [1, 2]
 
 
@@ -472,3 +474,199 @@ def test_a_version_1_ledger_gains_the_journal(tmp_path):
     db = sqlite3.connect(str(root / "m1.sqlite3"))
     assert db.execute("PRAGMA user_version").fetchone()[0] == chunkstore.SCHEMA_VERSION == 2
     db.close()
+
+
+# -- a full disk (issue 14): 507 and nothing half-written, whichever write runs out of room ----
+
+def scan_free_space(disk, store, file_id, index, data, last=False):
+    """Try to store chunk `index` with 0, 4 KiB, 8 KiB ... free on the disk (after its part
+    file is written) until it is stored. Every refusal must be a 507 that changed nothing;
+    returns the messages of the disk-full warnings logged on the way."""
+    from conftest import leave_free
+    before = store.status(file_id)
+    causes = []
+    for free in range(0, 4 * len(data) + (256 << 10), 4096):
+        path, f = store.new_part_file()
+        with f:
+            f.write(data)
+        leave_free(disk, free)
+        try:
+            result = store.put_chunk(file_id, index, path, len(data), is_last=last)
+        except StoreError as error:
+            assert (error.status, error.code) == (507, "insufficient_storage"), error.message
+            causes.append(error.message)
+            assert_unchanged(store, file_id, before)
+            continue
+        finally:
+            leave_free(disk, 1 << 30)                 # room again for the checks
+        assert result.index == index and not result.duplicate
+        return causes
+    raise AssertionError("chunk %d was never stored" % index)
+
+
+def assert_unchanged(store, file_id, before):
+    now = store.status(file_id)
+    if before is None:
+        assert now is None or (now.next_index, now.stashed) == (0, [])
+        return
+    assert (now.next_index, now.bytes_appended, now.stashed) == \
+        (before.next_index, before.bytes_appended, before.stashed)
+    media = store.media_path(now)
+    assert not os.path.exists(media) or os.path.getsize(media) == now.bytes_appended
+    assert os.listdir(store.incoming_dir) == []
+    folder = os.path.join(store.temp_dir, file_id)
+    held = sorted(int(n.split(".")[0]) for n in os.listdir(folder)) if os.path.isdir(folder) \
+        else []
+    assert held == now.stashed
+
+
+def test_a_full_disk_refuses_each_kind_of_chunk_with_507_and_keeps_nothing_of_it(
+        small_disk, caplog):
+    import logging
+    caplog.set_level(logging.WARNING, logger="m1server.store")
+    store = ChunkStore(os.path.join(small_disk, "up"))
+    try:
+        small = EBML + os.urandom(32 << 10)            # journaled: its bytes go to the ledger
+        large = os.urandom(300 << 10)                  # fsynced file, small ledger write
+        early = os.urandom(600 << 10)                  # stashed, later larger than the room
+        scan_free_space(small_disk, store, "full", 0, small)
+        scan_free_space(small_disk, store, "full", 1, large)
+        scan_free_space(small_disk, store, "full", 3, early, last=True)
+        scan_free_space(small_disk, store, "full", 2, large)
+        # chunk 3 is appended now, or still waits in temp/ if the disk was full for it (its
+        # retry drains it: a duplicate, answered as one)
+        assert put(store, "full", 3, early, last=True).duplicate
+        upload = store.status("full")
+        assert upload.completed
+        assert assembled(store, "full") == small + large + large + early
+    finally:
+        store.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert "full: chunk 3 waits in temp/ for room on the disk" in messages   # the drain paused
+    logged = " ".join(m for m in messages if "disk full" in m)
+    for step in ("appending chunk 0", "appending chunk 1", "keeping chunk 3 for later"):
+        assert step in logged, step
+    assert "No space left on device" in logged                 # the file ran out of room
+    assert "database or disk is full" in logged                # the ledger's commit did
+    fresh = ChunkStore(os.path.join(small_disk, "up"))
+    try:
+        assert fresh.repair() == 0                             # nothing left to mend
+    finally:
+        fresh.close()
+
+
+def test_room_for_counts_both_copies_and_other_chunks_being_received(tmp_path):
+    import shutil
+    free = shutil.disk_usage(str(tmp_path)).free
+    store = ChunkStore(str(tmp_path / "up"), min_free_bytes=free // 2)
+    try:
+        share = free // 8                       # x2 copies: a quarter of the disk each
+        with store.room_for(share):
+            with pytest.raises(StoreError) as caught:
+                with store.room_for(share + (64 << 20)):
+                    pass                        # the first one's reservation counts too
+            assert (caught.value.status, caught.value.code) == (507, "insufficient_storage")
+        with store.room_for(share):             # released: room again
+            pass
+    finally:
+        store.close()
+
+
+# -- links inside the upload folder (issue 14): never written, renamed into or deleted through --
+
+@pytest.fixture
+def victim(tmp_path):
+    """Somewhere outside the upload folder that a link points at: it must stay as it is."""
+    folder = tmp_path / "victim"
+    folder.mkdir()
+    (folder / "precious").write_bytes(b"keep me")
+    return str(folder)
+
+
+def assert_untouched(victim):
+    assert sorted(os.listdir(victim)) == ["precious"]
+    with open(os.path.join(victim, "precious"), "rb") as f:
+        assert f.read() == b"keep me"
+
+
+def refused_as_unsafe(call, *args, **kw):
+    with pytest.raises(StoreError) as caught:
+        call(*args, **kw)
+    assert (caught.value.status, caught.value.code) == (500, "unsafe_path")
+
+
+def test_a_link_at_the_video_path_is_never_written_through(store, victim):
+    os.symlink(os.path.join(victim, "precious"), os.path.join(store.root, "lnk.webm"))
+    refused_as_unsafe(put, store, "lnk", 0, EBML + b"first chunk")
+    assert_untouched(victim)
+    assert os.listdir(store.incoming_dir) == []
+
+
+def test_a_link_at_an_uploads_temp_folder_is_never_written_into(store, victim):
+    put(store, "tl", 0, EBML + b"first")
+    os.symlink(victim, os.path.join(store.temp_dir, "tl"))
+    refused_as_unsafe(put, store, "tl", 2, b"early chunk")
+    assert_untouched(victim)
+    assert put(store, "tl", 1, b"in order").upload.next_index == 2   # the rest still works
+
+
+def test_a_link_at_the_incoming_folder_is_refused_and_replaced_at_repair(store, victim):
+    os.rmdir(store.incoming_dir)
+    os.symlink(victim, store.incoming_dir)
+    refused_as_unsafe(store.new_part_file)
+    store = reopen(store)
+    try:
+        assert_untouched(victim)
+        assert not os.path.islink(store.incoming_dir)
+        assert put(store, "afterwards", 0, EBML + b"x").upload.next_index == 1
+        assert any("incoming" in name for name in os.listdir(os.path.join(store.root,
+                                                                          "quarantine")))
+    finally:
+        store.close()
+
+
+def test_a_link_at_the_deletion_folder_is_never_renamed_into(store, victim):
+    put(store, "dl", 0, EBML + b"x")
+    os.rmdir(store.deleting_dir)
+    os.symlink(victim, store.deleting_dir)
+    refused_as_unsafe(store.delete, "dl")
+    assert_untouched(victim)
+    assert store.status("dl") is not None and os.path.exists(os.path.join(store.root, "dl.webm"))
+
+
+@pytest.mark.parametrize("where", ["derived", "derived/<id>"])
+def test_links_at_the_derivatives_folders_are_never_written_or_deleted_through(
+        store, victim, tmp_path, where):
+    put(store, "dv", 0, EBML + b"x", last=True)
+    upload = store.status("dv")
+    if where == "derived":
+        os.symlink(victim, store.derived_dir)
+    else:
+        os.makedirs(store.derived_dir)
+        os.symlink(victim, os.path.join(store.derived_dir, "dv"))
+    poster = tmp_path / "poster.jpg"
+    poster.write_bytes(b"jpeg")
+    refused_as_unsafe(store.put_derivative, upload, "poster.jpg", str(poster))
+    assert store.open_derivative(upload, "precious") is None
+    assert store.delete("dv")
+    assert_untouched(victim)
+
+
+def test_repair_sets_links_aside_and_never_acts_on_their_targets(store, victim):
+    put(store, "kept", 0, EBML + b"first")
+    put(store, "kept", 2, b"early")
+    os.symlink(os.path.join(victim, "precious"), os.path.join(store.temp_dir, "kept", "4.chunk"))
+    os.symlink(victim, os.path.join(store.temp_dir, "unknown_upload"))
+    os.makedirs(store.derived_dir)
+    os.symlink(victim, os.path.join(store.derived_dir, "kept"))
+    os.symlink(victim, os.path.join(store.derived_dir, "unknown_upload"))
+    store = reopen(store)
+    try:
+        assert_untouched(victim)
+        upload = store.status("kept")
+        assert (upload.next_index, upload.stashed) == (1, [2])
+        set_aside = os.listdir(os.path.join(store.root, "quarantine"))
+        assert len(set_aside) == 4 and all(os.path.islink(os.path.join(
+            store.root, "quarantine", name)) for name in set_aside)
+    finally:
+        store.close()

@@ -701,3 +701,174 @@ def test_stale_part_files_and_temp_dirs_of_unknown_uploads_are_removed_on_startu
     assert data["exists"] is False, data
     assert_consistent(srv, "known_upload", chunks, acked, "stale files")
     resume_and_finish(srv, "known_upload", chunks, acked, "stale files")
+
+
+# ---------------------------------------------------------------------------------------------
+# The edges of the upload folder (issue 14): stray entries, links, a full disk
+
+def make_victim(root):
+    """A folder outside the upload folder, with a file in it, for links to point at."""
+    victim = os.path.join(root, "victim")
+    os.makedirs(victim)
+    with open(os.path.join(victim, "precious"), "wb") as f:
+        f.write(b"keep me")
+    return victim
+
+
+def assert_victim_untouched(victim):
+    assert listdir(victim) == ["precious"], listdir(victim)
+    assert read_bytes(os.path.join(victim, "precious")) == b"keep me"
+
+
+def test_startup_sets_aside_every_stray_entry_and_link_and_always_starts(
+        server_factory, sample_webm, tmp_path):
+    chunks = split_chunks(sample_webm, CHUNKS)
+    srv = server_factory()
+    acked, _ = send_plan(srv, "known_upload", chunks, [0, 1, 3])
+    acked_other, _ = send_plan(srv, "linked_video", chunks, [0])
+    srv.stop()
+    victim = make_victim(str(tmp_path))
+    up, temp = srv.upload_dir, os.path.join(srv.upload_dir, "temp")
+    os.makedirs(os.path.join(temp, ".incoming", "a_folder", "inside"))    # not a part file
+    os.symlink(os.path.join(victim, "precious"), os.path.join(temp, ".incoming", "x.part"))
+    os.makedirs(os.path.join(temp, ".deleting", "no-such-name"))          # not delete's name
+    with open(os.path.join(temp, ".deleting", "stray-file"), "wb") as f:
+        f.write(b"?")
+    os.symlink(victim, os.path.join(temp, ".deleting", "known_upload-1.5-00ff00ff00ff00ff"))
+    os.symlink(victim, os.path.join(temp, "unknown_upload"))               # temp/<id> links
+    with open(os.path.join(temp, "a_stray_file"), "wb") as f:
+        f.write(b"?")
+    os.makedirs(os.path.join(temp, "known_upload", "a_folder"))           # not a chunk file
+    os.symlink(os.path.join(victim, "precious"), os.path.join(temp, "known_upload", "5.chunk"))
+    os.remove(data_path(up, "linked_video"))                               # <fileId>.<ext>
+    os.symlink(os.path.join(victim, "precious"), data_path(up, "linked_video"))
+    os.makedirs(os.path.join(up, "derived"))
+    os.symlink(victim, os.path.join(up, "derived", "known_upload"))        # derived/<fileId>
+    with open(os.path.join(up, "derived", "a_stray_file"), "wb") as f:
+        f.write(b"?")
+
+    srv.start(port=srv.port)
+    assert_victim_untouched(victim)
+    assert listdir(os.path.join(temp, ".incoming")) == []
+    assert listdir(os.path.join(temp, ".deleting")) == []
+    assert not os.path.islink(data_path(up, "linked_video"))
+    set_aside = [name.split("-", 1)[1].rsplit("-", 1)[0]       # <time>-<path>-<random>
+                 for name in listdir(os.path.join(up, "quarantine"))]
+    assert sorted(set_aside) == sorted([
+        "temp~.incoming~a_folder", "temp~.incoming~x.part", "temp~.deleting~no-such-name",
+        "temp~.deleting~stray-file", "temp~.deleting~known_upload-1.5-00ff00ff00ff00ff",
+        "temp~unknown_upload", "temp~a_stray_file", "temp~known_upload~a_folder",
+        "temp~known_upload~5.chunk", "linked_video.webm", "derived~known_upload",
+        "derived~a_stray_file"])
+    assert "set aside" in srv.log() and "Traceback" not in srv.log()
+    assert_consistent(srv, "known_upload", chunks, acked, "stray entries")
+    resume_and_finish(srv, "known_upload", chunks, acked, "stray entries")
+    # the video replaced by a link lost its bytes: the client is asked for them again
+    with requests.Session() as session:
+        assert status_data(session, srv.url, "linked_video")["nextChunkIndex"] == 0
+    resume_and_finish(srv, "linked_video", chunks, set(), "a link for a video")
+    assert_victim_untouched(victim)
+
+
+@pytest.mark.parametrize("where", ["incoming", "deleting", "temp", "derived"])
+def test_the_stores_own_folders_replaced_by_links_are_set_aside_at_start(
+        server_factory, sample_webm, tmp_path, where):
+    chunks = split_chunks(sample_webm, CHUNKS)
+    srv = server_factory()
+    acked, _ = send_plan(srv, "kept", chunks, [0, 2])
+    srv.stop()
+    victim = make_victim(str(tmp_path))
+    path = {"incoming": incoming_dir(srv.upload_dir),
+            "deleting": os.path.join(srv.upload_dir, "temp", ".deleting"),
+            "temp": os.path.join(srv.upload_dir, "temp"),
+            "derived": os.path.join(srv.upload_dir, "derived")}[where]
+    if where == "temp":
+        os.rename(path, os.path.join(str(tmp_path), "old_temp"))   # the stash goes with it
+        acked = {0}
+    else:
+        import shutil
+        shutil.rmtree(path, ignore_errors=True)
+    os.symlink(victim, path)
+    srv.start(port=srv.port)
+    assert_victim_untouched(victim)
+    assert os.path.isdir(path) and not os.path.islink(path)
+    assert_consistent(srv, "kept", chunks, acked, "a link at " + where)
+    resume_and_finish(srv, "kept", chunks, acked, "a link at " + where)
+    assert_victim_untouched(victim)
+
+
+def test_a_link_at_the_video_path_is_refused_with_a_json_error(server_factory, tmp_path):
+    srv = server_factory()
+    victim = make_victim(str(tmp_path))
+    os.symlink(os.path.join(victim, "precious"), data_path(srv.upload_dir, "link_target"))
+    with requests.Session() as session:
+        response = send_chunk(session, srv.url, "link_target", 0, EBML_MAGIC + b"x" * 100)
+    assert response.status_code == 500, response.text
+    assert response.json()["error"]["code"] == "unsafe_path"
+    assert_victim_untouched(victim)
+    assert listdir(incoming_dir(srv.upload_dir)) == []
+
+
+def test_a_full_disk_answers_507_never_500_and_keeps_no_torn_tail(server_factory, small_disk):
+    """The issue's reproduction: 2 MiB chunks into a 20 MiB filesystem. Each chunk is on disk
+    twice while it is appended, so the check counts it twice; the refusals are 507 and the
+    video holds exactly the acknowledged chunks. Given room, the upload finishes."""
+    import subprocess
+    chunks = [EBML_MAGIC + os.urandom((2 << 20) - 4)] + [os.urandom(2 << 20) for _ in range(11)]
+    srv = server_factory(args=["--min-free-disk", "0"], upload_dir=os.path.join(small_disk, "up"))
+    refused = None
+    with requests.Session() as session:
+        for index, chunk in enumerate(chunks):
+            response = send_chunk(session, srv.url, "filling", index, chunk)
+            if response.status_code != 200:
+                refused = index
+                break
+    assert refused is not None and refused >= 5, refused
+    assert response.status_code == 507, response.text
+    assert response.json()["error"]["code"] == "insufficient_storage"
+    assert read_bytes(data_path(srv.upload_dir, "filling")) == b"".join(chunks[:refused])
+    assert listdir(incoming_dir(srv.upload_dir)) == []
+    subprocess.run(["mount", "-o", "remount,size=40m", "tmpfs", small_disk], check=True)
+    resume_and_finish(srv, "filling", chunks, set(range(refused)), "room again")
+
+
+def test_a_part_file_that_runs_out_of_room_while_received_answers_507(server_factory,
+                                                                      small_disk):
+    """The disk fills up (another program) while a chunk's body is being received: the part
+    file's write fails, the answer is 507 and the part file is gone."""
+    import _http
+    from conftest import leave_free
+    chunk = EBML_MAGIC + os.urandom((4 << 20) - 4)
+    srv = server_factory(args=["--min-free-disk", "0"], upload_dir=os.path.join(small_disk, "up"))
+    request = _http.upload_request(_http.chunk_parts("receiving", 0, chunk))
+    head_end = request.index(b"\r\n\r\n") + 4 + (1 << 20)
+    sock = _http.connect(srv.url)
+    try:
+        sock.sendall(request[:head_end])
+        wait_until(lambda: any(os.path.getsize(os.path.join(incoming_dir(srv.upload_dir), n))
+                               for n in listdir(incoming_dir(srv.upload_dir))),
+                   message="the part file to fill")
+        leave_free(small_disk, 64 << 10)
+        _http.send_quietly(sock, request[head_end:])
+        response = _http.read_response(sock)
+    finally:
+        sock.close()
+    assert response.status == 507, response
+    assert response.json()["error"]["code"] == "insufficient_storage"
+    wait_until(lambda: listdir(incoming_dir(srv.upload_dir)) == [], message="no part file")
+    leave_free(small_disk, 1 << 30)
+    with requests.Session() as session:
+        assert status_data(session, srv.url, "receiving")["exists"] is False
+        assert send_chunk(session, srv.url, "receiving", 0, chunk).status_code == 200
+    assert srv.alive() and "Traceback" not in srv.log()
+
+
+def test_readiness_never_writes_its_probe_through_a_link(server_factory, tmp_path):
+    srv = server_factory()
+    victim = make_victim(str(tmp_path))
+    os.rmdir(incoming_dir(srv.upload_dir))
+    os.symlink(victim, incoming_dir(srv.upload_dir))           # replaced while it runs
+    response = requests.get(srv.url + "/readyz", timeout=30)
+    assert response.status_code == 503, response.text
+    assert response.json()["data"]["checks"]["uploadDirWritable"]["ok"] is False
+    assert_victim_untouched(victim)

@@ -235,10 +235,12 @@ def our_programs(upload_dir):
             continue
         try:
             with open("/proc/%s/cmdline" % name, "rb") as f:
-                command = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+                argv = f.read().decode("utf-8", "replace").split("\0")
         except OSError:
             continue
-        if "ff" in command and str(upload_dir) in command:
+        command = " ".join(argv)
+        # the program itself, not any "ff" in the line (an S3 prefix in hex may have one)
+        if os.path.basename(argv[0]).startswith("ff") and str(upload_dir) in command:
             found.append((int(name), command))
     return found
 

@@ -21,6 +21,7 @@ import random
 import subprocess
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -652,3 +653,105 @@ def wait_for_state(ws, seen, wanted, deadline_s=30.0):
         seen.append(event)
         if event["type"] == "state" and wanted(event["status"]):
             return event["status"]
+
+
+# --- retries are never silent (issue 14) --------------------------------------------------------
+
+class _FailingHandler(BaseHTTPRequestHandler):
+    """Every request: 500 InternalError, as S3 writes it; the request is noted."""
+    protocol_version = "HTTP/1.1"
+    ERROR = (b"<?xml version=\"1.0\"?><Error><Code>InternalError</Code>"
+             b"<Message>down for the test</Message></Error>")
+
+    def answer(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.noted.append((self.command, self.path))
+        self.send_response(500)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(self.ERROR)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(self.ERROR)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = answer
+
+    def log_message(self, *args):
+        pass
+
+
+class FailingStore(ThreadingHTTPServer):
+    """An "object store" on loopback that answers every request 500, in a thread."""
+    daemon_threads = True
+
+    def __init__(self):
+        ThreadingHTTPServer.__init__(self, ("127.0.0.1", 0), _FailingHandler)
+        self.noted = []                        # (method, path); list.append is thread-safe
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self):
+        return "http://127.0.0.1:%d" % self.server_address[1]
+
+    def gets_of(self, key_part):
+        return sum(1 for method, path in list(self.noted)
+                   if method == "GET" and key_part in path)
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
+def metric(srv, name, **labels):
+    text = requests.get(srv.url + "/metrics", timeout=30).text
+    wanted = name + ("{%s}" % ",".join('%s="%s"' % item for item in sorted(labels.items()))
+                     if labels else "")
+    for line in text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_store_answering_500s_is_retried_logged_and_counted(server_factory):
+    failing = FailingStore()
+    try:
+        srv = server_factory(args=["--storage", "s3://m1test/retries", "--s3-endpoint",
+                                   failing.endpoint, "--processing", "off"],
+                             env={"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                                  "AWS_REGION": "us-east-1"})
+        before = (metric(srv, "m1_s3_retries_total", operation="GetObject"),
+                  metric(srv, "m1_s3_failures_total", operation="GetObject"))
+        response = get_status(requests, srv.url, "retried_upload")
+        assert_json_error(response, 503, "storage_unavailable")
+        assert failing.gets_of("retried_upload/manifest.json") == s3client.DEFAULT_ATTEMPTS
+        after = (metric(srv, "m1_s3_retries_total", operation="GetObject"),
+                 metric(srv, "m1_s3_failures_total", operation="GetObject"))
+        assert (after[0] - before[0], after[1] - before[1]) == \
+            (s3client.DEFAULT_ATTEMPTS - 1, 1)
+        log = srv.log()
+        for attempt in range(1, s3client.DEFAULT_ATTEMPTS):
+            assert "S3 GetObject retries/uploads/retried_upload/manifest.json: attempt %d of " \
+                   "%d failed" % (attempt, s3client.DEFAULT_ATTEMPTS) in log, log
+        assert "S3 GetObject retries/uploads/retried_upload/manifest.json: giving up after " \
+               "%d attempts" % s3client.DEFAULT_ATTEMPTS in log
+        assert "Traceback" not in log
+    finally:
+        failing.close()
+
+
+@pytest.mark.parametrize("method, key, query, headers, operation", [
+    ("PUT", "k", (), {}, "PutObject"), ("GET", "k", (), {}, "GetObject"),
+    ("HEAD", "k", (), {}, "HeadObject"), ("DELETE", "k", (), {}, "DeleteObject"),
+    ("GET", None, (("list-type", "2"),), {}, "ListObjectsV2"),
+    ("GET", None, (("uploads", ""),), {}, "ListMultipartUploads"),
+    ("PUT", None, (), {}, "CreateBucket"),
+    ("POST", "k", (("uploads", ""),), {}, "CreateMultipartUpload"),
+    ("POST", "k", (("uploadId", "u"),), {}, "CompleteMultipartUpload"),
+    ("PUT", "k", (("partNumber", "1"), ("uploadId", "u")), {}, "UploadPart"),
+    ("PUT", "k", (("partNumber", "1"), ("uploadId", "u")), {"x-amz-copy-source": "/b/c"},
+     "UploadPartCopy"),
+    ("DELETE", "k", (("uploadId", "u"),), {}, "AbortMultipartUpload"),
+    ("PATCH", "k", (), {}, "other"),
+])
+def test_operation_names_are_a_fixed_set(method, key, query, headers, operation):
+    assert s3client.operation_name(method, key, query, headers) == operation
+    assert operation in s3client.OPERATIONS

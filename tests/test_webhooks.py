@@ -478,9 +478,10 @@ def test_gc_queues_upload_failed_and_the_server_delivers_it(server_factory, rece
     plain.stop()
     session.close()
     result = subprocess.run([SERVER_PYTHON, SERVER_PROGRAM, "gc", "--dir", str(directory),
-                             "--incomplete-ttl", "0.01", "--webhook-url", receiver.url],
+                             "--incomplete-ttl", "0.01", "--webhook-url", receiver.url] +
+                            plain.storage_args,                # S3 mode: the same bucket
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30,
-                            env=dict(os.environ, **ENV))
+                            env=dict(plain.env, **ENV))
     assert result.returncode == 0, result.stdout
     assert b"wh_gc_abandoned" in result.stdout
     assert receiver.received() == []                   # gc queues; it does not deliver
