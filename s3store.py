@@ -559,14 +559,15 @@ class S3Store(Store):
             return self._read_range(fresh, offset, end) or b""
 
     def _read_range(self, m, offset, end):
-        """Bytes [offset, end) of the upload `m` describes; None when chunk objects holding
-        them are gone (completion removes them)."""
+        """Bytes [offset, end) of the upload `m` describes; None when the objects holding
+        them are gone (completion removes the chunk objects, deletion everything)."""
         if m.completed:
-            return self.client.get_object(self._final_key(m), (offset, end - 1)).body
-        pieces = [(self._chunk_key(m, index), max(offset, start) - start,
-                   min(end, start + size) - start - 1)
-                  for index, start, size in self._chunk_layout(m, offset, end)
-                  if size > 0]
+            pieces = [(self._final_key(m), offset, end - 1)]
+        else:
+            pieces = [(self._chunk_key(m, index), max(offset, start) - start,
+                       min(end, start + size) - start - 1)
+                      for index, start, size in self._chunk_layout(m, offset, end)
+                      if size > 0]
         try:
             data = b"".join(_in_parallel(
                 lambda piece: self.client.get_object(piece[0], piece[1:]).body, pieces))
