@@ -62,8 +62,9 @@ import math
 import re
 import threading
 import time
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote_plus, urlsplit
 
+import httphead
 import storage
 from apierror import ApiError
 
@@ -84,7 +85,8 @@ SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"),
                     ("Referrer-Policy", "no-referrer"))     # URLs may carry ?token=
 HSTS_VALUE = "max-age=31536000"        # sent over HTTPS only (--tls-cert)
 MAX_TRACKED_CLIENTS = 10000            # rate-limit buckets kept; full, idle ones are dropped
-TOKEN_QUERY_PATTERN = re.compile(r"(?i)([?&;]token=)[^&\s\"]*")
+# A query parameter as it may appear in a logged line: separator, name, "=", value.
+QUERY_PARAMETER_PATTERN = re.compile(r"([?&;])([^=&;?\s\"]*)=([^&;\s\"]*)")
 
 # What each route needs, by the route label m1server.compile_routes gives it.
 PUBLIC, KEY, READ, UPLOAD, TUS_CREATE, TUS_UPLOAD = ("public", "key", "read", "upload",
@@ -113,8 +115,16 @@ def parse_rights(text):
 
 
 def redact(text):
-    """The access log never shows a token: `?token=abc` -> `?token=REDACTED`."""
-    return TOKEN_QUERY_PATTERN.sub(r"\1REDACTED", text)
+    """The access log never shows a token: `?token=abc` -> `?token=REDACTED`. The name is
+    compared once percent-decoded, as parse_qs (and so `credential`) reads it: `?%74oken=`
+    is a token too."""
+    return QUERY_PARAMETER_PATTERN.sub(_redact_parameter, text)
+
+
+def _redact_parameter(match):
+    if unquote_plus(match.group(2)).strip().lower() != "token":
+        return match.group(0)
+    return match.group(1) + match.group(2) + "=REDACTED"
 
 
 def b64url(raw):
@@ -151,8 +161,9 @@ class Grant:
     def covers(self, file_id):
         if self.is_key:
             return True
-        if self.file_id is not None:
-            return hmac.compare_digest(self.file_id, file_id)
+        if self.file_id is not None:      # bytes: compare_digest refuses non-ASCII str
+            return hmac.compare_digest(self.file_id.encode("utf-8"),
+                                       file_id.encode("utf-8", "replace"))
         return self.prefix is not None and file_id.startswith(self.prefix)
 
     def require_right(self, right):
@@ -326,6 +337,8 @@ class Guard:
             return grant
         if rule == KEY:
             raise ApiError(403, "key_required", "this route needs the API key, not a token")
+        if rule in (READ, TUS_UPLOAD):
+            _check_path_id(label, _file_id_of(label, groups))
         if rule == READ:
             grant.require("read", _file_id_of(label, groups))
         elif rule == UPLOAD:
@@ -380,14 +393,24 @@ def _file_id_of(label, groups):
     return groups[0]
 
 
+def _check_path_id(label, file_id):
+    """The fileId of a path is checked before a token is held against it, with the answer
+    the route itself gives an invalid one: a file or tus URL that cannot exist is 404, an
+    API path's id is 400 invalid_file_id."""
+    if storage.valid_file_id(file_id):
+        return
+    if label.startswith(("/uploads", "/files")):
+        raise ApiError(404, "not_found", "no such upload")
+    raise ApiError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
+
+
 def _effective_method(handler):
     override = handler.headers.get("X-HTTP-Method-Override")     # tus honours it
     return override.strip().upper() if override else handler.command
 
 
 def _header_number(value):
-    value = (value or "").strip()
-    return int(value) if value.isdigit() and len(value) < 19 else None
+    return httphead.number(value or "")
 
 
 def _metadata_file_id(raw):

@@ -39,7 +39,9 @@ ALLOWED_HEADERS = ("Authorization", "Content-Type", "Range", "If-Range", "If-Non
 
 ORIGIN_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+\Z")    # scheme://host[:port]
 _TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"                              # RFC 9110 5.6.2
-HEADER_LIST_PATTERN = re.compile(_TOKEN + r"(\s*,\s*" + _TOKEN + r")*\Z")
+# What a preflight may have echoed: tokens, commas and spaces only (never a control character,
+# so never a line break: browsers send "content-type,tus-resumable").
+HEADER_LIST_PATTERN = re.compile(_TOKEN + r"( *, *" + _TOKEN + r")*\Z")
 
 
 def parse_origins(text):

@@ -7,7 +7,9 @@ m1server stores every chunk, appends them in order into one file per upload
 where the upload stands. Run it with `python3 m1server.py` (see `--help`).
 
 A chunk travels through the code in this order, and so can you when reading it:
-  socket -> this file (limits, routing, one JSON error envelope)
+  socket -> connections.py (who may hold a connection, and the deadlines it is held to)
+         -> httphead.py (the request line and header fields, read strictly: RFC 9112)
+         -> this file (limits, routing, one JSON error envelope)
          -> multipart.py (fields, and the file part streamed to a part file)
          -> chunkstore.py (lock per upload, ledger, append, fsync) -> disk
             (storage.py is the contract it keeps, and s3store.py keeps it on S3).
@@ -23,6 +25,7 @@ import binascii
 import datetime
 import email.utils
 import functools
+import http.client
 import json
 import logging
 import os
@@ -40,8 +43,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import auth
 import chunkstore
+import connections
 import cors
 import events
+import httphead
 import live
 import localdisk
 import multipart
@@ -83,9 +88,10 @@ MAX_LIST_LIMIT = 500
 LINGER_DRAIN_BYTES = 1 << 20               # unread body we swallow so the client sees errors
 LINGER_TIMEOUT_S = 2.0
 RECV_DRAIN_BYTES = 1 << 20                 # >= the header reader's buffer (8 KiB), see _Body
+REFUSAL_RETRY_AFTER_S = 1                  # Retry-After of a refused connection (503, 429)
 
 UPLOAD_STATUSES = ("uploading", "completed")
-CHUNK_INDEX_PATTERN = re.compile(r"[0-9]{1,7}\Z")
+CHUNK_INDEX_DIGITS = 7                     # storage.MAX_CHUNK_INDEX has 7
 REQUIRED_FIELDS = ("fileId", "chunkIndex", "status")
 OPTIONAL_FIELDS = ("mimeType", "checksum")
 
@@ -131,6 +137,12 @@ def parse_count(text):
     return value
 
 
+def parse_count_or_auto(text):
+    if str(text).strip().lower() == connections.AUTO:
+        return connections.AUTO
+    return parse_count(text)
+
+
 def parse_port(text):
     try:
         value = int(text)
@@ -148,6 +160,19 @@ def parse_rate(text):
         raise argparse.ArgumentTypeError("not a number: %r" % text)
     if value < 0:
         raise argparse.ArgumentTypeError("must be 0 (off) or more")
+    return value
+
+
+def parse_public_url(text):
+    """--public-url: '' (off) or scheme://host[:port][/path], without query or fragment."""
+    value = str(text).strip().rstrip("/")
+    if not value:
+        return ""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or parts.query or parts.fragment or \
+            not parts.netloc or not httphead.HOST_PATTERN.match(parts.netloc):
+        raise argparse.ArgumentTypeError("not a public URL: %r (write e.g. "
+                                         "https://video.example.com)" % text)
     return value
 
 
@@ -196,9 +221,35 @@ OPTIONS = (
      "largest upload, all chunks together (413 beyond)"),
     ("--max-parts", parse_count, DEFAULT_MAX_PARTS, "most parts in one multipart body"),
     ("--timeout", parse_seconds, DEFAULT_TIMEOUT_S,
-     "seconds a client may stay silent mid-request or idle between requests"),
+     "seconds a client may stay silent mid-request (each read and write)"),
     ("--max-connections", parse_count, DEFAULT_MAX_CONNECTIONS,
-     "open connections served at once (503 beyond)"),
+     "open connections served at once (503 beyond, once no idle keep-alive connection can "
+     "be closed to make room)"),
+    # The HTTP edge: deadlines and caps per connection (connections.py, httphead.py).
+    ("--max-connections-per-client", parse_count_or_auto, connections.AUTO,
+     "open connections from one client address (429 beyond); auto is half of "
+     "--max-connections; behind a proxy every client has its address: set it to "
+     "--max-connections there"),
+    ("--header-timeout", parse_seconds, connections.DEFAULT_HEADER_TIMEOUT_S,
+     "seconds a client may take to send a request line and its headers, however it paces "
+     "them (408 beyond)"),
+    ("--idle-timeout", parse_seconds, connections.DEFAULT_IDLE_TIMEOUT_S,
+     "seconds a keep-alive connection may wait for its next request before it is closed"),
+    ("--min-body-rate", parse_size, connections.DEFAULT_MIN_BODY_RATE,
+     "bytes per second a request body must arrive at, over each --body-rate-window (408 "
+     "below; 0: no minimum)"),
+    ("--body-rate-window", parse_seconds, connections.DEFAULT_BODY_RATE_WINDOW_S,
+     "seconds over which --min-body-rate is measured"),
+    ("--max-header-size", parse_size, httphead.DEFAULT_MAX_HEAD_BYTES,
+     "longest request line (414 beyond), and most bytes of header fields (431 beyond)"),
+    ("--max-headers", parse_count, httphead.DEFAULT_MAX_FIELDS,
+     "most header fields in one request (431 beyond)"),
+    ("--public-url", parse_public_url, "",
+     "the URL clients reach this server at, e.g. https://video.example.com: the absolute "
+     "URLs it answers (tus Location) start with it (default: built from the request's Host)"),
+    ("--trust-proxy", parse_flag, False,
+     "build absolute URLs from X-Forwarded-Host and X-Forwarded-Proto (only behind a proxy "
+     "that sets both)"),
     ("--min-free-disk", parse_size, DEFAULT_MIN_FREE_DISK_BYTES,
      "free disk space kept in reserve (507 when a chunk would eat into it)"),
     ("--allow-any-content", parse_flag, False,
@@ -377,6 +428,16 @@ class Config:
         self.max_parts = args.max_parts
         self.timeout = args.timeout
         self.max_connections = args.max_connections
+        self.max_connections_per_client = connections.resolve_per_client(
+            args.max_connections_per_client, args.max_connections)
+        self.header_timeout = args.header_timeout
+        self.idle_timeout = args.idle_timeout
+        self.min_body_rate = args.min_body_rate
+        self.body_rate_window = args.body_rate_window
+        self.max_header_bytes = args.max_header_size
+        self.max_headers = args.max_headers
+        self.public_url = args.public_url
+        self.trust_proxy = args.trust_proxy
         self.min_free_disk_bytes = args.min_free_disk
         self.allow_any_content = args.allow_any_content
         self.journal_chunk_bytes = args.journal_chunk_size
@@ -450,11 +511,6 @@ class IncompleteBody(Exception):
     """The client closed the connection before sending Content-Length bytes."""
 
 
-# What http.server's own send_error(status) calls mean, as stable machine codes.
-BUILTIN_ERROR_CODES = {
-    400: "bad_request", 404: "not_found", 408: "request_timeout", 414: "uri_too_long",
-    431: "header_too_large", 501: "not_implemented", 505: "http_version_not_supported",
-}
 # multipart.py's codes, renamed where the HTTP edge knows better what the limit protects.
 MULTIPART_CODES = {"file_too_large": "chunk_too_large", "not_multipart": "unsupported_media_type"}
 
@@ -473,14 +529,14 @@ class M1Server(ThreadingHTTPServer):
         self.events = events.EventBus.from_config(config)
         store.add_listener(self.events.on_store_event)
         self.webhooks = None         # webhooks.Webhooks, set by serve()
-        self.metrics = Metrics()
+        self.metrics = Metrics(httphead.METHODS)
         store.add_listener(self.metrics.on_store_event)
         store.observe_storage(self.metrics.on_storage_request)
         self.live = live.LiveHub.from_config(config, store, store.capabilities.shared)
         store.add_listener(self.live.on_store_event)
         # tus works through the store in both modes (its records: the ledger, or the bucket);
         # processing picks its own queue the same way (processing.open_queue)
-        self.tus = tus.TusEndpoint(config, store, _Body, IncompleteBody)
+        self.tus = tus.TusEndpoint(config, store, IncompleteBody)
         self.processor = processing.Processor(config, store)
         self.guard = auth.Guard(config.api_key, config.secret)
         self.rate_limiter = auth.RateLimiter(config.rate_limit, config.rate_burst,
@@ -503,10 +559,13 @@ class M1Server(ThreadingHTTPServer):
             relay = events.StoreRelay(self.events, self.status_of)
             self.stop_hooks.append(relay.stop)
         self.stopping = False
-        self._connections = set()
+        self.connections = connections.Connections(connections.Limits(
+            config.max_connections, config.max_connections_per_client, config.header_timeout,
+            config.idle_timeout, config.min_body_rate, config.body_rate_window))
         self._in_flight = 0
         self._counts = threading.Condition()
         ThreadingHTTPServer.__init__(self, (config.host, config.port), Handler)
+        self.connections.start()
 
     def describe(self, file_id, upload):
         """The status fields of one upload, with those feature modules add (processing...)."""
@@ -539,26 +598,25 @@ class M1Server(ThreadingHTTPServer):
             self.webhooks.publish("video." + event["type"], event["fileId"], fields)
 
     def process_request(self, request, client_address):
-        """Refuse connections past --max-connections with a 503 instead of queueing them."""
-        with self._counts:
-            full = len(self._connections) >= self.config.max_connections
-            if not full:
-                self._connections.add(request)
-        if full:
-            _refuse_connection(request, 503, "server_busy",
-                               "too many connections; retry shortly", retry_after=1)
-            self.shutdown_request(request)
+        """Admit the connection (connections.py: the caps, making room by closing an idle
+        one), or refuse it at once, 503 or 429, without blocking the accept loop."""
+        refusal = self.connections.admit(request, client_address[0])
+        if refusal is not None:
+            _refuse_connection(request, *refusal)
+            self.connections.linger(request)        # closed by the watchdog, not here
             return
         ThreadingHTTPServer.process_request(self, request, client_address)
 
     def shutdown_request(self, request):
-        with self._counts:
-            self._connections.discard(request)
+        self.connections.release(request)
         ThreadingHTTPServer.shutdown_request(self, request)
 
+    def server_close(self):
+        self.connections.stop()
+        ThreadingHTTPServer.server_close(self)
+
     def open_connections(self):
-        with self._counts:
-            return len(self._connections)
+        return self.connections.count()
 
     def request_started(self):
         with self._counts:
@@ -599,48 +657,107 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self):
         self.timeout = self.server.config.timeout      # per read, see StreamRequestHandler
+        self.slot = self.server.connections.slot_of(self.request)   # its deadlines
+        self.requests_read = 0
         BaseHTTPRequestHandler.setup(self)
         if isinstance(self.connection, ssl.SSLSocket):
-            self.connection.do_handshake()  # here, in this thread, not in the accept loop
+            # here, in this thread, not in the accept loop; within --header-timeout
+            self.connection.do_handshake()
         self.started = time.monotonic()
 
-    # Every method http.server knows goes through one dispatcher; unknown ones get 501.
+    # Every method of httphead.METHODS goes through one dispatcher; any other gets 501.
     def do_GET(self):
         self.dispatch()
 
     do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
 
+    # -- one request: read its head strictly (httphead.py) under deadlines, then dispatch ---
+
     def handle_one_request(self):
+        """Serve one request of the connection (http.server's handle() loops over this while
+        the connection stays open)."""
         self.registered = False
         try:
-            BaseHTTPRequestHandler.handle_one_request(self)
+            if not self.read_head():
+                return
+            if self.command not in httphead.METHODS:
+                return self.send_error_json(HttpError(
+                    501, "not_implemented", "method %s is not implemented here"
+                    % self.command[:20]))
+            getattr(self, "do_" + self.command)()
         finally:
             if self.registered:
                 self.server.request_finished()
 
-    def parse_request(self):
+    def read_head(self):
+        """Read and check the request line and header fields (httphead.py) within
+        --idle-timeout and --header-timeout (connections.py). False when there is nothing to
+        serve: the client left or idled out (nothing to answer), or its head was refused
+        (answered, and the connection is closed: its framing is unknown)."""
+        config, table, slot = self.server.config, self.server.connections, self.slot
+        self.close_connection = True                # until the head asks for keep-alive
+        self.command, self.request_version, self.requestline = None, "HTTP/1.1", ""
+        self.headers, self.body_pending = http.client.HTTPMessage(), False
+        table.await_request(slot, first=self.requests_read == 0)
+        try:
+            line = httphead.read_request_line(self.rfile, config.max_header_bytes)
+            if line is None:
+                return False
+            table.head_started(slot)
+            self.begin_request(line)
+            head = httphead.parse_head(line, self.rfile, config.max_header_bytes,
+                                       config.max_headers)
+            if not table.serving(slot):              # the deadline passed as it arrived
+                raise socket.timeout(slot.cut_reason)
+        except httphead.HeadError as error:
+            if error.cut_short and slot.cut_reason:
+                error = HttpError(408, "request_timeout", slot.cut_reason)
+            self.refuse_head(error)
+            return False
+        except socket.timeout:
+            if self.requestline:                     # a head had begun: say why it ends
+                self.refuse_head(HttpError(408, "request_timeout", slot.cut_reason or
+                                           "client sent nothing for %gs" % self.timeout))
+            return False
+        except ConnectionError:
+            return False                             # the client left; nobody to tell
+        self.take_head(head)
+        return True
+
+    def take_head(self, head):
+        """What http.server's own parser used to set, from the checked head."""
+        self.requests_read += 1
+        self.head = head
+        self.command, self.path, self.request_version = head.method, head.target, head.version
+        self.headers = head.headers
+        self.close_connection = not head.keep_alive
+        self.body_pending = bool(head.content_length)   # no Transfer-Encoding gets this far
+
+    def begin_request(self, line):
         # A request counts as in flight from its request line on (before any 100 Continue),
         # so a SIGTERM arriving now waits for it instead of cutting it off.
+        self.requestline = line.decode("latin-1")
         self.started = time.monotonic()
         self.route_label = "none"                      # until route() matches one
         self.server.request_started()
         self.registered = True
-        if not BaseHTTPRequestHandler.parse_request(self):
-            return False
-        if self.request_version == "HTTP/0.9":           # "GET /path" with no version
-            self.send_error(400, "HTTP/0.9 requests are not supported")
-            return False
-        return True
+
+    def refuse_head(self, error):
+        self.close_connection = True
+        self.body_pending = True           # a body of unknown length may follow: drain it
+        try:
+            self.send_error_json(error)
+        except OSError:
+            pass                           # the client is gone; nothing left to tell it
 
     def dispatch(self):
         """Route the request and turn every failure into the JSON envelope (never a traceback)."""
-        self.body_pending = self.command in ("POST", "PUT", "PATCH") or \
-            self.headers.get("Content-Length", "0").strip() not in ("", "0")
         try:
             if self.server.stopping:
                 self.close_connection = True     # finish this request, then let go
             cors.check_origin(self.server.config.cors_origins, self.command, self.headers)
-            self.server.rate_limiter.admit(self.client_address[0], _declared_length(self.headers))
+            self.server.rate_limiter.admit(self.client_address[0],
+                                           self.head.content_length or 0)
             handler, args = self.route()
             # auth.py: from the request line and headers only, before any body byte is read
             self.grant = self.server.guard.authorize(self, self.route_label, args)
@@ -648,7 +765,7 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as error:
             self.send_error_json(error)
         except socket.timeout:
-            self.send_error_json(HttpError(408, "request_timeout",
+            self.send_error_json(HttpError(408, "request_timeout", self.slot.cut_reason or
                                            "client sent nothing for %gs" % self.timeout))
         except (ConnectionError, BrokenPipeError):
             self.close_connection = True                 # the client left; nobody to tell
@@ -712,22 +829,52 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(200, {"success": True, "data": chunk_reply(result)})
 
     def check_upload_headers(self):
-        if "Transfer-Encoding" in self.headers:
-            raise HttpError(411, "length_required",
-                            "send the chunk with a Content-Length (chunked is not accepted)")
         try:
             return multipart.boundary_from_content_type(self.headers.get("Content-Type", ""))
         except multipart.MultipartError as error:
             raise _multipart_http_error(error)
 
     def content_length(self):
-        values = self.headers.get_all("Content-Length") or []
-        if not values:
+        """The body's length (checked by httphead.py: one value, digits); 411 without it
+        (a Transfer-Encoding was refused before any route ran)."""
+        if self.head.content_length is None:
             raise HttpError(411, "length_required", "a Content-Length header is required")
-        if len(set(v.strip() for v in values)) != 1 or not values[0].strip().isdigit():
-            raise HttpError(400, "bad_content_length",
-                            "Content-Length must be one non-negative integer")
-        return int(values[0])
+        return self.head.content_length
+
+    def open_body(self, length):
+        """The request body, to be read now. A client that sent Expect: 100-continue is told
+        to go on only here, after the route, the credentials and the declared length were
+        accepted (RFC 9110 10.1.1); a refusal before this point reaches it unsent."""
+        if self.head.expect_continue and length:
+            self.head.expect_continue = False
+            self.handle_expect_100()
+        body = _Body(self.rfile, self.connection, length, self.slot)
+        self.server.connections.body_started(self.slot, body)     # --min-body-rate
+        return body
+
+    def handle_expect_100(self):
+        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")      # an interim reply: no fields
+        return True
+
+    def absolute_url(self, path):
+        """`path` as the absolute URL a client follows (tus Location): --public-url, else
+        the request's own Host (RFC 9112 3.2, checked by httphead.py), or, with
+        --trust-proxy, the X-Forwarded-Host/-Proto the proxy in front set."""
+        config = self.server.config
+        if config.public_url:
+            return config.public_url + path
+        scheme, host = "https" if config.tls_cert else "http", self.head.host
+        if config.trust_proxy:
+            forwarded = _last_item(self.headers.get_all("X-Forwarded-Host"))
+            if forwarded and httphead.HOST_PATTERN.match(forwarded):
+                host = forwarded
+            proto = (_last_item(self.headers.get_all("X-Forwarded-Proto")) or "").lower()
+            if proto in ("http", "https"):
+                scheme = proto
+        if not host:                                 # HTTP/1.0 without Host: our address
+            address, port = self.server.server_address[:2]
+            host = "%s:%d" % ("[%s]" % address if ":" in address else address, port)
+        return "%s://%s%s" % (scheme, host, path)
 
     def read_small_body(self, limit):
         """A small request body (JSON) read whole; 413 past `limit` bytes."""
@@ -735,7 +882,7 @@ class Handler(BaseHTTPRequestHandler):
         if length > limit:
             raise HttpError(413, "body_too_large", "the body may be at most %d bytes" % limit)
         buffer = bytearray(length)
-        body, view, got = _Body(self.rfile, self.connection, length), memoryview(buffer), 0
+        body, view, got = self.open_body(length), memoryview(buffer), 0
         try:
             while got < length:
                 got += body.read_into(view[got:])
@@ -761,7 +908,7 @@ class Handler(BaseHTTPRequestHandler):
             opened.append((path, f))
             return f
 
-        body = _Body(self.rfile, self.connection, length)
+        body = self.open_body(length)
         limits = multipart.Limits(max_parts=config.max_parts,
                                   max_file_bytes=config.max_chunk_bytes, max_body_bytes=length)
         parsed = False
@@ -804,11 +951,11 @@ class Handler(BaseHTTPRequestHandler):
                             % len(chunks))
         if not storage.valid_file_id(fields["fileId"]):
             raise HttpError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")
-        index = fields["chunkIndex"]
-        if not CHUNK_INDEX_PATTERN.match(index) or int(index) > storage.MAX_CHUNK_INDEX:
+        index = httphead.number(fields["chunkIndex"], CHUNK_INDEX_DIGITS)
+        if index is None or index > storage.MAX_CHUNK_INDEX:
             raise HttpError(400, "invalid_chunk_index", "chunkIndex must be an integer "
                             "0..%d written in digits" % storage.MAX_CHUNK_INDEX)
-        fields["chunkIndex"] = int(index)
+        fields["chunkIndex"] = index
         if fields["status"] not in UPLOAD_STATUSES:
             raise HttpError(400, "invalid_status", "status must be uploading or completed")
         return fields, chunks[0]
@@ -828,15 +975,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def get_uploads(self):
         query = parse_qs(urlsplit(self.path).query)
-        limit = query.get("limit", [str(DEFAULT_LIST_LIMIT)])[-1]
-        if not re.match(r"[0-9]{1,6}\Z", limit) or not 1 <= int(limit) <= MAX_LIST_LIMIT:
+        limit = httphead.number(query.get("limit", [str(DEFAULT_LIST_LIMIT)])[-1], 6)
+        if limit is None or not 1 <= limit <= MAX_LIST_LIMIT:
             raise HttpError(400, "invalid_limit", "limit must be 1..%d" % MAX_LIST_LIMIT)
         after = None
         if "cursor" in query:
             after = decode_cursor(query["cursor"][-1])
-        page = self.server.store.list_uploads(int(limit) + 1, after)
-        more = len(page) > int(limit)
-        page = page[:int(limit)]
+        page = self.server.store.list_uploads(limit + 1, after)
+        more = len(page) > limit
+        page = page[:limit]
         self.send_json(200, {"success": True, "data": {
             "uploads": [self.describe(upload.file_id, upload) for upload in page],
             "nextCursor": encode_cursor(page[-1]) if more else None}})
@@ -872,12 +1019,14 @@ class Handler(BaseHTTPRequestHandler):
         headers = {"Accept-Ranges": "bytes", "ETag": etag,
                    "Last-Modified": email.utils.formatdate(mtime, usegmt=True),
                    "Content-Type": content_type, "Cache-Control": "no-cache"}
-        if self.headers.get("If-None-Match") == etag:
-            return self.send_plain(304, headers)
+        if etag_list_matches(self.headers.get_all("If-None-Match"), etag):
+            return self.send_plain(304, headers)         # GET and HEAD only route here
         start, end = 0, size - 1
         status = 200
         wanted = self.headers.get("Range")
-        if wanted and self.headers.get("If-Range", etag) == etag:
+        # If-Range compares strongly (RFC 9110 13.1.5): only this exact, strong ETag lets
+        # the Range apply; a date or another tag gets the whole file, which is always right.
+        if wanted and self.headers.get("If-Range", etag) == etag and not etag.startswith("W/"):
             byte_range = parse_range(wanted, size)
             if byte_range == "unsatisfiable":
                 headers["Content-Range"] = "bytes */%d" % size
@@ -992,23 +1141,6 @@ class Handler(BaseHTTPRequestHandler):
             "code": error.code, "message": error.message}}, error.headers)
         if self.close_connection and getattr(self, "body_pending", False):
             _linger(self.connection)
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server calls this for what it refuses itself (bad request line, too long
-        headers, unknown method, timeouts); answer those with the JSON envelope too."""
-        self.close_connection = True
-        self.body_pending = False
-        self.request_version = "HTTP/1.1"  # always send a status line, even for garbage
-        if not hasattr(self, "headers"):
-            self.headers = {}
-        status = int(code)
-        phrase = message or HTTPStatus(status).phrase
-        try:
-            self.send_json(status, {"success": False, "error": {
-                "code": BUILTIN_ERROR_CODES.get(status, "bad_request"),
-                "message": _printable(phrase)}})
-        except OSError:
-            pass                           # the client is gone; nothing left to tell it
 
     # -- logging: one line per request, control characters escaped ---------------------------
 
@@ -1136,22 +1268,47 @@ def readiness_checks(config, store):
 
 def parse_range(value, size):
     """One `bytes=` range (RFC 9110 14.1.2) -> (start, end); None to ignore; or 'unsatisfiable'.
-    Several ranges are answered with the whole file, which the RFC allows."""
-    match = re.match(r"\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*\Z", value)
+    Several ranges are answered with the whole file, which the RFC allows; so is a range
+    whose numbers have more digits than any size (httphead.number)."""
+    match = re.match(r"[ \t]*bytes[ \t]*=[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)[ \t]*\Z", value)
     if not match or match.group(1) == match.group(2) == "":
         return None
-    first, last = match.group(1), match.group(2)
-    if first == "":                          # suffix: the last N bytes
-        if int(last) == 0:
-            return "unsatisfiable"
-        return max(0, size - int(last)), size - 1
-    start = int(first)
-    end = size - 1 if last == "" else min(int(last), size - 1)
-    if last != "" and int(last) < start:
+    first, last = (httphead.number(group) if group else -1 for group in match.groups())
+    if first is None or last is None:
         return None
-    if start >= size:
+    if first == -1:                          # suffix: the last N bytes
+        if last == 0:
+            return "unsatisfiable"
+        return max(0, size - last), size - 1
+    if last != -1 and last < first:
+        return None
+    if first >= size:
         return "unsatisfiable"
-    return start, end
+    return first, size - 1 if last == -1 else min(last, size - 1)
+
+
+def etag_list_matches(values, etag):
+    """If-None-Match (RFC 9110 13.1.2): `*`, or a list of entity-tags of which one matches
+    `etag` by the weak comparison (W/ ignored on both sides). A list that cannot be read
+    matches nothing, so the file is sent whole, which is never wrong."""
+    if not values:
+        return False
+    text = ",".join(values).strip()
+    if text == "*":
+        return True
+    tags, at = set(), 0
+    while at < len(text):                    # 1#entity-tag; an opaque-tag may hold commas
+        if text[at] in " \t,":
+            at += 1
+            continue
+        if text.startswith("W/", at):
+            at += 2
+        end = text.find('"', at + 1) if text.startswith('"', at) else -1
+        if end < 0 or text[end + 1:end + 2] not in ("", " ", "\t", ","):
+            return False
+        tags.add(text[at:end + 1])
+        at = end + 1
+    return (etag[2:] if etag.startswith("W/") else etag) in tags
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1176,13 +1333,16 @@ class _Body:
     body bytes. One read1() of at least the reader's buffer size hands those over and leaves
     the reader empty (or finishes the body); after that we read the socket with recv_into,
     which stays fast for large bodies where the buffered reader did not (STYLE.md).
-    Each read waits at most the socket timeout: a silent client raises socket.timeout.
+    Each read waits at most the socket timeout: a silent client raises socket.timeout; so
+    does one the watchdog cut off for sending too slowly (connections.py: its read ends as
+    if the stream had, and `slot.cut_reason` says why).
     """
 
-    def __init__(self, rfile, sock, length):
+    def __init__(self, rfile, sock, length, slot=None):
         self._rfile = rfile
         self._sock = sock
-        self.remaining = length
+        self.length = self.remaining = length
+        self._slot = slot
         self._buffered = None
 
     def read_into(self, view):
@@ -1193,7 +1353,7 @@ class _Body:
             self._buffered = memoryview(self._rfile.read1(min(self.remaining,
                                                                RECV_DRAIN_BYTES)))
             if not self._buffered:
-                raise IncompleteBody()
+                self._ended()
         if self._buffered:
             n = min(want, len(self._buffered))
             view[:n] = self._buffered[:n]
@@ -1201,32 +1361,37 @@ class _Body:
         else:
             n = self._sock.recv_into(view, want)
             if n == 0:
-                raise IncompleteBody()
+                self._ended()
         self.remaining -= n
         return n
 
+    def _ended(self):
+        if self._slot is not None and self._slot.cut_reason is not None:
+            raise socket.timeout(self._slot.cut_reason)
+        raise IncompleteBody()
 
-def _declared_length(headers):
-    value = (headers.get("Content-Length") or "").strip()
-    return int(value) if value.isdigit() and len(value) < 19 else 0
+
+def _last_item(values):
+    """The last comma-separated item of a repeated header: what the nearest proxy added."""
+    return values[-1].rsplit(",", 1)[-1].strip() if values else None
 
 
 def _multipart_http_error(error):
     return HttpError(error.status, MULTIPART_CODES.get(error.code, error.code), error.message)
 
 
-def _refuse_connection(sock, status, code, message, retry_after=None):
-    """Answer a connection we will not serve (accept thread): one write, then close."""
+def _refuse_connection(sock, status, code, message):
+    """Answer a connection we will not serve, on the accept thread: one write that never
+    waits (a new socket's send buffer takes these few hundred bytes; if it cannot, or the
+    socket speaks TLS, the client sees the connection close instead)."""
     body = json.dumps({"success": False, "error": {"code": code, "message": message}}).encode()
     head = ["HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase),
             "Content-Type: application/json; charset=utf-8",
-            "Content-Length: %d" % len(body), "Connection: close"]
-    if retry_after:
-        head.append("Retry-After: %d" % retry_after)
+            "Content-Length: %d" % len(body), "Connection: close",
+            "Retry-After: %d" % REFUSAL_RETRY_AFTER_S]
     try:
-        sock.settimeout(1.0)
-        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body)
-        _linger(sock, timeout=0.2)
+        sock.setblocking(False)
+        sock.send(("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body)
     except OSError:
         pass
 
@@ -1302,16 +1467,26 @@ def main(argv=None):
     return serve(argv)
 
 
-def serve(argv):
-    parser = build_parser(os.environ)
-    args = parser.parse_args(argv)
+def configure(parser, argv, name, serving=False):
+    """Every setting parsed and checked (TLS files loaded, when serving) before anything is
+    opened: (config, TLS context or None), or (None, None) once one line on stderr has said
+    what is wrong."""
+    args = parser.parse_args(argv)             # a malformed flag: argparse's usage line
     try:
         config = Config(args)
-    except (ValueError, OSError) as error:
-        parser.error(str(error))
-    problem = webhooks.config_problem(config)
-    if problem:
-        sys.stderr.write("m1server: %s\n" % problem)
+        problem = webhooks.config_problem(config)
+        if problem:
+            raise ValueError(problem)
+        context = tls_context(config) if serving and config.tls_cert else None
+    except (ValueError, OSError) as error:       # ssl.SSLError is an OSError
+        sys.stderr.write("%s: %s\n" % (name, error))
+        return None, None
+    return config, context
+
+
+def serve(argv):
+    config, context = configure(build_parser(os.environ), argv, "m1server", serving=True)
+    if config is None:
         return 2
     _configure_logging()
     log = logging.getLogger("m1server")
@@ -1336,13 +1511,9 @@ def serve(argv):
         hooks.close()
         return 2
     server.webhooks = hooks
-    if config.tls_cert:
-        try:
-            server.socket = tls_context(config).wrap_socket(
-                server.socket, server_side=True, do_handshake_on_connect=False)
-        except (OSError, ssl.SSLError) as error:
-            sys.stderr.write("m1server: cannot use --tls-cert/--tls-key: %s\n" % error)
-            return 2
+    if context is not None:
+        server.socket = context.wrap_socket(server.socket, server_side=True,
+                                            do_handshake_on_connect=False)
     if not _is_loopback(config.host) and not server.guard.enabled:
         sys.stderr.write("WARNING: listening on %s with no authentication: anyone who can "
                          "reach this address can upload and read videos. Set --api-key "
@@ -1388,7 +1559,10 @@ def tls_context(config):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= getattr(ssl, "OP_NO_COMPRESSION", 0)
-    context.load_cert_chain(config.tls_cert, config.tls_key)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except OSError as error:
+        raise ValueError("cannot use --tls-cert/--tls-key: %s" % error)
     return context
 
 
@@ -1441,10 +1615,8 @@ def collect_garbage(argv):
     parser.description = ("Remove expired uploads from --dir once (what the server's "
                           "background sweep does), then exit. Refuses while a server uses "
                           "the folder: the server's own sweep does it then.")
-    config = Config(parser.parse_args(argv))
-    problem = webhooks.config_problem(config)
-    if problem:
-        sys.stderr.write("m1server gc: %s\n" % problem)
+    config, _ = configure(parser, argv, "m1server gc")
+    if config is None:
         return 2
     config.one_shot = True
     _configure_logging()

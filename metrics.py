@@ -4,6 +4,11 @@ What it guarantees: every update is thread-safe and O(1) (a dict update under on
 counting never slows the chunk path; `render()` writes the text exposition format 0.0.4
 (https://prometheus.io/docs/instrumenting/exposition_formats/): HELP and TYPE lines, label
 values escaped, histogram buckets cumulative with `+Inf`, `_sum` and `_count`.
+Every label set is bounded, since label values come from requests and each new one is a
+series kept for the life of the process (issue #15: 3,000 made-up method names grew it by
+58 MiB): a request's route is a label of the routing table (or "none"), its method one of the
+`methods` given (or "other"), its status a three-digit code (or "other"); and no counter holds
+more than MAX_SERIES label sets: past that, new ones are counted together under "other".
 What it does not do: persist anything (counters restart at zero with the process, as
 Prometheus expects) or push anywhere.
 """
@@ -30,21 +35,32 @@ COUNTERS = {
 STORAGE_OUTCOMES = {"retry": "m1_s3_retries_total", "failure": "m1_s3_failures_total"}
 HISTOGRAM = ("m1_http_request_duration_seconds",
              "Time from the request line to the response, by route.")
+MAX_SERIES = 1000                # label sets per counter (routes x methods x statuses < 1000)
+OTHER = "other"
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self, methods=()):
+        self._methods = frozenset(methods)       # request methods counted by name
         self._lock = threading.Lock()
         self._counters = {}          # (name, ((label, value), ...)) -> number
+        self._series = {}            # name -> label sets it holds
         self._histograms = {}        # route -> [bucket counts..., sum, count]
 
     def count(self, name, amount=1, **labels):
         key = (name, tuple(sorted(labels.items())))
         with self._lock:
+            if key not in self._counters:
+                if self._series.get(name, 0) >= MAX_SERIES:
+                    key = (name, tuple((label, OTHER) for label, _ in key[1]))
+                self._series[name] = self._series.get(name, 0) + (key not in self._counters)
             self._counters[key] = self._counters.get(key, 0) + amount
 
     def observe_request(self, route, method, status, seconds):
-        self.count("m1_http_requests_total", route=route, method=method, status=str(status))
+        """`route` is a routing-table label (a fixed set); method and status are folded."""
+        status = status if isinstance(status, int) and 100 <= status <= 599 else OTHER
+        self.count("m1_http_requests_total", route=route,
+                   method=method if method in self._methods else OTHER, status=str(status))
         with self._lock:
             row = self._histograms.get(route)
             if row is None:

@@ -46,6 +46,9 @@ What it guarantees:
     --processing-timeout seconds, its programs run under `nice` (below-normal priority on
     Windows) in their own session, and on shutdown or time-out the running ffmpeg is
     terminated, then killed after KILL_GRACE_S. A clean stop queues its job again.
+  * ffmpeg and ffprobe open every input with the demuxer its media signature names (matroska,
+    mov or ogg) and the file protocol only (input_args): an upload never chooses how it is
+    read, and one without a signature (--allow-any-content) fails its job unprocessed.
   * A failure is recorded with the last lines ffmpeg wrote to stderr (server paths removed),
     shown in status as processing.error; input that is not really video fails that one job.
   * Without ffmpeg/ffprobe (not on PATH, or a --ffmpeg that does not exist) the server works
@@ -1309,39 +1312,57 @@ def _node_id(path):
 
 _QUIET = ["-nostdin", "-hide_banner", "-loglevel", "error"]
 _PROGRESS = ["-progress", "pipe:1", "-nostats"]
+# The demuxer for each media signature of storage.MEDIA_SIGNATURES (see input_args).
+DEMUXERS = {b"\x1a\x45\xdf\xa3": "matroska", b"ftyp": "mov", b"OggS": "ogg"}
+
+
+def input_args(path):
+    """How every program here opens a file: with the demuxer its media signature names, and
+    the file protocol only. Left to itself, ffmpeg picks the demuxer from the bytes, and an
+    upload is not to be believed (--allow-any-content lets anything in): an ffconcat script
+    made it read another user's video, an HLS playlist a file outside the upload folder
+    (issue #15). A file with no signature is not processed at all."""
+    with open(path, "rb") as f:
+        head = f.read(storage.SIGNATURE_BYTES)
+    for at, magic in storage.MEDIA_SIGNATURES:
+        if head[at:at + len(magic)] == magic:
+            return ["-protocol_whitelist", "file", "-f", DEMUXERS[magic], "-i", path]
+    raise JobFailed("the upload does not start with a WebM, MP4 or Ogg signature; it is "
+                    "not processed")
 
 
 def probe_args(path):
     return ["-hide_banner", "-loglevel", "error", "-print_format", "json", "-show_format",
-            "-show_streams", path]
+            "-show_streams"] + input_args(path)
 
 
 def scan_args(path):
     """Read every packet without decoding: the last timestamp is the true duration."""
-    return _QUIET + ["-i", path, "-map", "0:v?", "-map", "0:a?", "-c", "copy"] + _PROGRESS + \
-        ["-f", "null", "-"]
+    return _QUIET + input_args(path) + ["-map", "0:v?", "-map", "0:a?", "-c", "copy"] + \
+        _PROGRESS + ["-f", "null", "-"]
 
 
 def remux_args(source, target, container):
     """Same packets, new container: the muxer writes the duration and the cues (an index);
     MP4 gets its moov box in front (+faststart) so playback starts before the download ends."""
-    args = _QUIET + ["-y", "-i", source, "-map", "0:v?", "-map", "0:a?", "-c", "copy"]
+    args = _QUIET + ["-y"] + input_args(source) + ["-map", "0:v?", "-map", "0:a?", "-c",
+                                                   "copy"]
     if container in ("mp4", "mov"):
         args += ["-movflags", "+faststart"]
     return args + _PROGRESS + ["-f", container, target]
 
 
 def poster_args(source, target, at_seconds, max_height):
-    return _QUIET + ["-y", "-ss", "%.3f" % at_seconds, "-i", source, "-map", "0:v:0",
-                     "-frames:v", "1", "-vf", "scale=-1:'min(ih,%d)'" % max_height,
-                     "-q:v", POSTER_JPEG_QUALITY, "-f", "image2", "-update", "1", target]
+    return _QUIET + ["-y", "-ss", "%.3f" % at_seconds] + input_args(source) + [
+        "-map", "0:v:0", "-frames:v", "1", "-vf", "scale=-1:'min(ih,%d)'" % max_height,
+        "-q:v", POSTER_JPEG_QUALITY, "-f", "image2", "-update", "1", target]
 
 
 def mp4_args(source, target, max_height, crf, has_video=True, has_audio=True,
              realtime=False):
     """H.264 (yuv420p, even sizes, at most max_height lines) + AAC, +faststart. Frames keep
     their own timestamps (-vsync vfr): MediaRecorder's frame rate varies."""
-    args = _QUIET + ["-y"] + (["-re"] if realtime else []) + ["-i", source]
+    args = _QUIET + ["-y"] + (["-re"] if realtime else []) + input_args(source)
     if has_video:
         args += ["-map", "0:v:0", "-c:v", "libx264", "-preset", MP4_PRESET, "-crf", str(crf),
                  "-pix_fmt", "yuv420p",

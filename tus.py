@@ -92,14 +92,18 @@ Decisions (and why):
     TOMBSTONE_KEEP_S.
   * The status fields of a finished upload are remembered per upload (STATUS_CACHE_SIZE):
     in S3 mode reading the record was a GET on every status and on every upload of a listing.
-  * Location is an absolute path (/files/<id>), which the protocol allows and every client
-    resolves against its endpoint; no Host header is trusted.
+  * Location is an absolute URL (handler.absolute_url: --public-url, else the request's
+    checked Host, or X-Forwarded-Host/-Proto with --trust-proxy), as tusd answers: the
+    protocol allows a path, but checkers built on curl or Hurl follow only a URL. The
+    status field `tus.uploadUrl` stays a path (JSON bodies keep relative URLs:
+    docs/security.md, "The HTTP edge").
 
 What it does not do: concatenation-unfinished, checksum-trailer, the challenge extension,
 GET downloads of /files/<id> (the video plays at /uploads/<fileId>.<ext>), chunked request
-bodies (411), or expire uploads made with the seed API. In S3 mode: no claims across nodes
-(above), no server-side copy for concatenation (a partial passes through the node once), and
-the partials' own store is never swept for orphans by `gc` (only their expiry removes them).
+bodies (411, refused by httphead.py for every route), or expire uploads made with the seed
+API. In S3 mode: no claims across nodes (above), no server-side copy for concatenation (a
+partial passes through the node once), and the partials' own store is never swept for
+orphans by `gc` (only their expiry removes them).
 """
 from __future__ import annotations
 
@@ -122,6 +126,7 @@ import uuid
 import zlib
 from urllib.parse import unquote, urlsplit
 
+import httphead
 import storage
 from apierror import ApiError
 from storage import StoreError
@@ -154,7 +159,6 @@ PARTIALS_DIR_NAME = "tus-partials"       # the partial uploads' store: --dir/tus
 # request on another node can: claims serialise one node's requests).
 STORE_CONFLICTS = ("chunk_conflict", "completion_conflict")
 
-NUMBER_PATTERN = re.compile(r"[0-9]{1,18}\Z")
 METADATA_KEY_PATTERN = re.compile(r"[!-+\--~]+\Z")       # printable ASCII but space, comma
 BASE64_PATTERN = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")
 
@@ -167,7 +171,6 @@ ALLOWED_REQUEST_HEADERS = ("Authorization, Content-Type, Origin, X-Requested-Wit
                            "Upload-Length, Upload-Offset, Upload-Metadata, "
                            "Upload-Defer-Length, Upload-Concat, Upload-Checksum")
 METHODS = ("POST", "HEAD", "PATCH", "DELETE", "OPTIONS")
-HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 
 
 class _Crc32:
@@ -207,8 +210,8 @@ def routes(endpoint):
     """Rows for m1server's routing table. Every method goes to one dispatcher per path, which
     applies X-HTTP-Method-Override and answers tus's own 405s and OPTIONS."""
     return (
-        (r"/files/?", {method: endpoint.on_collection for method in HTTP_METHODS}),
-        (r"/files/(.+)", {method: endpoint.on_upload for method in HTTP_METHODS}),
+        (r"/files/?", {method: endpoint.on_collection for method in httphead.METHODS}),
+        (r"/files/(.+)", {method: endpoint.on_upload for method in httphead.METHODS}),
     )
 
 
@@ -218,13 +221,12 @@ def routes(endpoint):
 
 class TusEndpoint:
     """The tus protocol over a store (chunkstore.ChunkStore or s3store.S3Store).
-    `body_class` reads a request body (m1server._Body); `body_broke_off` is the exception it
-    raises when the body ends early."""
+    A request body is read through handler.open_body (m1server._Body); `body_broke_off` is
+    the exception it raises when the body ends early."""
 
-    def __init__(self, config, store, body_class, body_broke_off):
+    def __init__(self, config, store, body_broke_off):
         self.config = config
         self.store = store
-        self._body_class = body_class
         self._broke_off_errors = (body_broke_off, socket.timeout, ConnectionError)
         self.table = open_table(store)
         self.claims = _Claims(TAKEOVER_WAIT_S)
@@ -287,7 +289,9 @@ class TusEndpoint:
         headers = self._upload_headers(resource)
         headers["Cache-Control"] = "no-store"
         record = resource.record
-        if record.metadata:
+        if record.metadata and httphead.printable(record.metadata):
+            # checked when stored (a folded or controlled value never gets past httphead.py),
+            # and again here: an echoed value must never break the reply's lines
             headers["Upload-Metadata"] = record.metadata
         if record.kind == "partial":
             headers["Upload-Concat"] = "partial"
@@ -361,7 +365,7 @@ class TusEndpoint:
                 self._forget(record)
                 raise
         headers = self._upload_headers(resource)
-        headers["Location"] = COLLECTION_PATH + upload_id
+        headers["Location"] = handler.absolute_url(COLLECTION_PATH + upload_id)
         if not size:
             headers.pop("Upload-Offset", None)
         handler.send_plain(201, headers)
@@ -408,7 +412,7 @@ class TusEndpoint:
                 if partial_id in taken:
                     self.claims.release(partial_id, holder)
         headers = self._upload_headers(resource)
-        headers["Location"] = COLLECTION_PATH + upload_id
+        headers["Location"] = handler.absolute_url(COLLECTION_PATH + upload_id)
         handler.send_plain(201, headers)
 
     # -- DELETE: termination ----------------------------------------------------------------
@@ -530,7 +534,7 @@ class TusEndpoint:
         record = resource.record
         store = self._store_for(record)
         digest = CHECKSUMS[checksum[0]]() if checksum else None
-        body = self._body_class(handler.rfile, handler.connection, size)
+        body = handler.open_body(size)
         buffer = bytearray(min(BLOCK_BYTES, max(size, 1)))
         view = memoryview(buffer)
         pieces = _Pieces(self, store, resource)
@@ -1339,16 +1343,15 @@ def _number_header(handler, name, required=False):
             raise ApiError(400, "missing_" + name.lower().replace("-", "_"),
                            "the %s header is required" % name)
         return None
-    if not NUMBER_PATTERN.match(value.strip()):
+    number = httphead.number(value)
+    if number is None:
         raise ApiError(400, "invalid_" + name.lower().replace("-", "_"),
                        "%s must be a non-negative integer" % name)
-    return int(value)
+    return number
 
 
 def _body_length(handler, default=None):
-    if "Transfer-Encoding" in handler.headers:
-        raise ApiError(411, "length_required",
-                       "send the body with a Content-Length (chunked is not accepted)")
+    # A Transfer-Encoding never gets here: httphead.py refuses it for every route.
     if default is not None and "Content-Length" not in handler.headers:
         return default
     return handler.content_length()

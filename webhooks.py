@@ -60,6 +60,7 @@ import time
 import uuid
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import httphead
 import storage
 from apierror import ApiError
 
@@ -559,10 +560,10 @@ def _read_status(sock, deadline):
         head, data = data[:end].decode("latin-1"), data[end + 4:]
         lines = head.split("\r\n")
         fields = lines[0].split(" ", 2)
-        if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit() \
-                or len(fields[1]) != 3:
+        status = httphead.number(fields[1], 3) if len(fields) >= 2 else None
+        if not fields[0].startswith("HTTP/") or status is None or len(fields[1]) != 3:
+            # (a receiver's '²' passed str.isdigit() and then broke int(): one number parser)
             raise _BadResponse("not an HTTP status line: %r" % lines[0][:100])
-        status = int(fields[1])
         if 100 <= status < 200:
             continue                    # 100 Continue, 103 Early Hints: the answer follows
         location = None
@@ -619,19 +620,21 @@ def list_deliveries(handler):
     before), ?state=pending|delivered|failed."""
     hooks = handler.server.webhooks
     query = parse_qs(urlsplit(handler.path).query)
-    limit = query.get("limit", [str(DEFAULT_LIST_LIMIT)])[-1]
-    if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_LIMIT:
+    limit = httphead.number(query.get("limit", [str(DEFAULT_LIST_LIMIT)])[-1], 6)
+    if limit is None or not 1 <= limit <= MAX_LIST_LIMIT:
         raise ApiError(400, "invalid_limit", "limit must be 1..%d" % MAX_LIST_LIMIT)
     before = query.get("cursor", [None])[-1]
-    if before is not None and not (before.isdigit() and len(before) < 19):
-        raise ApiError(400, "invalid_cursor", "cursor is not one this server gave out")
+    if before is not None:
+        before = httphead.number(before)
+        if before is None:
+            raise ApiError(400, "invalid_cursor", "cursor is not one this server gave out")
     state = query.get("state", [None])[-1]
     if state is not None and state not in STATES:
         raise ApiError(400, "invalid_state", "state must be one of %s" % ", ".join(STATES))
     enabled = hooks is not None and hooks.enabled
-    page = hooks.deliveries(int(limit) + 1, before and int(before), state) if enabled else []
-    more = len(page) > int(limit)
-    page = page[:int(limit)]
+    page = hooks.deliveries(limit + 1, before, state) if enabled else []
+    more = len(page) > limit
+    page = page[:limit]
     handler.send_json(200, {"success": True, "data": {
         "enabled": enabled, "receivers": [redact(url) for url in hooks.urls] if enabled else [],
         "deliveries": [delivery_json(row) for row in page],
@@ -639,15 +642,13 @@ def list_deliveries(handler):
 
 
 def retry_delivery(handler, delivery_id):
-    if not (delivery_id.isdigit() and len(delivery_id) < 19):
+    number = httphead.number(delivery_id)
+    if number is None:
         raise ApiError(400, "invalid_delivery_id", "a delivery id is a whole number")
-    if handler.headers.get("Content-Length", "0").strip() in ("", "0") and \
-            "Transfer-Encoding" not in handler.headers:
-        handler.body_pending = False   # nothing to read: the connection stays reusable
     hooks = handler.server.webhooks
     if hooks is None or not hooks.enabled:
         raise ApiError(404, "not_found", "webhooks are off (no --webhook-url)")
-    row = hooks.retry(int(delivery_id))
+    row = hooks.retry(number)
     handler.send_json(202, {"success": True, "data": delivery_json(row)})
 
 

@@ -28,8 +28,11 @@ BARE_SINK_PROGRAM = os.path.join(BENCH_DIR, "bare_sink.py")
 
 # The server flags the brief fixes for every benchmark: room for one 256 MiB chunk and an
 # 880 MiB upload, and no free-disk guard (the benchmark's own files would trip it).
+# Every client of a benchmark comes from one address (127.0.0.1), where real users have one
+# each: the per-address cap (half of --max-connections) would count them all together.
 SERVER_ARGS = ["--max-chunk-size", "512M", "--max-upload-size", "2G", "--min-free-disk", "0",
-               "--processing", "off"]     # random payloads are not video: no ffprobe per upload
+               "--processing", "off",     # random payloads are not video: no ffprobe per upload
+               "--max-connections-per-client", "256"]
 
 START_DEADLINE_S = 20.0
 STOP_DEADLINE_S = 15.0

@@ -23,6 +23,7 @@ import time
 import traceback
 
 import common as c
+import bench_edge
 import bench_finish
 import bench_footprint
 import bench_ingest
@@ -33,7 +34,7 @@ import bench_parser
 import bench_small_chunks
 
 BENCHMARKS = [bench_ingest, bench_parser, bench_memory, bench_latency, bench_small_chunks,
-              bench_finish, bench_footprint, bench_live]
+              bench_finish, bench_footprint, bench_edge, bench_live]
 BY_NAME = dict((m.NAME, m) for m in BENCHMARKS)
 DEFAULT_OUT = os.path.join(c.BENCH_DIR, "out", "results.json")
 FULL_RECORDERS = [50, 200]

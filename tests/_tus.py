@@ -10,6 +10,7 @@ import base64
 import hashlib
 import os
 import socket
+from urllib.parse import urlsplit
 
 import requests
 
@@ -49,8 +50,13 @@ def create(session, base, length=None, defer=False, meta=None, concat=None, body
 
 
 def location(response):
+    """The path of a created upload. Its Location is an absolute URL on the server the
+    request went to (as tusd answers; checkers built on curl follow only that)."""
     assert response.status_code == 201, (response.status_code, response.text)
-    return response.headers["Location"]
+    url = urlsplit(response.headers["Location"])
+    assert url.scheme in ("http", "https") and url.netloc == urlsplit(response.url).netloc, \
+        response.headers["Location"]
+    return url.path
 
 
 def new_upload(session, base, length=None, **kw):

@@ -539,7 +539,8 @@ def test_max_parts_accepts_n_parts_and_refuses_n_plus_1(server_factory, sample_w
 
 
 def test_max_connections_answers_503_beyond_the_limit_then_recovers(server_factory):
-    srv = server_factory(args=["--max-connections", "4"])
+    # one address holds all four (--max-connections-per-client is half otherwise)
+    srv = server_factory(args=["--max-connections", "4", "--max-connections-per-client", "4"])
     # the server accepts in arrival order, so these four are taken before the fifth
     idle = [_http.connect(srv.url) for _ in range(4)]
     try:
@@ -557,7 +558,8 @@ def test_max_connections_answers_503_beyond_the_limit_then_recovers(server_facto
 
 
 def test_timeout_cuts_a_stalled_body_and_releases_the_thread(server_factory, sample_webm):
-    srv = server_factory(args=["--timeout", "1", "--max-connections", "2"])
+    srv = server_factory(args=["--timeout", "1", "--max-connections", "2",
+                               "--max-connections-per-client", "2"])
     request = _http.upload_request(_http.chunk_parts(new_id("slow"), 0, sample_webm[:20000]))
     stalled = [_http.connect(srv.url, timeout=15) for _ in range(2)]
     try:

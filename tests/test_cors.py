@@ -80,7 +80,8 @@ def test_preflight_echoes_the_headers_a_client_asks_for(server):
     response = preflight(server, path="/api/video/status/x", method="GET",
                          headers={"Access-Control-Request-Headers": asked})
     assert response.headers["Access-Control-Allow-Headers"] == asked
-    garbage = preflight(server, headers={"Access-Control-Request-Headers": "a b\x7f, (c)"})
+    # (a control character never gets this far: httphead.py refuses it, tests/test_edge.py)
+    garbage = preflight(server, headers={"Access-Control-Request-Headers": "a b, (c)"})
     allowed = garbage.headers["Access-Control-Allow-Headers"]
     assert "Content-Type" in allowed and "(c)" not in allowed
 

@@ -348,7 +348,9 @@ def test_client_that_never_reads_does_not_hold_back_uploads_or_grow_memory(serve
 
 
 def test_200_concurrent_subscribers_while_uploads_run(server_factory):
-    srv = server_factory(args=["--max-subscribers", "220", "--max-connections", "300"])
+    # all from one address: --max-connections-per-client would be 150 otherwise
+    srv = server_factory(args=["--max-subscribers", "220", "--max-connections", "300",
+                               "--max-connections-per-client", "300"])
     uploads = ["rec_many_%d" % i for i in range(4)]
     chunk_count = 10
     data = dict((file_id, make_chunks(chunk_count, size=64 * 1024, seed=file_id.encode()))

@@ -83,7 +83,9 @@ def test_rate_limit_applies_before_auth_so_key_guessing_is_throttled(server_fact
 
 
 def test_connection_limit_still_answers_503_under_auth(server_factory):
-    srv = server_factory(args=["--max-connections", "3"], env={"M1_API_KEY": KEY})
+    # one address holds all three (--max-connections-per-client is half otherwise)
+    srv = server_factory(args=["--max-connections", "3", "--max-connections-per-client", "3"],
+                         env={"M1_API_KEY": KEY})
     idle = [_http.connect(srv.url) for _ in range(3)]
     try:
         response = _http.request(srv.url, "GET", "/api/video", headers=list(AUTH.items()))
