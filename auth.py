@@ -25,7 +25,8 @@ What it guarantees, when the server runs with --api-key (M1_API_KEY, --api-key-f
       token_wrong_file (another fileId), token_right_missing (no upload/read right),
       token_budget_spent (the upload would pass the token's byte budget).
   * What needs what (ROUTE_RULES): /healthz and the static demo files (/, /m1client.js,
-    /demo.js, /demo.css: the program's own code, no data) are public; so is every OPTIONS
+    /demo.js, /demo.css, /ui.js, and live.py's /watch/<id>, /watch.js, /dashboard,
+    /dashboard.js: the program's own code, no data) are public; so is every OPTIONS
     (a browser preflight never carries credentials). Status, media, derived files and events
     need a token with `read` for that fileId. The seed upload needs `upload`: the right is
     checked before the body, the fileId after the multipart parse (check_chunk), and the
@@ -87,10 +88,11 @@ PUBLIC, KEY, READ, UPLOAD, TUS_CREATE, TUS_UPLOAD = ("public", "key", "read", "u
                                                      "tus-create", "tus-upload")
 ROUTE_RULES = {
     "/healthz": PUBLIC, "/": PUBLIC, "/m1client.js": PUBLIC, "/demo.js": PUBLIC,
-    "/demo.css": PUBLIC,
+    "/demo.css": PUBLIC, "/ui.js": PUBLIC,
+    "/watch/:id": PUBLIC, "/watch.js": PUBLIC, "/dashboard": PUBLIC, "/dashboard.js": PUBLIC,
     "/api/video/upload": UPLOAD,
     "/api/video/status/:id": READ,
-    "/uploads/:id": READ,                       # <fileId>.<ext>
+    "/uploads/:id": READ,                       # <fileId>.<ext>, also ?live=1 (live.py)
     "/uploads/derived/:id/:id2": READ,
     "/api/video/events/:id": READ,
     "/files/?": TUS_CREATE,

@@ -831,6 +831,40 @@ class ChunkStore(Store):
                           max_upload_bytes=self.max_upload_bytes,
                           min_free_bytes=self.folder.min_free_bytes)
 
+    # -- live reading (issue 18, live.py): the growing file, read while it grows ----------
+    # (read-only; s3store.S3Store.read_appended is the other backend's)
+
+    def read_appended(self, upload, offset, max_bytes):
+        """Bytes of the assembled prefix from `offset`: at most `max_bytes`, and never past
+        `upload.bytes_appended`, the consistent length of that snapshot (bytes beyond it may be
+        a torn tail that the next append truncates). b"" when there is nothing there, or the
+        file is gone (deleted since the snapshot). Readers see appended bytes at once, synced
+        or still journaled: both are in the page cache."""
+        count = min(max_bytes, upload.bytes_appended - offset)
+        if count <= 0:
+            return b""
+        try:
+            fd = open_file(self.media_path(upload), os.O_RDONLY, "the upload's video file")
+        except FileNotFoundError:
+            return b""
+        try:
+            parts = []
+            while count > 0:
+                if hasattr(os, "pread"):          # no shared file position
+                    block = os.pread(fd, count, offset)
+                else:                             # Windows
+                    os.lseek(fd, offset, os.SEEK_SET)
+                    block = os.read(fd, count)
+                if not block:
+                    break
+                parts.append(block)
+                offset += len(block)
+                count -= len(block)
+            return b"".join(parts)
+        finally:
+            os.close(fd)
+    # -- end of live reading --------------------------------------------------------------
+
 
 # ---------------------------------------------------------------------------------------------
 # The ledger: SQLite, one connection per thread at a time (a small pool), schema versioned

@@ -547,7 +547,7 @@ class _Session:
 
     def run(self, first):
         bus = self.subscription.bus
-        selector = _new_selector()
+        selector = new_selector()
         selector.register(self.stream.sock, selectors.EVENT_READ, "client")
         selector.register(self.subscription.wake_socket, selectors.EVENT_READ, "wake")
         try:
@@ -625,7 +625,7 @@ class _SseStream:
         self.sock = handler.connection
 
     def open(self):
-        _limit_send_buffer(self.sock)
+        limit_send_buffer(self.sock)
         self.handler.close_connection = True
         self.handler.send_response(200)
         self.handler.send_headers({"Content-Type": "text/event-stream; charset=utf-8",
@@ -672,7 +672,7 @@ class _WebSocketStream:
         self._pings = 0
 
     def open(self):
-        _limit_send_buffer(self.sock)
+        limit_send_buffer(self.sock)
         self.handler.close_connection = False
         self.handler.send_response(101)
         self.handler.send_headers(websocket.handshake_headers(self.key))
@@ -716,16 +716,18 @@ def _already_buffered(handler):
         sock.settimeout(handler.timeout)
 
 
-def _limit_send_buffer(sock):
-    """A stream's kernel buffer bounds what a client that stops reading can hold up."""
+def limit_send_buffer(sock, size=SEND_BUFFER_BYTES):
+    """A stream's kernel buffer bounds what a client that stops reading can hold up (live.py's
+    streams too)."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
     except OSError:
         pass
 
 
-def _new_selector():
-    """poll() where there is one (no extra descriptor, no FD_SETSIZE limit), else select()."""
+def new_selector():
+    """poll() where there is one (no extra descriptor, no FD_SETSIZE limit), else select();
+    live.py's streams wait on one too."""
     if hasattr(selectors, "PollSelector"):
         return selectors.PollSelector()
     return selectors.SelectSelector()

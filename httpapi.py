@@ -263,7 +263,7 @@ OPTIONS = (
     ("--cors-origin", cors.parse_origins, cors.DEFAULT_ORIGINS,
      "origins whose pages may upload and read from a browser: '*' or a comma-separated list "
      "such as http://localhost:3000 (see cors.py)"),
-    ("--max-subscribers", options.parse_max_subscribers, options.AUTO,
+    ("--max-subscribers", options.parse_auto_count, options.AUTO,
      "event streams (WebSocket or SSE) open at once, 503 beyond; auto is half of "
      "--max-connections, and it must stay below it"),
     ("--event-heartbeat", parse_seconds, options.DEFAULT_HEARTBEAT_S,
@@ -274,6 +274,11 @@ OPTIONS = (
      "and counted"),
     ("--event-history", parse_count, options.DEFAULT_HISTORY_EVENTS,
      "recent events kept per watched upload, so that a reconnect (Last-Event-ID) resumes"),
+    ("--live-max-viewers", options.parse_auto_count, options.AUTO,
+     "live streams (GET /uploads/<id>.<ext>?live=1) open at once, 503 beyond; auto is an "
+     "eighth of --max-connections, and it must stay below it"),
+    ("--live-idle-timeout", parse_seconds, options.DEFAULT_LIVE_IDLE_TIMEOUT_S,
+     "a live stream ends when its upload gets no new chunk for this many seconds"),
     ("--ws-max-message", parse_size, options.DEFAULT_WS_MAX_MESSAGE_BYTES,
      "largest WebSocket frame or message a client may send (closed with 1009 beyond)"),
     ("--tus-expiry", parse_duration, options.DEFAULT_TUS_EXPIRY_S,
@@ -444,6 +449,9 @@ class Config:
         self.event_queue = args.event_queue
         self.event_history = args.event_history
         self.ws_max_message = args.ws_max_message
+        self.live_max_viewers = options.resolve_max_viewers(args.live_max_viewers,
+                                                            args.max_connections)
+        self.live_idle_timeout = args.live_idle_timeout
         self.tus_expiry_s = args.tus_expiry or None           # None: tus uploads never expire
         self.tus_piece_bytes = max(1, args.tus_piece_size)
         self.tus_max_metadata_bytes = args.tus_max_metadata
@@ -526,6 +534,7 @@ class M1Server(ThreadingHTTPServer):
         self.stop_hooks = []         # run on SIGTERM before in-flight requests
         self.features = Features(self)
         self.webhooks = None         # webhooks.Webhooks, set by serve() when --webhook-url
+        self.live = None             # live.LiveHub, once a live stream or page was asked for
         self.guard, self.rate_limiter = OPEN_GUARD, NO_RATE_LIMIT
         if config.api_key or config.secret or config.rate_limit or config.rate_limit_bytes:
             self.features.get("auth")
@@ -636,6 +645,8 @@ class Features:
       webhooks    at start with --webhook-url (serve(): it listens before repair); else its
                   deliveries routes.
       events      its route (a subscription); events before it had nobody to go to.
+      live        a live stream (?live=1) or its pages (/watch/, /dashboard); before it, no
+                  viewer had to be woken.
       tus         its routes, or the first status or listing (its fields in them).
       processing  at start when the store holds a completed upload (a job may wait; the
                   backfill looks); else at the first completed upload, its route, or a status
@@ -721,6 +732,16 @@ class Features:
             server.stop_hooks.append(relay.stop)
         return bus
 
+    def _load_live(self):
+        import live
+        server = self._server
+        hub = live.LiveHub.from_config(server.config, server.store,
+                                       server.store.capabilities.shared)
+        server.store.add_listener(hub.on_store_event)
+        server.stop_hooks.append(hub.close)     # SIGTERM ends the long-lived responses
+        server.live = hub
+        return live
+
     def _load_tus(self):
         import tus
         # tus works through the store in both modes (its records: the ledger, or the bucket)
@@ -750,6 +771,9 @@ class Features:
         self.get("events")
         import events
         return self._rows(events.routes())
+
+    def _load_live_routes(self):
+        return self._rows(self.get("live").routes(read_resource, webclient.StaticFile))
 
     def _load_tus_routes(self):
         import tus
@@ -1142,6 +1166,8 @@ class Handler(BaseHTTPRequestHandler):
     def get_media(self, name):
         store = self.server.store
         file_id, dot, ext = name.rpartition(".")
+        if options.wants_live(self.path):    # ?live=1: the bytes as they arrive (live.py)
+            return self.server.features.get("live").serve_live(self, file_id, ext)
         upload = store.status(file_id) if storage.valid_file_id(file_id) else None
         media = store.open_media(upload) if upload is not None and dot and ext == upload.ext \
             else None
@@ -1213,6 +1239,8 @@ class Handler(BaseHTTPRequestHandler):
             ("m1_disk_free_bytes", "Free bytes on the upload folder's disk.",
              shutil.disk_usage(config.dir).free),
             ("m1_connections_open", "Open client connections.", self.server.open_connections()),
+            ("m1_live_viewers", "Live streams open (live.py).",
+             self.server.live.viewer_count if self.server.live is not None else 0),
         ]
         try:
             active, completed = store.counts()
@@ -1409,6 +1437,9 @@ def feature_rows(feature, *rows):
 FEATURE_ROUTES = (
     feature_rows("auth", (r"/api/video/tokens", ("POST",))) +
     feature_rows("events", (r"/api/video/events/([^/]+)", ("GET",))) +
+    feature_rows("live", *[(re.escape(path), ("GET", "HEAD"))
+                           for path, _, _ in options.LIVE_PAGE_FILES] +
+                 [(r"/watch/([^/]+)", ("GET", "HEAD"))]) +
     feature_rows("tus", (r"/files/?", httphead.METHODS), (r"/files/(.+)", httphead.METHODS)) +
     feature_rows("processing", (r"/uploads/derived/([^/]+)/([^/]+)", ("GET", "HEAD"))) +
     feature_rows("webhooks", (r"/api/video/webhooks/deliveries", ("GET", "HEAD")),

@@ -2,7 +2,7 @@
 checks of their settings, readable without importing the feature.
 
 `--help` lists every flag and every start parses them all (httpapi.py's OPTIONS table), but a
-start imports a feature module (tus, processing, events, websocket, webhooks, auth) only when
+start imports a feature module (tus, processing, events, websocket, webhooks, auth, live) only when
 it is enabled or first used (httpapi.Features). So what the table needs of a feature lives
 here: a default is a named constant, a parser a plain function, and the feature module imports
 what it uses of them from here. It holds no state and imports no feature.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 # ---------------------------------------------------------------------------------------------
 # events.py, websocket.py: real-time events (SPEC section 6)
@@ -27,8 +27,9 @@ DEFAULT_HISTORY_EVENTS = 128         # per watched upload, for Last-Event-ID res
 DEFAULT_WS_MAX_MESSAGE_BYTES = 16 << 10     # what a client may send us; events only flow out
 
 
-def parse_max_subscribers(text):
-    """--max-subscribers: `auto` or a whole number of at least 1."""
+def parse_auto_count(text):
+    """A cap on long-lived streams (--max-subscribers, --live-max-viewers): `auto` or a whole
+    number of at least 1."""
     if str(text).strip().lower() == AUTO:
         return AUTO
     try:
@@ -40,15 +41,47 @@ def parse_max_subscribers(text):
     return value
 
 
+def resolve_stream_cap(value, max_connections, flag, auto_divisor, what):
+    """The cap `flag` sets (`auto`: max_connections // auto_divisor, at least 1); ValueError
+    when it would leave uploads no room: every `what` holds a connection."""
+    if value == AUTO:
+        return max(1, max_connections // auto_divisor)
+    if value >= max_connections:
+        raise ValueError("%s (%d) must be below --max-connections (%d): every %s holds a "
+                         "connection, and uploads need some left"
+                         % (flag, value, max_connections, what))
+    return value
+
+
 def resolve_max_subscribers(value, max_connections):
     """The subscriber cap for these flags; ValueError when it would leave uploads no room."""
-    if value == AUTO:
-        return max_connections // 2
-    if value >= max_connections:
-        raise ValueError("--max-subscribers (%d) must be below --max-connections (%d): every "
-                         "event stream holds a connection, and uploads need some left"
-                         % (value, max_connections))
-    return value
+    return resolve_stream_cap(value, max_connections, "--max-subscribers", 2, "event stream")
+
+
+# ---------------------------------------------------------------------------------------------
+# live.py: an upload's bytes as they arrive (issue 18)
+# ---------------------------------------------------------------------------------------------
+
+LIVE_AUTO_VIEWERS_DIVISOR = 8            # 32 viewers with the default 256 connections
+DEFAULT_LIVE_IDLE_TIMEOUT_S = 60.0       # no new chunk this long: the recording is over or stuck
+# Its pages: URL path -> (file shipped inside the program, Content-Type)
+LIVE_PAGE_FILES = (
+    ("/watch.js", "static/watch.js", "text/javascript; charset=utf-8"),
+    ("/dashboard", "static/dashboard.html", "text/html; charset=utf-8"),
+    ("/dashboard.js", "static/dashboard.js", "text/javascript; charset=utf-8"),
+)
+
+
+def resolve_max_viewers(value, max_connections):
+    """The viewer cap for --live-max-viewers; ValueError when it would leave uploads no room."""
+    return resolve_stream_cap(value, max_connections, "--live-max-viewers",
+                              LIVE_AUTO_VIEWERS_DIVISOR, "live viewer")
+
+
+def wants_live(path):
+    """GET/HEAD /uploads/<fileId>.<ext>?live=1: the request `path` asks for the live stream."""
+    query = urlsplit(path).query
+    return bool(query) and parse_qs(query).get("live", [""])[-1] == "1"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ design; in short, for an upload <id> under the prefix P:
   P/uploads/<id>/manifest.json       the upload's metadata; created with If-None-Match: *,
                                      changed only by compare-and-swap (If-Match: <etag>)
   P/uploads/<id>/<gen>/c/<index>     one object per chunk, created with If-None-Match: *,
-                                     its sha256 in x-amz-meta-sha256
+                                     its sha256 in x-amz-meta-sha256; kept until the upload
+                                     completes (live viewers read the growing upload from them)
   P/uploads/<id>/<gen>/f/<a>-<b>     the (size, sha256) of chunks a..b-1 once folded, so a
                                      duplicate is still recognised after its object is gone
   P/uploads/<id>/<gen>/<id>.<ext>    the assembled video (a multipart upload until complete)
@@ -35,7 +36,10 @@ What it guarantees (SPEC section 1 over S3):
     fixed size P (>= 5 MiB, S3's minimum) cut at byte offsets, not at chunk boundaries: two
     nodes folding the same part upload the same bytes. A part that lies inside one chunk is
     copied inside the store (UploadPartCopy); other parts are read and uploaded.
-  * A chunk object is deleted only after the manifest records the part that holds its bytes.
+  * A chunk object is deleted only once the upload is complete (the assembled object holds its
+    bytes): until then the chunk objects are the only readable copy of the growing upload
+    (read_appended, for live viewers). Listings of an upload's chunks start after the folded
+    ones (ListObjectsV2 start-after), so a long recording stays as cheap to list as a short one.
   * When the last chunk is in, finishing is the tail part (< P bytes) and the completion:
     constant time, whatever the length. Small uploads (<= P) are one PutObject instead.
   * Every step can be repeated by any node, in any order after a crash: the next request for
@@ -50,8 +54,9 @@ What it guarantees (SPEC section 1 over S3):
   * Every retried or abandoned request is logged with its operation and attempt
     (s3client.py) and reported to observe_storage's callback (/metrics counts them).
 
-What it does not do: serve an upload's bytes before it is complete (a multipart upload cannot
-be read until it is completed); pass single events between nodes (each node emits the events
+What it does not do: serve an upload's bytes by Range before it is complete (a multipart upload
+cannot be read until it is completed; read_appended reads the chunk objects instead); pass single
+events between nodes (each node emits the events
 of what it did; events.StoreRelay shows other nodes' changes as `state` events); the local
 ledger (m1.sqlite3) is not used at all. Part files stay local temp files.
 """
@@ -184,7 +189,8 @@ class Manifest:
 
     @property
     def folded_chunks(self):
-        """Chunks 0 .. folded_chunks-1 are wholly in recorded parts (their objects may go)."""
+        """Chunks 0 .. folded_chunks-1 are wholly in recorded parts (their objects go once
+        the upload is complete)."""
         return self.parts[-1]["end"] if self.parts else 0
 
     @property
@@ -425,14 +431,15 @@ class S3Store(Store):
         raise StoreError(503, "storage_contention", "chunk %d: too many racing writes" % index)
 
     def _settle_folded_chunk(self, m, index, size, digest):
-        """Chunk `index` was folded while we stored it. Either the fold took our object (it is
-        gone: we were first), or it took an earlier copy whose object was deleted before our
-        PUT (ours is a stray: a duplicate, or a conflict). The fold record decides."""
+        """Chunk `index` was folded while we stored it. Either the fold took our object, or it
+        took an earlier copy whose object was deleted before our PUT (ours is a stray: a
+        duplicate, or a conflict). The fold record decides the bytes; as chunk objects stay
+        until completion, a fold of an incomplete upload can only have taken ours."""
         if self._folded_chunk(m, index) != (size, digest):
             self._delete_quietly(self._chunk_key(m, index))
             raise StoreError(409, "chunk_conflict",
                              "chunk %d was already received with other bytes" % index)
-        if self._head_chunk(m, index) is None:
+        if not m.completed or self._head_chunk(m, index) is None:
             return False
         self._delete_quietly(self._chunk_key(m, index))
         return True
@@ -523,6 +530,78 @@ class S3Store(Store):
         key = self._final_key(m)
         redirect = self.client.presigned_url(key, PRESIGN_EXPIRES_S) if self.presign else None
         return ObjectMedia(self, key, m.size, m.final_etag, m.completed_at, redirect)
+
+    # -- live reading (issue 18, live.py): the growing upload, from its chunk objects -------
+    # (read-only; chunkstore.ChunkStore.read_appended is the local backend's)
+
+    def read_appended(self, upload, offset, max_bytes):
+        """Bytes of the assembled prefix from `offset`: at most `max_bytes`, never past
+        `upload.bytes_appended` (the contiguous chunks of that snapshot). Before completion
+        they come from the chunk objects (kept until then; a multipart upload cannot be read),
+        after it from the assembled object. b"" when the upload is gone (deleted since the
+        snapshot). Costs: the chunk GETs holding the bytes (PARALLEL_REQUESTS at a time), one
+        LIST when the bytes lie past the folded chunks, and a fold record GET (cached) when
+        they lie before."""
+        end = min(upload.bytes_appended, offset + max_bytes)
+        m = upload.manifest
+        if offset >= end:
+            return b""
+        with self._storage_errors():
+            data = self._read_range(m, offset, end)
+            if data is not None:
+                return data
+            # Chunk objects went: the upload completed meanwhile (they go at completion), or
+            # it was deleted. Read the assembled object, or nothing.
+            fresh = self._load(m.file_id)
+            if fresh is None or fresh.deleting or fresh.generation != m.generation or \
+                    not fresh.completed:
+                return b""
+            return self._read_range(fresh, offset, end) or b""
+
+    def _read_range(self, m, offset, end):
+        """Bytes [offset, end) of the upload `m` describes; None when the objects holding
+        them are gone (completion removes the chunk objects, deletion everything)."""
+        if m.completed:
+            pieces = [(self._final_key(m), offset, end - 1)]
+        else:
+            pieces = [(self._chunk_key(m, index), max(offset, start) - start,
+                       min(end, start + size) - start - 1)
+                      for index, start, size in self._chunk_layout(m, offset, end)
+                      if size > 0]
+        try:
+            data = b"".join(_in_parallel(
+                lambda piece: self.client.get_object(piece[0], piece[1:]).body, pieces))
+        except S3Error as error:
+            if error.status != 404:
+                raise
+            return None
+        return data if len(data) == end - offset else None
+
+    def _chunk_layout(self, m, offset, end):
+        """(index, start, size) of the chunks holding bytes [offset, end), in order: folded
+        chunks from their fold records (a record wholly before `offset` is skipped unread:
+        each part says where the chunk after it starts), the rest from a listing."""
+        if offset < m.folded_offset:
+            starts = {0: 0}
+            for part in m.parts:
+                starts[part["end"]] = part["endOffset"]
+            for first, after in m.records:
+                if after in starts and starts[after] <= offset:
+                    continue
+                position = starts[first]
+                for index, (size, _) in enumerate(self._record(m, first, after), first):
+                    if position >= end:
+                        return
+                    if position + size > offset:
+                        yield index, position, size
+                    position += size
+        if end > m.folded_offset:
+            for index, start, info in _Progress(m, self._chunks(m)).run:
+                if start >= end:
+                    return
+                if start + info.size > offset:
+                    yield index, start, info.size
+    # -- end of live reading ----------------------------------------------------------------
 
     def list_uploads(self, limit, after=None):
         """Up to `limit` uploads, newest first, after the (created_at, file_id) cursor."""
@@ -978,10 +1057,12 @@ class S3Store(Store):
     # -- chunk objects and fold records -----------------------------------------------------
 
     def _chunks(self, m):
-        """index -> ObjectInfo of the chunk objects of the upload's generation."""
+        """index -> ObjectInfo of the chunk objects of the upload's generation, from chunk
+        `m.folded_chunks` on (the folded ones' objects stay until completion, unlisted)."""
         prefix = self._chunk_prefix(m)
+        after = self._chunk_key(m, m.folded_chunks - 1) if m.folded_chunks else None
         found = {}
-        for info in self.client.iter_objects(prefix):
+        for info in self.client.iter_objects(prefix, start_after=after):
             name = info.key[len(prefix):]
             if name.isdigit():
                 found[int(name)] = info
@@ -1085,7 +1166,6 @@ class S3Store(Store):
         manifest = self._reload(manifest)
         if manifest.completed or manifest.deleting:
             return _AGAIN
-        self._drop_folded_objects(manifest, chunks)
         progress = _Progress(manifest, chunks)
         cursor, part = manifest.cursor, manifest.part_bytes
         whole = progress.complete(manifest)
@@ -1100,11 +1180,6 @@ class S3Store(Store):
         else:
             return manifest
         return _AGAIN
-
-    def _drop_folded_objects(self, m, chunks):
-        """Chunk objects a fold recorded but did not get to delete (a crash)."""
-        for index in [i for i in chunks if i < m.folded_chunks]:
-            self._delete_quietly(chunks.pop(index).key)
 
     def _put_whole(self, m, progress):
         """A small upload (<= P bytes): one PutObject of all its chunks, If-None-Match."""
@@ -1203,10 +1278,8 @@ class S3Store(Store):
             if new_end > first:
                 data["records"] = data.get("records", []) + [[first, new_end]]
             return True
-        recorded = self._update(m, change)
-        self._crash.passed("part_recorded")
-        _in_parallel(self._delete_quietly, [info.key for index, _, info in folded
-                                            if index < recorded.folded_chunks])
+        self._update(m, change)
+        self._crash.passed("part_recorded")     # chunk objects stay until completion
 
     def _start_multipart(self, m):
         key = self._final_key(m)
@@ -1276,12 +1349,18 @@ class S3Store(Store):
     def _after_completion(self, m, emit):
         self._crash.passed("completion_recorded")
         self.client.put_object(self._done_key(m.file_id), b"")
-        _in_parallel(self._delete_quietly,
-                     [info.key for info in self.client.iter_objects(self._chunk_prefix(m))])
+        self._drop_chunk_objects(m)
         log.info("upload %s completed: %d chunks, %d bytes", m.file_id, m.last_index + 1,
                  m.size)
         if emit:
             self._emit_completed(m)
+
+    def _drop_chunk_objects(self, m):
+        """A completed upload's chunk objects (the assembled object holds their bytes). Done
+        after completion, and again by the hasher: a node that died between the two leaves
+        them, and the hasher runs again for an upload with no sha256."""
+        _in_parallel(self._delete_quietly,
+                     [info.key for info in self.client.iter_objects(self._chunk_prefix(m))])
 
     def _emit_completed(self, m):
         self._emit("completed", m.file_id, size=m.size, sha256=m.sha256, ext=m.ext,
@@ -1308,6 +1387,7 @@ class S3Store(Store):
                 data["sha256"] = value
                 return True
             done = self._update(m, change)
+            self._drop_chunk_objects(done)
             if done.sha256 == value:
                 self._emit_completed(done)
         except (S3Error, StoreError) as error:

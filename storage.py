@@ -521,8 +521,11 @@ class Store(EventSource):
       open_media(upload)   -> Media of the assembled video (local: its consistent prefix,
                               even while it grows; S3: once complete), or None.
       read_appended(upload, offset, max_bytes) -> bytes of the assembled prefix from
-                              `offset`, while it grows (reserved for issue 18: a later helper
-                              writes it for both backends).
+                              `offset`, at most `max_bytes`, never past
+                              `upload.bytes_appended` (that snapshot's consistent length);
+                              b"" when the upload is gone. While it grows too (live.py's
+                              stream): local, the video file; S3, the chunk objects (kept
+                              until completion), then the assembled object.
       media_file(upload)   a context manager yielding a local path of the whole video (for
                            ffprobe); S3 downloads it, and removes the copy afterwards.
       list_uploads(limit, after=None) -> newest first after the (created_at, file_id) cursor.
@@ -606,7 +609,7 @@ class Store(EventSource):
         raise NotImplementedError
 
     def read_appended(self, upload, offset, max_bytes):
-        raise NotImplementedError("read_appended is issue 18's")
+        raise NotImplementedError
 
     def media_file(self, upload):
         raise NotImplementedError

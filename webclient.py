@@ -5,6 +5,7 @@ Routes (SPEC section 2):
                      recordings to play (its script is static/demo.js, its style demo.css)
   GET /m1client.js   static/m1client.js, the browser client of SPEC section 7: one
                      dependency-free ES module that records and uploads while it records
+  GET /ui.js         static/ui.js, small helpers the demo shares with live.py's pages
 
 What it guarantees: the files are the program's own (read with m1server.read_resource, so they
 are served from a zipapp too, where there is no real file to open), read once on first use,
@@ -26,6 +27,7 @@ STATIC_FILES = (
     ("/m1client.js", "static/m1client.js", "text/javascript; charset=utf-8"),
     ("/demo.js", "static/demo.js", "text/javascript; charset=utf-8"),
     ("/demo.css", "static/demo.css", "text/css; charset=utf-8"),
+    ("/ui.js", "static/ui.js", "text/javascript; charset=utf-8"),
 )
 CACHE_CONTROL = "no-cache"      # revalidate every time (cheap with the ETag)
 # The demo page loads only its own files and talks only to its own server.

@@ -28,13 +28,12 @@ import base64
 import json
 import os
 import re
-import selectors
 import socket
 import sys
-import threading
 import time
 
 import common as c
+from common import format_ms as ms, percentile_or_none as pct
 
 NAME = "events"
 CHUNK_BYTES = 64 * c.KIB
@@ -147,36 +146,17 @@ class Subscribers:
 
     def __init__(self, server, transport, file_id, count):
         self.transport = transport
-        self.selector = selectors.DefaultSelector()
         self.arrivals = [dict() for _ in range(count)]
         self.buffers = [b""] * count
-        self.socks = []
+        socks = []
         for n in range(count):
             sock = open_stream(server, transport, file_id)
-            self.socks.append(sock)
+            socks.append(sock)
             self.buffers[n] = read_first_event(sock, transport)
-            sock.setblocking(False)
-            self.selector.register(sock, selectors.EVENT_READ, n)
-        self.stopping = False
-        self.thread = threading.Thread(target=self.read_loop, daemon=True)
-        self.thread.start()
+        self.reader = c.SocketReader(socks, self.on_data)
 
-    def read_loop(self):
-        while not self.stopping:
-            for key, _ in self.selector.select(0.1):
-                try:
-                    data = key.fileobj.recv(65536)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError:
-                    data = b""
-                now = time.perf_counter()
-                if not data:
-                    self.selector.unregister(key.fileobj)
-                    continue
-                n = key.data
-                buffer = self.buffers[n] + data
-                self.buffers[n] = self.consume(n, buffer, now)
+    def on_data(self, n, data, now):
+        self.buffers[n] = self.consume(n, self.buffers[n] + data, now)
 
     def consume(self, n, buffer, now):
         """Record the chunk events complete in `buffer`; return the unparsed rest."""
@@ -214,11 +194,7 @@ class Subscribers:
         return [dict(a) for a in self.arrivals]
 
     def close(self):
-        self.stopping = True
-        self.thread.join(5)
-        for sock in self.socks:
-            sock.close()
-        self.selector.close()
+        self.reader.close()
 
 
 def open_stream(server, transport, file_id):
@@ -307,14 +283,6 @@ def idle_rss(ctx, transport):
 
 
 # --------------------------------------------------------------------------------------------
-
-def pct(values, fraction):
-    return c.percentile(values, fraction) if values else None
-
-
-def ms(value):
-    return "n/a" if value is None else "%.2f ms" % value
-
 
 class _Context:
     def __init__(self, quick, python):

@@ -12,12 +12,14 @@ import json
 import math
 import os
 import re
+import selectors
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -332,6 +334,47 @@ class Connection:
 
 
 # --------------------------------------------------------------------------------------------
+# Many long-lived responses read at once (event streams, live streams)
+
+class SocketReader:
+    """Sockets read by one selector thread of this process: `on_data(n, data, now)` for every
+    recv() of socket number n, time-stamped when recv() returns, before any parsing."""
+
+    def __init__(self, socks, on_data):
+        self.socks = list(socks)
+        self.on_data = on_data
+        self.selector = selectors.DefaultSelector()
+        for n, sock in enumerate(self.socks):
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ, n)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._read_loop, daemon=True)
+        self.thread.start()
+
+    def _read_loop(self):
+        while not self.stopping:
+            for key, _ in self.selector.select(0.1):
+                try:
+                    data = key.fileobj.recv(262144)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                now = time.perf_counter()
+                if not data:
+                    self.selector.unregister(key.fileobj)
+                    continue
+                self.on_data(key.data, data, now)
+
+    def close(self):
+        self.stopping = True
+        self.thread.join(5)
+        for sock in self.socks:
+            sock.close()
+        self.selector.close()
+
+
+# --------------------------------------------------------------------------------------------
 # Request bodies
 
 def random_pool(size):
@@ -479,6 +522,15 @@ def percentile(values, fraction):
     ordered = sorted(values)
     rank = max(1, int(math.ceil(fraction * len(ordered))))
     return ordered[min(rank, len(ordered)) - 1]
+
+
+def percentile_or_none(values, fraction):
+    """percentile(), or None for no values (a figure that could not be measured)."""
+    return percentile(values, fraction) if values else None
+
+
+def format_ms(value):
+    return "n/a" if value is None else "%.2f ms" % value
 
 
 def median(values):

@@ -28,12 +28,13 @@ import bench_finish
 import bench_footprint
 import bench_ingest
 import bench_latency
+import bench_live
 import bench_memory
 import bench_parser
 import bench_small_chunks
 
 BENCHMARKS = [bench_ingest, bench_parser, bench_memory, bench_latency, bench_small_chunks,
-              bench_finish, bench_footprint, bench_edge]
+              bench_finish, bench_footprint, bench_edge, bench_live]
 BY_NAME = dict((m.NAME, m) for m in BENCHMARKS)
 DEFAULT_OUT = os.path.join(c.BENCH_DIR, "out", "results.json")
 FULL_RECORDERS = [50, 200]

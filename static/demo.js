@@ -1,6 +1,8 @@
-// The demo page at GET /: everything it does goes through m1client.js.
+// The demo page at GET /: everything it does goes through m1client.js (ui.js: small helpers
+// it shares with the watch page and the dashboard).
 import { M1Recorder, findPendingUploads, resumePendingUpload, discardPendingUpload, withToken }
   from "/m1client.js";
+import { button, formatBytes, showMessage as show } from "/ui.js";
 
 const SERVER_URL = "";                       // this page's own server
 const RECORDINGS_KEY = "m1demo.recordings";  // recordings made in this browser (localStorage)
@@ -184,11 +186,7 @@ function showProcessingBar(fraction) {
   ui.processing.setAttribute("aria-valuenow", String(percent));
 }
 
-function showMessage(text, kind = "") {
-  ui.message.textContent = text;
-  ui.message.className = "message " + kind;
-  ui.message.hidden = !text;
-}
+function showMessage(text, kind) { show(ui.message, text, kind); }
 
 function startClock() {
   const started = Date.now();
@@ -235,15 +233,6 @@ async function offerPending() {
     return li;
   }));
   ui.pending.hidden = pending.length === 0;
-}
-
-function button(label, className, onClick) {
-  const element = document.createElement("button");
-  element.type = "button";
-  element.className = "button small " + className;
-  element.textContent = label;
-  element.addEventListener("click", onClick);
-  return element;
 }
 
 // --- the list of recordings -------------------------------------------------------------------
@@ -324,13 +313,6 @@ async function renderRecordingsNow() {
     return li;
   }));
   ui.noRecordings.hidden = videos.length > 0;
-}
-
-function formatBytes(bytes) {
-  if (!(bytes >= 0)) return "?";
-  if (bytes < 1024) return `${bytes} B`;
-  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KB`;
-  return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
 }
 
 ui.record.disabled = false;                 // the page works from here on

@@ -10,7 +10,9 @@ implement it. Here:
 - the races the table cannot write down: 8 chunks at once under a 1 MiB byte budget, and a
   retention sweep racing a chunk (on one node; on two nodes sharing a bucket);
 - a regression test per defect of the issue that the table does not already hold (a deletion's
-  reason, the budget race through a token over HTTP).
+  reason, the budget race through a token over HTTP);
+- read_appended (issue 18): the assembled prefix at any offset, while the upload grows (S3:
+  from folded and unfolded chunk objects), after completion, and nothing once it is deleted.
 
 Local-only defects (a full disk, links inside the upload folder, stray entries at start-up)
 are in test_chunkstore.py and test_crash.py; S3 retries in test_s3store.py.
@@ -533,3 +535,40 @@ def test_eight_requests_at_once_with_a_one_mib_token_store_one_mib(request, serv
         session.headers["Authorization"] = "Bearer " + token
         data = get_status(session, srv.url, "budget_race").json()["data"]
     assert data["chunksReceived"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# read_appended (issue 18): the assembled prefix, while it grows and after
+# ---------------------------------------------------------------------------------------------
+
+def assert_reads(store, upload, expected):
+    """read_appended at offsets across the chunk (and S3 part) boundaries, with small and
+    large windows, gives exactly the bytes of `expected` (the prefix held so far)."""
+    assert upload.bytes_appended == len(expected)
+    offsets = sorted({0, 1, len(expected) // 3, len(expected) // 2, 5 * MiB - 3, 5 * MiB,
+                      len(expected) - 1, len(expected), len(expected) + 10})
+    for offset in offsets:
+        for window in (1, 7000, 3 * MiB, 64 * MiB):
+            got = store.read_appended(upload, offset, window)
+            assert got == expected[offset:offset + window], (offset, window, len(got))
+
+
+def test_read_appended_gives_the_assembled_prefix_while_it_grows_and_after(backend):
+    store = backend.store
+    chunks = [EBML + os.urandom(3000), os.urandom(2 * MiB), b"", os.urandom(2 * MiB + 11),
+              os.urandom(2 * MiB), os.urandom(5000)]
+    for index in (0, 1, 2, 4):                           # 3 is missing: 4 waits
+        assert backend.put("grow", index, chunks[index], False) == "ok"
+    assert_reads(store, store.status("grow"), b"".join(chunks[:3]))
+    assert backend.put("grow", 3, chunks[3], False) == "ok"
+    if backend.kind == "s3":                             # a part folded in the background
+        wait_until(lambda: store.status("grow").manifest.parts, 60, 0.05, "a folded part")
+    upload = store.status("grow")
+    assert_reads(store, upload, b"".join(chunks[:5]))
+    assert backend.put("grow", 5, chunks[5], True) == "ok"
+    done = store.status("grow")
+    assert done.completed
+    assert_reads(store, done, b"".join(chunks))
+    assert_reads(store, upload, b"".join(chunks[:5]))    # an older snapshot: still its prefix
+    assert backend.delete("grow")
+    assert store.read_appended(done, 0, 100) == b""      # gone

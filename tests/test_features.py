@@ -22,8 +22,8 @@ from conftest import ROOT, SERVER_PYTHON, SERVER_PROGRAM, send_chunk, wait_until
 sys.path.insert(0, ROOT)
 import httpapi  # noqa: E402
 
-FEATURES = ("tus", "processing", "events", "websocket", "webhooks", "auth", "s3client",
-            "s3store")
+FEATURES = ("tus", "processing", "events", "websocket", "webhooks", "auth", "live",
+            "s3client", "s3store")
 IMPORT_TIME = {"PYTHONPROFILEIMPORTTIME": "1"}
 
 
@@ -80,7 +80,9 @@ def test_each_feature_loads_when_its_route_is_first_used(plain):
         sock.close()
     assert requests.post(url + "/api/video/tokens", json={}, timeout=30).status_code == 404
     assert requests.get(url + "/api/video/webhooks/deliveries", timeout=30).ok
-    assert features_in(plain.log()) == ["auth", "events", "tus", "webhooks", "websocket"]
+    assert requests.get(url + "/watch/rec_1", timeout=30).ok
+    assert features_in(plain.log()) == ["auth", "events", "live", "tus", "webhooks",
+                                        "websocket"], plain.log()[-3000:]
 
 
 def test_processing_loads_with_the_first_completed_upload_and_at_a_start_after_it(plain):
@@ -111,6 +113,7 @@ def test_feature_routes_are_the_features_own_rows():
     patterns, the same methods."""
     import auth
     import events
+    import live
     import processing
     import tus
     import webhooks
@@ -121,7 +124,7 @@ def test_feature_routes_are_the_features_own_rows():
 
     own = {"auth": auth.routes(Anything(), None, 0, None), "events": events.routes(),
            "tus": tus.routes(Anything()), "processing": processing.routes(Anything()),
-           "webhooks": webhooks.routes()}
+           "webhooks": webhooks.routes(), "live": live.routes(None, lambda *args: None)}
     standing = {}
     for pattern, methods in httpapi.FEATURE_ROUTES:
         feature = next(iter(methods.values())).feature

@@ -83,16 +83,25 @@ def status_of(session, srv, file_id):
 
 
 def wait_for_state(session, srv, file_id, states=("done", "failed"),
-                   deadline=PROCESS_DEADLINE_S):
+                   deadline=PROCESS_DEADLINE_S, store_may_be_down=False):
+    """Poll the status until processing reaches one of `states`. store_may_be_down: an S3
+    store that has just come back may still answer some requests with 500s for a moment
+    (a restarted SeaweedFS lists before its volumes serve reads), and the server's answer to
+    that is a 503 storage_unavailable, which then means "not yet"."""
     def reached():
+        if store_may_be_down:
+            reply = get_status(session, srv.url, file_id)
+            if reply.status_code == 503 and \
+                    reply.json()["error"]["code"] == "storage_unavailable":
+                return None
         data = status_of(session, srv, file_id)
         return data if data.get("processing", {}).get("state") in states else None
     try:
         return wait_until(reached, timeout=deadline, interval=0.05,
                           message="%s to reach %s" % (file_id, "/".join(states)))
     except AssertionError:
-        raise AssertionError("%s\nlast status: %r\nserver log:\n%s" % (
-            file_id, status_of(session, srv, file_id), srv.log()[-4000:]))
+        raise AssertionError("%s\nlast status: %s\nserver log:\n%s" % (
+            file_id, get_status(session, srv.url, file_id).text, srv.log()[-4000:]))
 
 
 def wait_for_stage(session, srv, file_id, stage):

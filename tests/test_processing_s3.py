@@ -309,7 +309,8 @@ def test_a_store_outage_during_a_job_delays_it_without_a_traceback(
         weed.start(port=weed.port)           # back: the job is found abandoned and runs again
         wait_until(lambda: session.get(node.url + "/readyz", timeout=30).status_code == 200,
                    timeout=60, interval=0.2, message="readiness after the store is back")
-        data = wait_for_state(session, node, file_id, deadline=TAKEOVER_DEADLINE_S)
+        data = wait_for_state(session, node, file_id, deadline=TAKEOVER_DEADLINE_S,
+                              store_may_be_down=True)
         assert data["processing"]["state"] == "done", data
         assert set(data["derivatives"]) == {"remux", "poster", "mp4"}
         assert bucket.job(file_id)["attempts"] == 2
