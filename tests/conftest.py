@@ -14,6 +14,7 @@ Environment knobs (used by `make test-pythons`, the zipapp suite and `make test-
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -529,9 +530,22 @@ def leave_free(disk, nbytes):
     filler = os.path.join(disk, "filler")
     with open(filler, "ab") as f:
         f.truncate(0)
-        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-        if free > nbytes:
-            os.posix_fallocate(f.fileno(), 0, free - nbytes)
+        # The server may be writing to the same disk meanwhile (a body still arriving), so the
+        # space measured can be gone by the time it is claimed: measure again and claim what is
+        # left, a bounded number of times.
+        for _ in range(100):
+            stat = os.statvfs(disk)
+            free = stat.f_bavail * stat.f_frsize
+            if free <= nbytes:
+                break
+            try:
+                os.posix_fallocate(f.fileno(), os.fstat(f.fileno()).st_size, free - nbytes)
+                break
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+        else:
+            raise AssertionError("could not fill %s: the space kept changing" % disk)
     stat = os.statvfs(disk)
     return stat.f_bavail * stat.f_frsize
 
