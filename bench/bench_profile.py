@@ -56,18 +56,18 @@ with c.Connection(host, port) as conn:
 # inclusively (cProfile's cumulative time). A step this version of the code lacks is skipped.
 STEPS = (
     ("read the request head (http.server + email)", "http/server.py", "parse_request"),
-    ("read the request head (httphead)", "m1server.py", "read_head"),
-    ("dispatch: CORS, rate limit, route, auth, handler", "m1server.py", "dispatch"),
-    ("  body through the parser, to a part file", "m1server.py", "read_form"),
-    ("  body through the parser, into the video", "m1server.py", "receive_chunk"),
-    ("  the seed's fields checked", "m1server.py", "chunk_fields"),
+    ("read the request head (httphead)", "httpapi.py", "read_head"),
+    ("dispatch: CORS, rate limit, route, auth, handler", "httpapi.py", "dispatch"),
+    ("  body through the parser, to a part file", "httpapi.py", "read_form"),
+    ("  body through the parser, into the video", "httpapi.py", "store"),
+    ("  the seed's fields checked", "httpapi.py", "chunk_fields"),
     ("  store.put_chunk", "chunkstore.py", "put_chunk"),
     ("    checks before the lock", "storage.py", "check_chunk_request"),
     ("    ledger reads (load, chunk_at)", "chunkstore.py", "load"),
     ("    the append (write, journal commit)", "chunkstore.py", "_append"),
     ("      the ledger's transaction", "chunkstore.py", "record_append"),
-    ("  the JSON reply", "m1server.py", "send_json"),
-    ("access log and metrics", "m1server.py", "log_request"),
+    ("  the JSON reply", "httpapi.py", "send_json"),
+    ("access log and metrics", "httpapi.py", "log_request"),
 )
 
 # Where a function's own time goes, by the file (or built-in) it is in. First match wins.
@@ -82,7 +82,7 @@ GROUPS = (
                                                   "httphead.py")),
     ("multipart parser", ("multipart.py",)),
     ("store (chunkstore, storage, localdisk)", ("chunkstore.py", "storage.py", "localdisk.py")),
-    ("handler (m1server, auth, cors, connections)", ("m1server.py", "auth.py", "cors.py",
+    ("handler (httpapi, auth, cors, connections)", ("httpapi.py", "auth.py", "cors.py",
                                                      "connections.py")),
     ("logging and metrics", ("logging/", "metrics.py")),
     ("JSON", ("json/", "_json")),
@@ -94,6 +94,8 @@ GROUPS = (
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS)
+    parser.add_argument("--chunk-kib", type=int, default=CHUNK_BYTES // c.KIB,
+                        help="chunk size in KiB (default 16; 250 is a recorder's chunk)")
     parser.add_argument("--top", type=int, default=25, help="functions listed by own time")
     parser.add_argument("--file-first", action="store_true",
                         help="send the file part before the text fields (the seed's order)")
@@ -104,8 +106,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     unprofiled = serve_once(args, profile=False)[0]
     per_request, profile = serve_once(args, profile=True)
-    print("one 16 KiB chunk request (%s first), %d requests, CPython %s"
-          % ("file part" if args.file_first else "text fields", args.chunks,
+    print("one %d KiB chunk request (%s first), %d requests, CPython %s"
+          % (args.chunk_kib, "file part" if args.file_first else "text fields", args.chunks,
              sys.version.split()[0]))
     print("  CPU of the serving thread per request: %.0f us (without the profiler); "
           "%.0f us profiled" % (unprofiled * 1e6, per_request * 1e6))
@@ -139,7 +141,7 @@ def serve_once(args, profile):
     server = m1server.M1Server(config, store)
     host, port = server.server_address[:2]
     client = subprocess.Popen([sys.executable, "-c", CLIENT, c.BENCH_DIR, host, str(port),
-                               str(args.chunks), str(CHUNK_BYTES),
+                               str(args.chunks), str(args.chunk_kib * c.KIB),
                                "1" if args.file_first else "0"])
     try:
         server.socket.settimeout(60)
