@@ -2,6 +2,7 @@
 """profile: where the CPU of one 16 KiB chunk request goes, end to end (issue 17).
 
     python bench/bench_profile.py                  # 2,000 chunks of 16 KiB, profiled
+    python bench/bench_profile.py --chunk-kib 250  # a recorder's chunk (make bench's recorders)
     python bench/bench_profile.py --chunks 5000 --top 40
     python bench/bench_profile.py --file-first     # the seed's field order (file part first)
 
@@ -58,8 +59,8 @@ STEPS = (
     ("read the request head (http.server + email)", "http/server.py", "parse_request"),
     ("read the request head (httphead)", "httpapi.py", "read_head"),
     ("dispatch: CORS, rate limit, route, auth, handler", "httpapi.py", "dispatch"),
-    ("  body through the parser, to a part file", "httpapi.py", "read_form"),
-    ("  body through the parser, into the video", "httpapi.py", "store"),
+    ("  body through the parser (into the video, or a part file)", "httpapi.py", "read_form"),
+    ("  the chunk made durable (ChunkReceiver.store)", "httpapi.py", "store"),
     ("  the seed's fields checked", "httpapi.py", "chunk_fields"),
     ("  store.put_chunk", "chunkstore.py", "put_chunk"),
     ("    checks before the lock", "storage.py", "check_chunk_request"),
