@@ -5,12 +5,14 @@
     python bench/bench_profile.py --chunk-kib 250  # a recorder's chunk (make bench's recorders)
     python bench/bench_profile.py --chunks 5000 --top 40
     python bench/bench_profile.py --file-first     # the seed's field order (file part first)
+    python bench/bench_profile.py --chunk-kib 250 --per-upload 10   # make bench's recorders
 
 The server runs in this process, as `python3 m1server.py` would build it (the same flags as
 the other benchmarks), but its one connection is served on the main thread under cProfile
 instead of on a thread of its own: cProfile sees only the thread that enabled it. The client
 is a child process (so it takes none of this process's GIL): one keep-alive connection, the
-prebuilt requests of bench/common.py sent back to back, one upload.
+prebuilt requests of bench/common.py sent back to back, one upload (or, --per-upload N,
+recordings of N chunks, each completed before the next begins).
 
 Printed: CPU per request in the serving thread (thread_time, measured once without the
 profiler, which inflates every Python call), then the profiled time grouped by where it goes
@@ -41,11 +43,14 @@ CLIENT = r"""
 import sys, time
 sys.path.insert(0, sys.argv[1])
 import common as c
-host, port, count, size, file_first = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), \
-    int(sys.argv[5]), sys.argv[6] == "1"
+host, port, count, size, file_first, per_upload = sys.argv[2], int(sys.argv[3]), \
+    int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1", int(sys.argv[7])
 pool = c.random_pool(8 * c.MIB)
-requests = c.recording_requests(host, port, "bench_profile", pool, count, size,
-                                file_first=file_first)
+requests = []
+for first in range(0, count, per_upload):      # recordings of per_upload chunks each
+    requests += c.recording_requests(host, port, "bench_profile_%d" % first, pool,
+                                     min(per_upload, count - first), size,
+                                     offset=first * size, file_first=file_first)
 with c.Connection(host, port) as conn:
     for i, request in enumerate(requests):
         response = conn.request(request)
@@ -97,6 +102,9 @@ def main(argv=None):
     parser.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS)
     parser.add_argument("--chunk-kib", type=int, default=CHUNK_BYTES // c.KIB,
                         help="chunk size in KiB (default 16; 250 is a recorder's chunk)")
+    parser.add_argument("--per-upload", type=int, default=0, metavar="N",
+                        help="chunks per upload: recordings of N chunks, each a new fileId, "
+                             "as make bench's recorders send 10 (default: one upload)")
     parser.add_argument("--top", type=int, default=25, help="functions listed by own time")
     parser.add_argument("--file-first", action="store_true",
                         help="send the file part before the text fields (the seed's order)")
@@ -105,13 +113,17 @@ def main(argv=None):
                         help="profile wall time (default: the thread's CPU time, which leaves "
                              "out waiting for the disk and the client)")
     args = parser.parse_args(argv)
-    unprofiled = serve_once(args, profile=False)[0]
-    per_request, profile = serve_once(args, profile=True)
-    print("one %d KiB chunk request (%s first), %d requests, CPython %s"
+    unprofiled, _, (user, system) = serve_once(args, profile=False)
+    per_request, profile, _ = serve_once(args, profile=True)
+    print("one %d KiB chunk request (%s first), %d requests, %s, CPython %s"
           % (args.chunk_kib, "file part" if args.file_first else "text fields", args.chunks,
+             "%d per upload" % args.per_upload if args.per_upload else "one upload",
              sys.version.split()[0]))
     print("  CPU of the serving thread per request: %.0f us (without the profiler); "
           "%.0f us profiled" % (unprofiled * 1e6, per_request * 1e6))
+    if user is not None:
+        print("    of which user %.0f us, system %.0f us (the kernel: copies, the disk, fsync)"
+              % (user * 1e6, system * 1e6))
     stats = pstats.Stats(profile)
     total = sum(entry[2] for entry in stats.stats.values())
     print("\nprofiled %s time of each step, inclusive, per request:"
@@ -131,7 +143,8 @@ def main(argv=None):
 
 def serve_once(args, profile):
     """Serve one client's connection of args.chunks requests on this thread; returns (CPU
-    seconds of this thread per request, the cProfile.Profile or None)."""
+    seconds of this thread per request, the cProfile.Profile or None, (user, system) seconds
+    per request or (None, None))."""
     import httpapi as m1server
     directory = tempfile.mkdtemp(prefix="m1bench-profile-")
     flags = ["--host", "127.0.0.1", "--port", "0", "--dir", directory] + c.SERVER_ARGS + \
@@ -143,20 +156,21 @@ def serve_once(args, profile):
     host, port = server.server_address[:2]
     client = subprocess.Popen([sys.executable, "-c", CLIENT, c.BENCH_DIR, host, str(port),
                                str(args.chunks), str(args.chunk_kib * c.KIB),
-                               "1" if args.file_first else "0"])
+                               "1" if args.file_first else "0",
+                               str(args.per_upload or args.chunks)])
     try:
         server.socket.settimeout(60)
         request, address = server.get_request()
         profiler = None
         if profile:
             profiler = cProfile.Profile() if args.wall else cProfile.Profile(time.thread_time)
-        started = time.thread_time()
+        started, usage = time.thread_time(), thread_usage()
         if profiler is not None:
             profiler.enable()
         serve_connection(server, request, address)
         if profiler is not None:
             profiler.disable()
-        spent = time.thread_time() - started
+        spent, after = time.thread_time() - started, thread_usage()
         if client.wait(60) != 0:
             raise c.BenchError("the client failed")
     finally:
@@ -166,7 +180,19 @@ def serve_once(args, profile):
         server.server_close()
         store.close()
         c.shutil.rmtree(directory, ignore_errors=True)
-    return spent / args.chunks, profiler
+    split = (None, None) if usage is None else \
+        ((after[0] - usage[0]) / args.chunks, (after[1] - usage[1]) / args.chunks)
+    return spent / args.chunks, profiler, split
+
+
+def thread_usage():
+    """(user, system) CPU seconds of this thread, or None where RUSAGE_THREAD is missing."""
+    try:
+        import resource
+        usage = resource.getrusage(resource.RUSAGE_THREAD)
+    except (ImportError, AttributeError, OSError):
+        return None
+    return usage.ru_utime, usage.ru_stime
 
 
 def serve_connection(server, request, address):
