@@ -59,10 +59,15 @@ of the same index (a retry on another connection) waits for the tail, at most wr
 (503 chunk_in_progress after that), then is decided against what the writer left: a
 duplicate once it committed. Any failure before stream_recorded (a parse error, a client
 gone, a budget, a checksum, a full disk, the upload deleted meanwhile: 409 upload_deleted)
-cuts the tail back to bytes_appended and frees the slot. reserve_append says None, and the
-chunk takes the part file, for everything else: a new upload (its row comes first), an early
-chunk, a duplicate, a first mimeType to record, or anything the rules refuse (put_chunk then
-refuses it, in the rules' order).
+cuts the tail back to bytes_appended and frees the slot. A new upload's chunk 0 goes in
+place too: its file is created at reserved, and its row (id, type, creation time) is
+written by stream_recorded's transaction with the chunk; an abort removes the file (unless
+an early chunk gave the upload a row meanwhile), and a crash before stream_recorded leaves a
+video file the ledger does not know, never acknowledged, which repair sets aside (the
+quarantine: a ledger lost by hand would look the same). reserve_append says None, and the
+chunk takes the part file, for everything else: an early chunk, a duplicate, a first
+mimeType to record for an upload the ledger has, or anything the rules refuse (put_chunk
+then refuses it, in the rules' order).
 
 A write that fails before its step's commit (a full disk: ENOSPC, or SQLite's "database or
 disk is full") is undone at once as repair would undo it after a crash: the tail after
@@ -80,17 +85,20 @@ A small in-order chunk (at most --journal-chunk-size bytes) costs one fsync inst
 in step 2 its bytes are written but the file is not fsynced, and step 3's transaction also
 keeps a copy of them in the `journal` table, so the ledger's commit is what makes the chunk
 durable. Readers see the file as written (the page cache) at once. The journal is emptied,
-in two steps, once the file is fsynced: when an upload's journal passes JOURNAL_FLUSH_BYTES,
-when it completes, when a large chunk's append fsyncs the file anyway (in that chunk's own
-transaction), and when the store closes: journal_synced (file fsynced; a crash here leaves
-rows that repair writes again, the same bytes at the same offsets), then journal_cleared.
+once the file is fsynced: by the transaction of a chunk whose append fsyncs the file anyway
+(a large chunk, or the one that completes the upload, which is never journaled), or in two
+steps when an upload's journal passes JOURNAL_FLUSH_BYTES and when the store closes:
+journal_synced (file fsynced; a crash here leaves rows that repair writes again, the same
+bytes at the same offsets), then journal_cleared.
 repair() writes every journal row back at its offset before anything else, so a power cut
 that lost the file's unsynced writes loses no acknowledged chunk. Each row is one chunk, so
 the journal of an upload holds at most JOURNAL_FLUSH_BYTES + one chunk.
 
 A chunk sent with status=completed records the last index in the same transaction as the
-chunk (step 3 / stash_recorded). A new file or temp folder has its parent directory fsynced,
-so its name survives a power cut as well as its bytes. If the disk still loses fsynced bytes
+chunk (step 3 / stash_recorded); the append that completes the upload records completed_at
+(and the sha256, when the running digest is known) in its own transaction too: one commit
+for the last chunk. A new file or temp folder has its parent directory fsynced, so its name
+survives a power cut as well as its bytes. If the disk still loses fsynced bytes
 (or an old backup is restored), repair rolls the ledger back to the whole chunks the file
 holds, and the client is asked for the rest; it never pads a hole with zeros.
 
@@ -116,9 +124,9 @@ import time
 
 import localdisk
 from localdisk import FileMedia, UnsafePath, UploadFolder, fsync_dir, open_file, writing
-from storage import (DUPLICATE, IN_ORDER, SIGNATURE_BYTES, Capabilities, ChunkResult, Store,
-                     StoreError, TailWriter, UploadState, Workers, check_budgets,
-                     check_chunk_bytes, check_chunk_fields, check_chunk_request,
+from storage import (DUPLICATE, IN_ORDER, MEDIA_TYPES, SIGNATURE_BYTES, Capabilities,
+                     ChunkResult, Store, StoreError, TailWriter, UploadState, Workers,
+                     check_budgets, check_chunk_bytes, check_chunk_fields, check_chunk_request,
                      check_derivative_name, new_sha256, sha256_file, valid_file_id)
 
 log = logging.getLogger("m1server.store")
@@ -176,7 +184,8 @@ class ChunkStore(Store):
         self._cache = _StateCache(state_cache)
         self._writers = {}        # fileId -> its _TailWriter; read and changed under its lock
         # Completing must take constant time whatever the length (SPEC section 1): the file's
-        # sha256 is computed off the request path, and status shows it once it is known.
+        # sha256 is taken as its bytes are written (the running digest, in _cache) or, when
+        # that is not known, computed off the request path; status shows it once known.
         self._hasher = Workers("m1-hasher", 1, self._hash_in_background)
 
     # -- receiving ------------------------------------------------------------------------
@@ -208,23 +217,29 @@ class ChunkStore(Store):
     def reserve_append(self, file_id, index, is_last, mime_type=None, checksum=None,
                        budget=None):
         """The upload's tail for chunk `index`, to write its bytes in place (a _TailWriter),
-        when it is the next chunk of an upload the ledger has, nothing is being written in
-        place for it already, and the rules accept it whatever its bytes; else None (the
-        part file and put_chunk: a new upload, whose row comes first; an early chunk; a
-        duplicate; a first mimeType to record; anything the rules refuse)."""
+        when it is the next chunk of its upload (chunk 0 of a new one: its row is written
+        with the chunk's), nothing is being written in place for it already, and the rules
+        accept it whatever its bytes; else None (the part file and put_chunk: an early
+        chunk; a duplicate; a first mimeType to record for an upload the ledger has; anything
+        the rules refuse)."""
         try:
             check_chunk_fields(file_id, index, mime_type, checksum)
         except StoreError:
             return None                      # put_chunk refuses it, in the rules' order
         with self._locks.held(file_id):
             upload = self._state(file_id)
-            if file_id in self._writers or upload is None or index != upload.next_index:
+            new = upload is None
+            if new:
+                upload = UploadState.unknown(file_id)
+            if file_id in self._writers or index != upload.next_index:
                 return None
             try:
                 _, ext = self.decide(upload, index, None, 0, is_last, mime_type, budget)
             except StoreError:
                 return None
-            if ext != upload.ext or (mime_type is not None and upload.mime_type is None):
+            if new:                          # where its file will be: its type is known now
+                upload = _typed(upload, mime_type, ext)
+            elif ext != upload.ext or (mime_type is not None and upload.mime_type is None):
                 return None
             fd, created = self._open_tail(upload)
             writer = _TailWriter(self, upload, index, is_last, mime_type, checksum,
@@ -256,7 +271,9 @@ class ChunkStore(Store):
             # crash can leave a stored last chunk that the ledger does not know is the last.
             last = index if is_last else None
             if kind == IN_ORDER:
-                small = 0 < self.journal_chunk_bytes and size <= self.journal_chunk_bytes
+                # A last chunk completes the upload, which needs the file fsynced anyway.
+                small = 0 < self.journal_chunk_bytes and size <= self.journal_chunk_bytes \
+                    and not is_last
                 upload = self._append(upload, index, part_path, size, last, journal=small)
             else:
                 upload = self._stash(upload, index, part_path, size, last)
@@ -266,11 +283,18 @@ class ChunkStore(Store):
         """Under the lock, once a chunk is stored (or acknowledged): the stashed chunks it made
         contiguous are appended, a complete upload completes, and listeners hear of it."""
         upload = self._append_stashed_run(upload)
-        if upload.completed and upload.completed_at is None:
+        # A chunk that is not a duplicate and leaves the upload complete completed it (the
+        # append that did so may have recorded the completion, and the sha256, in its own
+        # transaction).
+        hashed = False
+        if upload.completed and (upload.completed_at is None or kind != DUPLICATE):
             upload = self._complete(upload)
+            hashed = upload.sha256 is not None
         if kind != DUPLICATE:
             self._emit("chunk", upload.file_id, index=index, size=size,
                        bytesReceived=upload.bytes_appended, nextChunkIndex=upload.next_index)
+        if hashed:
+            self._emit_completed(upload)
         return ChunkResult(upload.file_id, index, kind == DUPLICATE, upload)
 
     def _stored_as(self, upload, index, part_path, size):
@@ -350,10 +374,13 @@ class ChunkStore(Store):
         module docstring). A failure before the record cuts the tail back to the consistent
         prefix."""
         offset = upload.bytes_appended
-        data = None
+        data = digest = None
         if journal:
             with open(source_path, "rb") as f:
                 data = f.read(size)
+            digest = self._running_digest(upload)     # the bytes are in memory: hash them
+            if digest is not None:
+                digest.update(data)
         fd, created = self._open_tail(upload)
         try:
             with writing("appending chunk %d" % index, undo=lambda: os.ftruncate(fd, offset)):
@@ -365,7 +392,8 @@ class ChunkStore(Store):
                 if created:
                     fsync_dir(self.root)    # the file's name must survive a power cut too
                 self._crash.passed("appended")
-                upload = self._record_append(upload, index, size, last_index, data)
+                upload = self._record_append(upload, index, size, last_index, data,
+                                             digest=digest)
         finally:
             os.close(fd)
         self._crash.passed("append_recorded")
@@ -373,18 +401,46 @@ class ChunkStore(Store):
         self._crash.passed("cleaned")
         return self._sync_full_journal(upload)
 
-    def _record_append(self, upload, index, size, last_index, journal):
+    def _record_append(self, upload, index, size, last_index, journal, record_type=False,
+                       digest=None):
         """One ledger transaction: chunk `index` (`size` bytes at the consistent length) is
         appended, with its bytes when they are `journal`ed; returns the upload after it, which
-        memory now mirrors."""
+        memory now mirrors. The chunk that completes the upload records that too, when its
+        file was fsynced (no journal is left then): no second transaction for it, and, when
+        `digest` (the running sha256 of the file with this chunk, None: not known) is given,
+        its sha256 with it: no hasher. record_type: the upload's mime type and extension are
+        written first (a new upload, created_at None: its row)."""
         now = time.time()
-        journaled = self._journaled(upload.file_id)
+        create = upload.created_at is None
+        journaled = 0 if create else self._journaled(upload.file_id)
+        if create:
+            upload = UploadState((upload.file_id, upload.mime_type, upload.ext, 0, 0, None,
+                                  now, now, None, None), [])
+        after = _appended(upload, size, now, last_index)
+        completes = journal is None and after.completed
+        if completes:
+            after.completed_at = now
+            after.sha256 = digest.hexdigest() if digest is not None else None
         self._ledger.record_append(upload.file_id, index, size, upload.bytes_appended, now,
-                                   last_index, journal, index in upload.stashed, journaled)
-        upload = _appended(upload, size, now, last_index)
+                                   last_index, journal, index in upload.stashed, journaled,
+                                   completed=completes, sha256=after.sha256,
+                                   new_type=(upload.mime_type, upload.ext)
+                                   if record_type or create else None, create=create)
+        upload = after
         self._cache.put(upload.file_id, upload,
-                        0 if journal is None else journaled + len(journal))
+                        0 if journal is None else journaled + len(journal),
+                        digest=None if completes else digest)
         return upload
+
+    def _running_digest(self, upload):
+        """A copy of the sha256 of the upload's assembled bytes, to go on with (a new one
+        when it has none), or None when it is not known: the upload was read from the
+        ledger, or a chunk was appended by a kernel copy. Then the hasher reads the file
+        once it completes."""
+        if upload.bytes_appended == 0:
+            return new_sha256()
+        digest = self._cache.digest(upload.file_id)
+        return None if digest is None else digest.copy()
 
     def _sync_full_journal(self, upload):
         if self._journaled(upload.file_id) > JOURNAL_FLUSH_BYTES:
@@ -400,26 +456,41 @@ class ChunkStore(Store):
                 raise StoreError(409, "upload_deleted", "upload %s was deleted while chunk %d "
                                  "was being received" % (writer.file_id, writer.index))
             upload = self._state(writer.file_id)
-            if upload.next_index != writer.index or upload.bytes_appended != writer.offset:
+            if upload is None and writer.new:
+                upload = UploadState.unknown(writer.file_id)     # still new: its row comes now
+            if upload is None or upload.next_index != writer.index or \
+                    upload.bytes_appended != writer.offset:
                 raise StoreError(500, "storage_inconsistent", "the tail of %s moved while "
                                  "chunk %d was written in place" % (writer.file_id,
                                                                     writer.index))
             _, ext = self.decide(upload, writer.index, None, size, writer.is_last,
                                  writer.mime_type, writer.budgets[0])
-            if ext != upload.ext:
+            if ext != writer.ext:            # the bytes are in that extension's file
                 raise StoreError(409, "mime_type_conflict", "upload is %s, this chunk says "
                                  "%s" % (upload.ext, writer.mime_type))
-            upload = self._record_append(upload, writer.index, size,
-                                         writer.index if writer.is_last else None, journal)
+            # A new upload's row (or, when an early chunk created it meanwhile with no type,
+            # the type this chunk names) goes into the chunk's own transaction.
+            typed = _typed(upload, upload.mime_type or writer.mime_type, ext)
+            upload = self._record_append(typed, writer.index, size,
+                                         writer.index if writer.is_last else None, journal,
+                                         record_type=(typed.mime_type, typed.ext) !=
+                                         (upload.mime_type, upload.ext),
+                                         digest=writer.running_digest)
             writer.recorded()                 # from here on, nothing may cut these bytes off
             self._crash.passed("stream_recorded")
             return self._after_chunk(self._sync_full_journal(upload), writer.index, IN_ORDER,
                                      size)
 
-    def _free_tail(self, writer):
-        """The upload's tail is free again (the writer's abort)."""
+    def _free_tail(self, writer, new_file=None):
+        """The upload's tail is free again (the writer's abort). `new_file`: the file a new
+        upload's writer created, removed unless the upload got its row meanwhile (an early
+        chunk); with no row, nothing else may name it."""
         with self._locks.held(writer.file_id):
-            self._release(writer)
+            try:
+                if new_file is not None and self._state(writer.file_id) is None:
+                    self.discard(new_file)
+            finally:
+                self._release(writer)
 
     def _release(self, writer):
         """Under the upload's lock: forget the writer, wake whoever waits for its tail."""
@@ -481,11 +552,16 @@ class ChunkStore(Store):
         return upload
 
     def _complete(self, upload):
-        self._sync_journaled(upload)    # the whole file on disk before anyone reads it back
-        self._ledger.set_completed(upload.file_id)
-        upload = self._reload(upload.file_id)     # before the hasher reads it
+        """Under the lock, once the upload holds every chunk: the completion recorded (unless
+        the chunk that completed it recorded it in its own transaction), temp/ emptied, the
+        file handed to the hasher (unless that transaction recorded its sha256 too)."""
+        if upload.completed_at is None:
+            self._sync_journaled(upload)    # the whole file on disk before anyone reads it back
+            self._ledger.set_completed(upload.file_id)
+            upload = self._reload(upload.file_id)     # before the hasher reads it
         self.folder.remove_tree(os.path.join(self.temp_dir, upload.file_id))
-        self._hasher.submit(upload.file_id)
+        if upload.sha256 is None:
+            self._hasher.submit(upload.file_id)
         log.info("upload %s completed: %d chunks, %d bytes", upload.file_id,
                  upload.next_index, upload.bytes_appended)
         return upload
@@ -516,9 +592,12 @@ class ChunkStore(Store):
         with self._locks.held(file_id):
             if not self._ledger.set_sha256(file_id, upload.completed_at, digest):
                 return
-            upload = self._reload(file_id)
-            self._emit("completed", file_id, size=upload.bytes_appended, sha256=digest,
-                       ext=upload.ext, mimeType=upload.mime_type)
+            self._emit_completed(self._reload(file_id))
+
+    def _emit_completed(self, upload):
+        """Under the upload's lock, once its sha256 is recorded: after its last chunk's event."""
+        self._emit("completed", upload.file_id, size=upload.bytes_appended,
+                   sha256=upload.sha256, ext=upload.ext, mimeType=upload.mime_type)
 
     def open_media(self, upload):
         """The assembled file to serve: its consistent prefix, even while it grows; None
@@ -666,11 +745,22 @@ class ChunkStore(Store):
             except (OSError, StoreError, sqlite3.DatabaseError):
                 log.exception("repair: %s is left as it is (repaired at the next start)",
                               file_id)
+        self._set_aside_unknown_media(known)
         self._clear_strays(self.temp_dir, known, (localdisk.INCOMING_DIR_NAME,
                                                   DELETING_DIR_NAME))
         if os.path.isdir(self.derived_dir):
             self._clear_strays(self.derived_dir, known)
         return mended
+
+    def _set_aside_unknown_media(self, known):
+        """A video file of an upload the ledger does not know: a new upload's first chunk
+        written in place whose commit (which writes the row) a crash cut off, so never
+        acknowledged. Set aside, not removed: a ledger lost by hand would look the same."""
+        for name in os.listdir(self.root):
+            file_id, dot, ext = name.rpartition(".")
+            if dot and ext in MEDIA_TYPES and valid_file_id(file_id) and file_id not in known:
+                self.folder.quarantine(os.path.join(self.root, name),
+                                       "a video file the ledger does not know")
 
     def _clear_strays(self, folder, known, own=()):
         """Folders of unknown uploads (and work folders a crash left, e.g. processing's) are
@@ -717,7 +807,7 @@ class ChunkStore(Store):
         upload = self._append_stashed_run(self._reload(file_id))
         mended = mended or upload.next_index != before
         if upload.completed:
-            if upload.completed_at is None:
+            if upload.completed_at is None or upload.next_index != before:
                 upload = self._complete(upload)
             elif upload.sha256 is None:
                 self._hasher.submit(file_id)
@@ -1034,13 +1124,23 @@ class _Ledger:
                        "WHERE file_id = ?", (time.time(), last_index, file_id))
 
     def record_append(self, file_id, index, size, offset, now, last_index=None, journal=None,
-                      stashed=False, journaled=1):
+                      stashed=False, journaled=1, completed=False, new_type=None, create=False,
+                      sha256=None):
         """One transaction: the chunk's offset and the upload's new consistent length (and,
-        for the last chunk, that it is the last). With `journal` (the chunk's bytes, whose
+        for the last chunk, that it is the last; `completed`: that the upload completed, at
+        `now`, with its `sha256` when known). new_type: (mime_type, ext) to record first, in
+        the upload's new row when `create`. With `journal` (the chunk's bytes, whose
         file was not fsynced) they are kept in the journal; without, the file was fsynced, so
         the upload's journal is emptied (when it holds anything: `journaled` bytes).
         `stashed`: the chunk has its row already (it waited in temp/)."""
         with self._write() as db:
+            if create:
+                db.execute("INSERT INTO uploads (file_id, mime_type, ext, created_at, "
+                           "updated_at) VALUES (?, ?, ?, ?, ?)",
+                           (file_id, new_type[0], new_type[1], now, now))
+            elif new_type is not None:
+                db.execute("UPDATE uploads SET mime_type = ?, ext = ? WHERE file_id = ?",
+                           (new_type[0], new_type[1], file_id))
             if journal is not None:
                 db.execute("INSERT INTO journal (file_id, idx, offset, data) VALUES "
                            "(?, ?, ?, ?)", (file_id, index, offset, sqlite3.Binary(journal)))
@@ -1053,8 +1153,10 @@ class _Ledger:
                 db.execute("INSERT INTO chunks (file_id, idx, size, offset) VALUES (?, ?, ?, ?)",
                            (file_id, index, size, offset))
             db.execute("UPDATE uploads SET next_index = ?, bytes_appended = ?, updated_at = ?, "
-                       "last_index = COALESCE(?, last_index) WHERE file_id = ?",
-                       (index + 1, offset + size, now, last_index, file_id))
+                       "last_index = COALESCE(?, last_index), completed_at = CASE WHEN ? THEN "
+                       "? ELSE completed_at END, sha256 = COALESCE(?, sha256) "
+                       "WHERE file_id = ?", (index + 1, offset + size, now, last_index,
+                                             completed, now, sha256, file_id))
 
     def journal_bytes(self, file_id):
         """Bytes of the upload's journaled chunks."""
@@ -1145,6 +1247,8 @@ class _TailWriter(TailWriter):
     def __init__(self, store, upload, index, is_last, mime_type, checksum, budgets, fd,
                  created):
         self.file_id = upload.file_id
+        self.new = upload.created_at is None      # no row yet: the commit writes it
+        self.ext = upload.ext                     # the file the bytes go into
         self.index = index
         self.offset = upload.bytes_appended       # where its bytes begin
         self.is_last = is_last
@@ -1161,7 +1265,8 @@ class _TailWriter(TailWriter):
         self._created = created
         self._finished = False
         self._head = b"" if index == 0 and not store.allow_any_content else None
-        self._digest = new_sha256() if checksum is not None else None
+        self._digest = new_sha256() if checksum is not None else None     # the checksum's
+        self.running_digest = store._running_digest(upload)    # the file's, with this chunk
         # A small chunk's bytes, kept for the journal until it outgrows it (then: fsync).
         self._journal = bytearray() if store.journal_chunk_bytes > 0 else None
 
@@ -1180,6 +1285,8 @@ class _TailWriter(TailWriter):
             self.written += count
             if self._digest is not None:
                 self._digest.update(view)
+            if self.running_digest is not None:
+                self.running_digest.update(view)
             if self._journal is not None:
                 if self.written <= self._store.journal_chunk_bytes:
                     self._journal += view
@@ -1199,7 +1306,9 @@ class _TailWriter(TailWriter):
             check_chunk_bytes(self.index, self._head, self._digest and
                               self._digest.hexdigest(), self._checksum,
                               allow_any_content=self._head is None)
-            journal = bytes(self._journal) if self._journal is not None else None
+            # A last chunk completes the upload, which needs the file fsynced anyway.
+            journal = bytes(self._journal) if self._journal is not None and \
+                not self.is_last else None
             if journal is None:
                 os.fsync(self._fd)
             if self._created:
@@ -1241,17 +1350,22 @@ class _TailWriter(TailWriter):
                         self.file_id, self.index, error)
         finally:
             os.close(self._fd)
-            self._store._free_tail(self)
+            self._store._free_tail(self, self._path if self.new else None)
+
+
+_KEEP = object()      # _StateCache.put: leave the running digest as it is
 
 
 class _StateCache:
-    """The last UploadState (and journaled bytes, None: not known) of the uploads used most
-    recently, at most `capacity` of them. Its own lock keeps the dict whole; keeping it true
-    to the ledger is the store's part (written under the upload's lock, after the commit)."""
+    """The last UploadState (and journaled bytes, None: not known; and the running sha256 of
+    its assembled bytes, None: not known) of the uploads used most recently, at most
+    `capacity` of them. Its own lock keeps the dict whole; keeping it true to the ledger is
+    the store's part (written under the upload's lock, after the commit)."""
 
     def __init__(self, capacity):
         self.capacity = capacity
-        self._entries = collections.OrderedDict()    # fileId -> [UploadState, journaled]
+        # fileId -> [UploadState, journaled, sha256 of its first bytes_appended bytes]
+        self._entries = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def upload(self, file_id):
@@ -1267,17 +1381,27 @@ class _StateCache:
             entry = self._entries.get(file_id)
             return None if entry is None else entry[1]
 
-    def put(self, file_id, upload, journaled=None):
-        """The upload's state now; `journaled` None keeps what was known of the journal."""
+    def digest(self, file_id):
+        """The sha256 object of the upload's assembled bytes (never to be updated in place:
+        copy it), or None when it is not known."""
+        with self._lock:
+            entry = self._entries.get(file_id)
+            return None if entry is None else entry[2]
+
+    def put(self, file_id, upload, journaled=None, digest=_KEEP):
+        """The upload's state now; `journaled` None keeps what was known of the journal, and
+        `digest` left out keeps the running sha256 (the bytes did not change)."""
         with self._lock:
             entry = self._entries.get(file_id)
             if entry is not None:
                 entry[0] = upload
                 if journaled is not None:
                     entry[1] = journaled
+                if digest is not _KEEP:
+                    entry[2] = digest
                 self._entries.move_to_end(file_id)
                 return
-            self._entries[file_id] = [upload, journaled]
+            self._entries[file_id] = [upload, journaled, None if digest is _KEEP else digest]
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
 
@@ -1294,6 +1418,14 @@ class _StateCache:
     def clear(self):
         with self._lock:
             self._entries.clear()
+
+
+def _typed(upload, mime_type, ext):
+    """The upload with this mime type and extension (its other fields as they are)."""
+    return UploadState((upload.file_id, mime_type, ext, upload.next_index,
+                        upload.bytes_appended, upload.last_index, upload.created_at,
+                        upload.updated_at, upload.completed_at, upload.sha256),
+                       upload.stashed, upload.stashed_bytes)
 
 
 def _appended(upload, size, now, last_index):

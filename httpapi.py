@@ -252,8 +252,9 @@ OPTIONS = (
      "in-order chunks up to this size cost one fsync: their bytes are journaled in "
      "m1.sqlite3 until the video file is synced (at most 256K; 0: fsync the file every chunk)"),
     ("--upload-state-cache", parse_count, chunkstore.DEFAULT_STATE_CACHE,
-     "uploads whose state the local store keeps in memory between chunks (the least recently "
-     "used beyond it are read from m1.sqlite3 again)"),
+     "uploads whose state (and running sha256) the local store keeps in memory between "
+     "chunks (the least recently used beyond it are read from m1.sqlite3 again, and hashed "
+     "from the file once complete)"),
     ("--incomplete-ttl", parse_duration, DEFAULT_INCOMPLETE_TTL_S,
      "remove uploads idle and unfinished this long (0 keeps them)"),
     ("--retention", parse_duration, DEFAULT_RETENTION_S,
@@ -1331,7 +1332,7 @@ class ChunkReceiver:
     the docs' curl examples send them so) and the chunk is the next one of its upload, the
     store reserves that upload's tail (store.reserve_append) and the parser writes the bytes
     straight into the video file: one write, no part file. Otherwise (the file part first, as
-    the seed's client sent it; an early chunk, a duplicate, a new upload, S3) the bytes go to
+    the seed's client sent it; an early chunk, a duplicate, S3) the bytes go to
     a part file and store.put_chunk takes it from there. Either way `close()` leaves nothing
     behind: a reserved tail is aborted (a no-op once committed), part files are removed."""
 

@@ -51,9 +51,7 @@ def on_disk(store, file_id):
 
 
 def started(store, file_id, first=EBML + b"chunk zero"):
-    """An upload the ledger has, with chunk 0 stored (through the part file: a new upload's
-    row comes first)."""
-    assert store.reserve_append(file_id, 0, False) is None
+    """An upload the ledger has, with chunk 0 stored (through the part file)."""
     put(store, file_id, 0, first)
     return first
 
@@ -101,7 +99,8 @@ def test_the_lock_is_free_while_the_bytes_arrive(store):
 
 
 def test_reserve_says_none_where_the_part_file_path_applies(store):
-    assert store.reserve_append("new", 0, False) is None          # no row yet
+    assert store.reserve_append("new", 1, False) is None          # early, no row yet
+    assert store.reserve_append("new", 0, False, mime_type="text/plain") is None  # refused
     started(store, "b")
     assert store.reserve_append("b", 0, False) is None            # a duplicate
     assert store.reserve_append("b", 2, False) is None            # early
@@ -115,6 +114,93 @@ def test_reserve_says_none_where_the_part_file_path_applies(store):
     assert store.reserve_append("b", 1, False) is None            # the tail is taken
     writer.abort()
     assert store.reserve_append("b", 1, False) is not None
+
+
+def traced(store):
+    """The SQL statements the store's (one pooled) ledger connection runs from now on."""
+    statements = []
+    db = store._ledger._pool.get()
+    db.set_trace_callback(statements.append)
+    store._ledger._pool.put(db)
+    return statements
+
+
+def test_a_new_uploads_first_chunk_is_written_in_place_and_its_row_with_it(store):
+    started(store, "other")                            # the pool has its connection
+    statements = traced(store)
+    writer = store.reserve_append("fresh", 0, False, mime_type="video/mp4")
+    assert writer is not None
+    stream(writer, EBML + b"first chunk")
+    assert store.status("fresh") is None               # no row until the commit
+    path = os.path.join(store.root, "fresh.mp4")       # its type picked the file
+    with open(path, "rb") as f:
+        assert f.read() == EBML + b"first chunk"
+    result = writer.commit(15)
+    assert (result.upload.next_index, result.upload.bytes_appended) == (1, 15)
+    assert [s for s in statements if s.upper().startswith("COMMIT")] == ["COMMIT"]
+    row = store._ledger.load("fresh")
+    assert (row.mime_type, row.ext, row.next_index, row.bytes_appended) == (
+        "video/mp4", "mp4", 1, 15)
+    assert row.created_at == result.upload.created_at is not None
+    assert on_disk(store, "fresh") == EBML + b"first chunk"
+    assert os.listdir(store.incoming_dir) == []        # no part file was made
+
+
+def test_an_aborted_first_chunk_leaves_no_file_and_no_row(store):
+    writer = store.reserve_append("gone", 0, False)
+    stream(writer, EBML + b"half")
+    writer.abort()
+    assert store.status("gone") is None
+    assert not os.path.lexists(os.path.join(store.root, "gone.webm"))
+    bad = store.reserve_append("gone", 0, False)
+    with pytest.raises(StoreError):
+        stream(bad, b"NOT A VIDEO AT ALL", block=8)    # refused on its first bytes
+    assert not os.path.lexists(os.path.join(store.root, "gone.webm"))
+    again = store.reserve_append("gone", 0, False)
+    stream(again, EBML + b"whole")
+    assert again.commit(9).upload.next_index == 1
+
+
+def test_an_early_chunk_that_creates_the_row_meanwhile_takes_the_first_chunks_type(store):
+    writer = store.reserve_append("race", 0, False, mime_type="video/mp4")
+    stream(writer, EBML + b"zero")
+    put(store, "race", 2, b"two", last=True)           # no type named: the row says webm
+    assert store.status("race").ext == "webm"
+    result = writer.commit(8)
+    assert (result.upload.ext, result.upload.mime_type, result.upload.stashed) == (
+        "mp4", "video/mp4", [2])
+    assert ledger_row(store, "race")[-1] == "mp4"
+    done = put(store, "race", 1, b"one")               # appends 1 and the stashed 2
+    assert done.upload.completed
+    assert on_disk(store, "race") == EBML + b"zero" + b"one" + b"two"
+    assert not os.path.lexists(os.path.join(store.root, "race.webm"))
+
+
+def test_repair_sets_aside_a_video_file_the_ledger_does_not_know(tmp_path):
+    root = str(tmp_path / "up")
+    store = ChunkStore(root)
+    started(store, "kept")
+    writer = store.reserve_append("cut", 0, False)      # a crash before its commit:
+    stream(writer, EBML + b"never acknowledged")        # the file, and no row
+    store._writers.clear()
+    os.close(writer._fd)
+    store.close()
+    with open(os.path.join(root, "notes.txt"), "wb") as f:
+        f.write(b"not a video name: left alone")
+    store = ChunkStore(root)
+    try:
+        store.repair()
+        assert sorted(os.listdir(root)) == sorted(
+            ["kept.webm", "notes.txt", "quarantine"] +
+            [n for n in os.listdir(root) if n.startswith(("m1.", "temp"))])
+        set_aside = os.listdir(os.path.join(root, "quarantine"))
+        assert len(set_aside) == 1 and "cut.webm" in set_aside[0]
+        assert on_disk(store, "kept") == EBML + b"chunk zero"
+        writer = store.reserve_append("cut", 0, False)  # the client sends it again
+        stream(writer, EBML + b"again")
+        assert writer.commit(9).upload.next_index == 1
+    finally:
+        store.close()
 
 
 def test_an_aborted_chunk_leaves_the_upload_as_it_was(store):
@@ -362,6 +448,47 @@ def test_an_in_order_chunk_reads_nothing_from_the_ledger(store):
     assert [s for s in statements if s.startswith(("INSERT", "UPDATE"))]
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "part-file"])
+def test_the_last_chunk_records_the_completion_in_its_own_transaction(store, in_place):
+    """The chunk that completes an upload is fsynced, not journaled, and its one commit also
+    empties the journal and records completed_at (and the sha256, when the bytes were hashed
+    as they came): no second transaction, no read."""
+    started(store, "done")                             # chunk 0: small, journaled
+    assert ledger_journal_rows(store, "done") == 1
+    submitted = []
+    store._hasher.submit = submitted.append            # the hasher's own commit stays out
+    statements = []
+    db = store._ledger._pool.get()
+    db.set_trace_callback(statements.append)
+    store._ledger._pool.put(db)
+    if in_place:
+        writer = store.reserve_append("done", 1, True)
+        stream(writer, b"the end")
+        result = writer.commit(7)
+    else:
+        result = put(store, "done", 1, b"the end", last=True)
+    db.set_trace_callback(None)
+    assert result.upload.completed and result.upload.completed_at is not None
+    assert [s for s in statements if s.upper().startswith("COMMIT")] == ["COMMIT"], statements
+    assert not [s for s in statements if s.lstrip().upper().startswith("SELECT")], statements
+    assert ledger_journal_rows(store, "done") == 0
+    row = store._ledger.load("done")
+    assert (row.completed_at, row.next_index, row.last_index) == (result.upload.completed_at,
+                                                                  2, 1)
+    if in_place:       # hashed as it was written: the sha256 is in that transaction too
+        assert submitted == []
+        assert row.sha256 == result.upload.sha256 == hashlib.sha256(
+            EBML + b"chunk zero" + b"the end").hexdigest()
+    else:              # a kernel copy from the part file: the hasher reads the file
+        assert submitted == ["done"] and row.sha256 is None
+
+
+def ledger_journal_rows(store, file_id):
+    with store._ledger._connection() as db:
+        return db.execute("SELECT COUNT(*) FROM journal WHERE file_id = ?",
+                          (file_id,)).fetchone()[0]
+
+
 def test_one_upload_in_memory_still_stores_every_upload_right(tmp_path):
     store = ChunkStore(str(tmp_path / "one"), state_cache=1)
     try:
@@ -392,3 +519,83 @@ def test_repair_starts_from_the_ledger_not_from_memory(tmp_path):
     assert store.status("r").completed                # the ledger's truth
     assert on_disk(store, "r") == first
     store.close()
+
+
+# --- the running sha256: hashed as the bytes are written, known at completion -------------
+
+def in_place_chunks(store, file_id, chunks, abort_at=None, complete=True):
+    """Send `chunks` in order through the in-place path (the last one completes, when
+    `complete`); the chunk at `abort_at` is first streamed halfway and aborted. Returns the
+    last ChunkResult."""
+    result = None
+    for index, chunk in enumerate(chunks):
+        last = complete and index == len(chunks) - 1
+        if index == abort_at:
+            cut = store.reserve_append(file_id, index, last)
+            stream(cut, chunk[:len(chunk) // 2] + b"garbage", block=4096)
+            cut.abort()
+        writer = store.reserve_append(file_id, index, last)
+        assert writer is not None, index
+        stream(writer, chunk, block=4096)
+        result = writer.commit(len(chunk))
+    return result
+
+
+def varied_chunks():
+    """Small (journaled) and large (fsynced) chunks, chunk 0 with the signature."""
+    sizes = [100, 70 << 10, 5, 0, 200 << 10, 3000]
+    chunks = [os.urandom(size) for size in sizes]
+    chunks[0] = EBML + chunks[0]
+    return chunks
+
+
+@pytest.mark.parametrize("abort_at", [None, 0, 2, 4, 5], ids=lambda a: "abort-%s" % a)
+def test_the_sha256_of_an_upload_written_in_place_is_known_at_completion(tmp_path, abort_at):
+    store = ChunkStore(str(tmp_path / "up"))
+    events = []
+    store.add_listener(events.append)
+    submitted = []
+    store._hasher.submit = submitted.append
+    try:
+        chunks = varied_chunks()
+        result = in_place_chunks(store, "h", chunks, abort_at=abort_at)
+        expected = hashlib.sha256(b"".join(chunks)).hexdigest()
+        assert result.upload.sha256 == expected          # in the last chunk's reply
+        assert store._ledger.load("h").sha256 == expected
+        assert submitted == []                           # the file is never read again
+        assert on_disk(store, "h") == b"".join(chunks)
+        assert [e["type"] for e in events][-2:] == ["chunk", "completed"]
+        assert events[-1]["sha256"] == expected and events[-1]["size"] == sum(map(len, chunks))
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("break_with", ["cache", "restart", "part-file"])
+def test_without_a_running_sha256_the_hasher_reads_the_file(tmp_path, break_with):
+    """Memory forgot the upload, a restart, or a chunk copied from a part file by the kernel:
+    the digest is not known, and the hasher computes it from the file after completion."""
+    root = str(tmp_path / "up")
+    store = ChunkStore(root, state_cache=1)
+    chunks = varied_chunks()
+    try:
+        in_place_chunks(store, "k", chunks[:3], complete=False)
+        if break_with == "cache":
+            started(store, "other")                      # pushes "k" out of memory
+        elif break_with == "restart":
+            store.close()
+            store = ChunkStore(root, state_cache=1)
+            store.repair()
+        else:
+            put(store, "k", 3, chunks[3])                # small: read, so hashed
+            put(store, "k", 4, chunks[4])                # large: a kernel copy
+        first = 5 if break_with == "part-file" else 3
+        for index in range(first, len(chunks)):
+            writer = store.reserve_append("k", index, index == len(chunks) - 1)
+            stream(writer, chunks[index], block=4096)
+            result = writer.commit(len(chunks[index]))
+        assert result.upload.completed and result.upload.sha256 is None
+        expected = hashlib.sha256(b"".join(chunks)).hexdigest()
+        wait_until(lambda: store.status("k").sha256 == expected, timeout=10,
+                   message="the hasher's sha256")
+    finally:
+        store.close()

@@ -35,6 +35,7 @@ import traceback
 import pytest
 import requests
 
+from chunkstore import DEFAULT_JOURNAL_CHUNK_BYTES, JOURNAL_FLUSH_BYTES
 from conftest import get_status, send_chunk, split_chunks, wait_until
 
 CRASH_EXIT_CODE = 70          # the contract: the hook ends the process with os._exit(70)
@@ -226,8 +227,9 @@ def send_plan(srv, file_id, chunks, order, mime_type=None, file_first=False):
 # the crash must land on, and the `step:n` hook settings that land there. Counting follows the
 # contract: every chunk received into a part file passes `received`; an early chunk then
 # `stashed`, `stash_recorded`; an appended chunk (arrived in order, or drained from the stash)
-# `appended`, `append_recorded`, `cleaned`; a completed upload whose file has journaled chunks
-# (small in-order ones, see chunkstore) `journal_synced`, `journal_cleared`.
+# `appended`, `append_recorded`, `cleaned`. The chunk that completes an upload is never
+# journaled: its file is fsynced and its own transaction empties the journal and records the
+# completion (test_crash_while_a_full_journal_is_synced has the steps `journal_*`).
 # These requests send the file part first (the seed's order), so every chunk takes the part
 # file; IN_PLACE_SCENARIOS send the text fields first, as the clients do.
 SCENARIOS = [
@@ -249,8 +251,7 @@ SCENARIOS = [
      ["appended:4", "append_recorded:4", "cleaned:4"]),
     # The last chunk (status=completed) arriving in order.
     ("last_chunk", [0, 1, 2, 3, 4, 5], 5,
-     ["received:6", "appended:6", "append_recorded:6", "cleaned:6", "journal_synced:1",
-      "journal_cleared:1"]),
+     ["received:6", "appended:6", "append_recorded:6", "cleaned:6"]),
     # The last chunk arriving early, then the chunk that drains it and completes the upload.
     ("last_chunk_early", [0, 1, 2, 3, 5, 4], 4,
      ["stashed:1", "stash_recorded:1"]),
@@ -258,22 +259,24 @@ SCENARIOS = [
      ["appended:5", "appended:6", "append_recorded:6", "cleaned:6"]),
 ]
 
-# The text fields first: chunk 0 creates the upload through the part file (received,
-# appended, ...); every later in-order chunk is written in place and passes `reserved`,
-# `streaming` (after each block written: the first one is the only count a request's timing
-# cannot move), `streamed`, `stream_recorded`; early chunks are stashed as above.
+# The text fields first: every in-order chunk, chunk 0 of the new upload too (its row is
+# written in its commit), is written in place and passes `reserved`, `streaming` (after each
+# block written: the first one is the only count a request's timing cannot move), `streamed`,
+# `stream_recorded`; early chunks are stashed as above, and drained by `appended`, ...
 IN_PLACE_SCENARIOS = [
-    ("in_place", [0, 1, 2, 3, 4, 5], 1,
+    # The new upload's first chunk: a crash before its commit leaves a file with no row.
+    ("in_place_first", [0, 1, 2, 3, 4, 5], 0,
      ["reserved:1", "streaming:1", "streamed:1", "stream_recorded:1"]),
-    ("in_place_later", [0, 1, 2, 3, 4, 5], 3, ["reserved:3", "streamed:3", "stream_recorded:3"]),
+    ("in_place", [0, 1, 2, 3, 4, 5], 1, ["reserved:2", "streamed:2", "stream_recorded:2"]),
+    ("in_place_later", [0, 1, 2, 3, 4, 5], 3, ["reserved:4", "streamed:4", "stream_recorded:4"]),
     # Chunk 1 in place makes stashed 2 and 3 contiguous: crash after its record, then while
-    # draining (chunk 0 was the first append).
+    # draining them.
     ("in_place_drain", [0, 2, 3, 1, 4, 5], 3,
-     ["stream_recorded:1", "appended:2", "append_recorded:3", "cleaned:3"]),
+     ["stream_recorded:2", "appended:1", "append_recorded:2", "cleaned:2"]),
     ("in_place_last", [0, 1, 2, 3, 4, 5], 5,
-     ["reserved:5", "streamed:5", "stream_recorded:5", "journal_synced:1"]),
+     ["reserved:6", "streamed:6", "stream_recorded:6"]),
     ("in_place_completing", [0, 2, 3, 4, 5, 1], 5,
-     ["streamed:1", "stream_recorded:1", "appended:5", "cleaned:5"]),
+     ["streamed:2", "stream_recorded:2", "appended:4", "cleaned:4"]),
 ]
 
 # Both ways of appending in order: small chunks journaled in the ledger (the default for
@@ -294,6 +297,31 @@ def test_crash_at_step_restarts_consistent_and_resumes_byte_exact(
     chunks = split_chunks(sample_webm, CHUNKS)
     file_id = "crash_" + name + "_" + hook.replace(":", "_")
     srv = server_factory(start=False, args=APPEND_MODES[mode])
+    crash_and_resume(srv, file_id, chunks, order, position, hook, file_first)
+
+
+# Small chunks, in order, until the upload's journal passes its flush size: the chunk after
+# which it does syncs the file (journal_synced) and empties the journal (journal_cleared).
+JOURNAL_CHUNK = 48 * 1024              # journaled (at most DEFAULT_JOURNAL_CHUNK_BYTES)
+
+
+@pytest.mark.parametrize("file_first", [True, False], ids=["part-file", "in-place"])
+@pytest.mark.parametrize("hook", ["journal_synced:1", "journal_cleared:1"])
+def test_crash_while_a_full_journal_is_synced(server_factory, sample_webm, hook, file_first):
+    assert JOURNAL_CHUNK <= DEFAULT_JOURNAL_CHUNK_BYTES
+    count = JOURNAL_FLUSH_BYTES // JOURNAL_CHUNK + 3
+    source = (sample_webm * (count * JOURNAL_CHUNK // len(sample_webm) + 1))
+    chunks = [source[i * JOURNAL_CHUNK:(i + 1) * JOURNAL_CHUNK] for i in range(count)]
+    position = JOURNAL_FLUSH_BYTES // JOURNAL_CHUNK      # the first chunk past the flush size
+    assert (position + 1) * JOURNAL_CHUNK > JOURNAL_FLUSH_BYTES >= position * JOURNAL_CHUNK
+    file_id = "crash_journal_flush_%s_%s" % (hook.replace(":", "_"), int(file_first))
+    srv = server_factory(start=False)
+    crash_and_resume(srv, file_id, chunks, list(range(count)), position, hook, file_first)
+
+
+def crash_and_resume(srv, file_id, chunks, order, position, hook, file_first):
+    """Start with the crash hook, send `order` until the server dies (on request `position`,
+    the contract's counting), restart twice (consistent, and repair is idempotent), resume."""
     srv.start(extra_env={"M1_TEST_CRASH_AT": hook})
 
     acked, failed_at = send_plan(srv, file_id, chunks, order, file_first=file_first)
