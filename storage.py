@@ -507,12 +507,12 @@ class Store(EventSource):
       reserve_append(file_id, index, is_last, mime_type=None, checksum=None, budget=None)
                            -> a TailWriter, or None. Asked before the chunk's bytes arrive
                            (the form's text fields came first): when the chunk is the next
-                           one of an upload the store holds and the rules need none of its
-                           bytes to accept it, the upload's tail is reserved for it, so its
-                           bytes are written once, in place, as they arrive. None: receive
-                           them into a part file and put_chunk it, which refuses what the
-                           rules refuse, in their order (this base class always says None:
-                           S3 keeps that path).
+                           one of its upload (chunk 0 of a new one too) and the rules need
+                           none of its bytes to accept it, the upload's tail is reserved for
+                           it, so its bytes are written once, in place, as they arrive. None:
+                           receive them into a part file and put_chunk it, which refuses
+                           what the rules refuse, in their order (this base class always
+                           says None: S3 keeps that path).
       decide(upload, index, stored, size, is_last, mime_type, budget) -> (kind, ext): the
                            rules above in their order, written here once; each backend's
                            put_chunk calls it under the lock with what it read.

@@ -220,10 +220,10 @@ def test_uploads_the_sample_byte_exact_with_one_progress_line_per_chunk(
     chunks = chunk_count(len(sample_webm), 64 << 10)
     assert result["fileId"] == file_id
     assert result["chunksSent"] == chunks == 4
-    # its text fields come first, so every chunk after the first (which creates the upload)
-    # is written straight into the video (local disk; S3 receives every chunk into a file)
+    # its text fields come first, so every chunk (the first one, which creates the upload,
+    # too) is written straight into the video (local disk; S3 receives every chunk into a file)
     assert metric(server, "m1_chunks_in_place_total") - in_place == (
-        chunks - 1 if STORAGE == "local" else 0)
+        chunks if STORAGE == "local" else 0)
     assert result["alreadyComplete"] is False
     status = assert_byte_exact(server, result, sample_webm)
     assert status["totalChunks"] == chunks and status["mimeType"] == "video/webm"
@@ -285,7 +285,7 @@ def test_an_interrupted_upload_resumes_without_resending_acknowledged_chunks(
     file_id = new_id("resume")
     total = chunk_count(len(sample_webm), 16 << 10)
     srv = server_factory(start=False)
-    srv.start(extra_env={"M1_TEST_CRASH_AT": "streamed:3"})   # dies writing chunk 3 in place
+    srv.start(extra_env={"M1_TEST_CRASH_AT": "streamed:4"})   # dies writing chunk 3 in place
 
     done = run_upload(path, srv.url, "--file-id", file_id, "--chunk-size", "16K",
                       "--retries", "1")
@@ -430,7 +430,7 @@ def test_resuming_with_another_chunk_size_never_completes_a_corrupt_upload(
     path = write(tmp_path / "sample.webm", sample_webm)
     file_id = new_id("sizes")
     srv = server_factory(start=False)
-    srv.start(extra_env={"M1_TEST_CRASH_AT": "streamed:4"})     # dies writing chunk 4
+    srv.start(extra_env={"M1_TEST_CRASH_AT": "streamed:5"})     # dies writing chunk 4
     done = run_upload(path, srv.url, "--file-id", file_id, "--chunk-size", "10000",
                       "--retries", "1")
     assert done.returncode == 1
