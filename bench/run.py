@@ -65,7 +65,8 @@ def main(argv=None):
                         help="latency: recorder count (repeatable; default 50 and 200, "
                              "50 with --quick)")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="ingest: interleaved rounds, median reported (default 3)")
+                        help="ingest and latency: interleaved rounds, median reported "
+                             "(default 3)")
     parser.add_argument("--python", default=None,
                         help="interpreter for the servers and baselines (default: the real "
                              "interpreter behind this one, outside any venv)")
