@@ -271,13 +271,17 @@ class ChunkStore(Store):
             # crash can leave a stored last chunk that the ledger does not know is the last.
             last = index if is_last else None
             if kind == IN_ORDER:
-                # A last chunk completes the upload, which needs the file fsynced anyway.
-                small = 0 < self.journal_chunk_bytes and size <= self.journal_chunk_bytes \
-                    and not is_last
+                small = self._may_journal(is_last) and size <= self.journal_chunk_bytes
                 upload = self._append(upload, index, part_path, size, last, journal=small)
             else:
                 upload = self._stash(upload, index, part_path, size, last)
         return self._after_chunk(upload, index, kind, size)
+
+    def _may_journal(self, is_last):
+        """Whether an in-order chunk up to --journal-chunk-size may be journaled: not when
+        the journal is off, nor for a last chunk, which completes the upload (that needs the
+        file fsynced anyway, and its commit then empties the journal)."""
+        return self.journal_chunk_bytes > 0 and not is_last
 
     def _after_chunk(self, upload, index, kind, size):
         """Under the lock, once a chunk is stored (or acknowledged): the stashed chunks it made
@@ -481,14 +485,14 @@ class ChunkStore(Store):
             return self._after_chunk(self._sync_full_journal(upload), writer.index, IN_ORDER,
                                      size)
 
-    def _free_tail(self, writer, new_file=None):
-        """The upload's tail is free again (the writer's abort). `new_file`: the file a new
-        upload's writer created, removed unless the upload got its row meanwhile (an early
-        chunk); with no row, nothing else may name it."""
+    def _free_tail(self, writer):
+        """The upload's tail is free again (the writer's abort). A new upload's writer made
+        its file: removed unless the upload got its row meanwhile (an early chunk); with no
+        row, nothing else may name it."""
         with self._locks.held(writer.file_id):
             try:
-                if new_file is not None and self._state(writer.file_id) is None:
-                    self.discard(new_file)
+                if writer.new and self._state(writer.file_id) is None:
+                    self.discard(writer.path)
             finally:
                 self._release(writer)
 
@@ -1153,10 +1157,10 @@ class _Ledger:
                 db.execute("INSERT INTO chunks (file_id, idx, size, offset) VALUES (?, ?, ?, ?)",
                            (file_id, index, size, offset))
             db.execute("UPDATE uploads SET next_index = ?, bytes_appended = ?, updated_at = ?, "
-                       "last_index = COALESCE(?, last_index), completed_at = CASE WHEN ? THEN "
-                       "? ELSE completed_at END, sha256 = COALESCE(?, sha256) "
-                       "WHERE file_id = ?", (index + 1, offset + size, now, last_index,
-                                             completed, now, sha256, file_id))
+                       "last_index = COALESCE(?, last_index), completed_at = COALESCE(?, "
+                       "completed_at), sha256 = COALESCE(?, sha256) WHERE file_id = ?",
+                       (index + 1, offset + size, now, last_index, now if completed else None,
+                        sha256, file_id))
 
     def journal_bytes(self, file_id):
         """Bytes of the upload's journaled chunks."""
@@ -1258,7 +1262,7 @@ class _TailWriter(TailWriter):
         self.done = threading.Event()
         self.written = 0
         self._store = store
-        self._path = store.media_path(upload)
+        self.path = store.media_path(upload)
         self._checksum = checksum
         self._held = upload.bytes_held            # what the budgets count besides this chunk
         self._fd = fd
@@ -1268,7 +1272,7 @@ class _TailWriter(TailWriter):
         self._digest = new_sha256() if checksum is not None else None     # the checksum's
         self.running_digest = store._running_digest(upload)    # the file's, with this chunk
         # A small chunk's bytes, kept for the journal until it outgrows it (then: fsync).
-        self._journal = bytearray() if store.journal_chunk_bytes > 0 else None
+        self._journal = bytearray() if store._may_journal(is_last) else None
 
     def write(self, view):
         with writing("receiving chunk %d" % self.index, undo=self.abort):
@@ -1306,9 +1310,7 @@ class _TailWriter(TailWriter):
             check_chunk_bytes(self.index, self._head, self._digest and
                               self._digest.hexdigest(), self._checksum,
                               allow_any_content=self._head is None)
-            # A last chunk completes the upload, which needs the file fsynced anyway.
-            journal = bytes(self._journal) if self._journal is not None and \
-                not self.is_last else None
+            journal = bytes(self._journal) if self._journal is not None else None
             if journal is None:
                 os.fsync(self._fd)
             if self._created:
@@ -1323,7 +1325,7 @@ class _TailWriter(TailWriter):
         path, f = self._store.new_part_file()
         try:
             with f:
-                localdisk.copy_into(self._path, f.fileno(), self.written, self.offset)
+                localdisk.copy_into(self.path, f.fileno(), self.written, self.offset)
         except BaseException:
             self._store.discard(path)
             self.abort()
@@ -1350,7 +1352,7 @@ class _TailWriter(TailWriter):
                         self.file_id, self.index, error)
         finally:
             os.close(self._fd)
-            self._store._free_tail(self, self._path if self.new else None)
+            self._store._free_tail(self)
 
 
 _KEEP = object()      # _StateCache.put: leave the running digest as it is
