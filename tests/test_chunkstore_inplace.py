@@ -116,13 +116,26 @@ def test_reserve_says_none_where_the_part_file_path_applies(store):
     assert store.reserve_append("b", 1, False) is not None
 
 
+def ledger_connections(store):
+    """The ledger's connections: its one writer and the pooled readers."""
+    pool = store._ledger._pool
+    readers = [pool.get_nowait() for _ in range(pool.qsize())]
+    for db in readers:
+        pool.put(db)
+    return [store._ledger._group._db] + readers
+
+
 def traced(store):
-    """The SQL statements the store's (one pooled) ledger connection runs from now on."""
+    """The SQL statements the store's ledger connections run from now on."""
     statements = []
-    db = store._ledger._pool.get()
-    db.set_trace_callback(statements.append)
-    store._ledger._pool.put(db)
+    for db in ledger_connections(store):
+        db.set_trace_callback(statements.append)
     return statements
+
+
+def untraced(store):
+    for db in ledger_connections(store):
+        db.set_trace_callback(None)
 
 
 def test_a_new_uploads_first_chunk_is_written_in_place_and_its_row_with_it(store):
@@ -437,10 +450,7 @@ def test_memory_mirrors_the_ledger_after_every_kind_of_step(store):
 
 def test_an_in_order_chunk_reads_nothing_from_the_ledger(store):
     started(store, "quiet")
-    statements = []
-    db = store._ledger._pool.get()
-    db.set_trace_callback(statements.append)
-    store._ledger._pool.put(db)
+    statements = traced(store)
     writer = store.reserve_append("quiet", 1, False)
     stream(writer, b"bytes")
     writer.commit(5)
@@ -457,17 +467,14 @@ def test_the_last_chunk_records_the_completion_in_its_own_transaction(store, in_
     assert ledger_journal_rows(store, "done") == 1
     submitted = []
     store._hasher.submit = submitted.append            # the hasher's own commit stays out
-    statements = []
-    db = store._ledger._pool.get()
-    db.set_trace_callback(statements.append)
-    store._ledger._pool.put(db)
+    statements = traced(store)
     if in_place:
         writer = store.reserve_append("done", 1, True)
         stream(writer, b"the end")
         result = writer.commit(7)
     else:
         result = put(store, "done", 1, b"the end", last=True)
-    db.set_trace_callback(None)
+    untraced(store)
     assert result.upload.completed and result.upload.completed_at is not None
     assert [s for s in statements if s.upper().startswith("COMMIT")] == ["COMMIT"], statements
     assert not [s for s in statements if s.lstrip().upper().startswith("SELECT")], statements
