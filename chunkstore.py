@@ -364,16 +364,18 @@ class ChunkStore(Store):
     def _open_tail(self, upload):
         """The upload's video file opened for writing at its consistent length, a torn tail
         (an earlier failed write's) cut off: (fd, whether it was created now)."""
-        path = self.media_path(upload)
-        created = not os.path.lexists(path)
-        fd = open_file(path, os.O_WRONLY | os.O_CREAT, "the upload's video file")
+        fd = open_file(self.media_path(upload), os.O_WRONLY | os.O_CREAT,
+                       "the upload's video file")
         try:
-            os.ftruncate(fd, upload.bytes_appended)
+            length = os.fstat(fd).st_size
+            if length != upload.bytes_appended:     # (fstat costs less than ftruncate)
+                os.ftruncate(fd, upload.bytes_appended)
             os.lseek(fd, upload.bytes_appended, os.SEEK_SET)
         except BaseException:
             os.close(fd)
             raise
-        return fd, created
+        # An empty file may have been created now: its name is synced (at most once more).
+        return fd, length == 0
 
     def _append(self, upload, index, source_path, size, last_index=None, journal=False):
         """Append `source_path` after the upload's consistent prefix, durable, then record it;

@@ -98,6 +98,33 @@ def test_the_lock_is_free_while_the_bytes_arrive(store):
     assert store.status("free").next_index == 4
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "part-file"])
+def test_bytes_past_the_consistent_length_are_cut_before_the_next_chunk(store, in_place,
+                                                                        monkeypatch):
+    """A tail the ledger does not count (a write whose cut failed, or bytes added by hand)
+    is cut off when the next chunk opens the file, by either path; a file of the right
+    length is not truncated at all."""
+    first = started(store, "tail")
+    with open(store.media_path(store.status("tail")), "ab") as f:
+        f.write(b"bytes nobody acknowledged")
+    if in_place:
+        writer = store.reserve_append("tail", 1, False)
+        stream(writer, b"chunk one")
+        writer.commit(len(b"chunk one"))
+    else:
+        put(store, "tail", 1, b"chunk one")
+    assert on_disk(store, "tail") == first + b"chunk one"
+    truncated = []
+    real_ftruncate = os.ftruncate
+    monkeypatch.setattr(os, "ftruncate",
+                        lambda fd, length: truncated.append(length) or real_ftruncate(fd, length))
+    writer = store.reserve_append("tail", 2, True)
+    stream(writer, b"two")
+    writer.commit(3)
+    assert truncated == []                          # the length was right: no ftruncate
+    assert on_disk(store, "tail") == first + b"chunk one" + b"two"
+
+
 def test_reserve_says_none_where_the_part_file_path_applies(store):
     assert store.reserve_append("new", 1, False) is None          # early, no row yet
     assert store.reserve_append("new", 0, False, mime_type="text/plain") is None  # refused
