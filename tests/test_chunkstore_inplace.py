@@ -17,7 +17,8 @@ import threading
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from chunkstore import ChunkStore  # noqa: E402
+import chunkstore  # noqa: E402
+from chunkstore import INLINE_DIGEST_BYTES, ChunkStore  # noqa: E402
 from storage import Budget, StoreError  # noqa: E402
 from conftest import wait_until  # noqa: E402
 
@@ -602,6 +603,75 @@ def test_the_sha256_of_an_upload_written_in_place_is_known_at_completion(tmp_pat
         assert events[-1]["sha256"] == expected and events[-1]["size"] == sum(map(len, chunks))
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("size, read_back", [
+    (INLINE_DIGEST_BYTES, 0),                    # at the limit: hashed as it arrived
+    (INLINE_DIGEST_BYTES + 1, 1),                # past it: the last byte read back
+    (3 * INLINE_DIGEST_BYTES + 12345, 2 * INLINE_DIGEST_BYTES + 12345),
+], ids=["at-the-limit", "one-past", "large"])
+@pytest.mark.parametrize("with_checksum", [False, True], ids=["no-checksum", "checksum"])
+def test_a_large_chunk_is_hashed_past_the_inline_limit_while_it_syncs(
+        store, monkeypatch, size, read_back, with_checksum):
+    """The bytes past INLINE_DIGEST_BYTES are hashed at commit, read back from the file
+    while its fsync runs in another thread: the checksum and the running sha256 see every
+    byte exactly once, in order."""
+    first = started(store, "big")
+    data = os.urandom(size)
+    read = []
+    real_open_reading = chunkstore.localdisk.open_reading
+
+    def open_reading(path, what):
+        f = real_open_reading(path, what)
+        real_readinto = f.readinto
+        f.readinto = lambda view: read.append(real_readinto(view)) or read[-1]
+        return f
+    monkeypatch.setattr(chunkstore.localdisk, "open_reading", open_reading)
+    synced_in = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced_in.append(
+        threading.current_thread().name) or real_fsync(fd))
+    checksum = "sha256:" + hashlib.sha256(data).hexdigest() if with_checksum else None
+    writer = store.reserve_append("big", 1, True, checksum=checksum)
+    stream(writer, data, block=(256 << 10) + 7)
+    result = writer.commit(size)
+    assert sum(read) == read_back
+    assert synced_in[0] == ("m1-fsync" if read_back else threading.current_thread().name)
+    assert result.upload.sha256 == hashlib.sha256(first + data).hexdigest()
+    assert on_disk(store, "big") == first + data
+
+
+def test_a_checksum_that_fails_past_the_inline_limit_cuts_the_chunk(store):
+    first = started(store, "bad")
+    data = os.urandom(INLINE_DIGEST_BYTES + 100)
+    wrong = bytearray(data)
+    wrong[-1] ^= 1                               # differs in a byte that is read back
+    checksum = "sha256:" + hashlib.sha256(bytes(wrong)).hexdigest()
+    writer = store.reserve_append("bad", 1, False, checksum=checksum)
+    stream(writer, data, block=1 << 20)
+    with pytest.raises(StoreError) as caught:
+        writer.commit(len(data))
+    assert caught.value.code == "checksum_mismatch"
+    assert on_disk(store, "bad") == first
+    assert store.reserve_append("bad", 1, False) is not None     # the tail is free again
+
+
+def test_an_fsync_that_fails_in_its_thread_is_raised_and_the_chunk_cut(store, monkeypatch):
+    import errno
+    first = started(store, "full")
+    data = os.urandom(INLINE_DIGEST_BYTES + 100)
+    writer = store.reserve_append("full", 1, False)
+    stream(writer, data, block=1 << 20)
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(StoreError) as caught:
+        writer.commit(len(data))
+    assert caught.value.status == 507
+    monkeypatch.undo()
+    assert on_disk(store, "full") == first
+    assert store.status("full").next_index == 1
 
 
 @pytest.mark.parametrize("break_with", ["cache", "restart", "part-file"])
