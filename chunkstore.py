@@ -1045,7 +1045,11 @@ class _GroupCommit:
             batch = self._open
             joined = batch is not None
             if joined:
-                self._db.execute("SAVEPOINT writer")
+                try:
+                    self._db.execute("SAVEPOINT writer")
+                except sqlite3.Error:
+                    self._leave(batch)           # nothing of its own to undo
+                    raise
             else:
                 self._db.execute("BEGIN IMMEDIATE")
                 batch = self._open = _Batch()
@@ -1055,7 +1059,11 @@ class _GroupCommit:
                 self._undo(batch, joined)
                 raise
             if joined:
-                self._db.execute("RELEASE writer")
+                try:
+                    self._db.execute("RELEASE writer")
+                except sqlite3.Error as error:   # in doubt: nobody's statements commit
+                    self._rollback(batch, error)
+                    raise
             batch.writers += 1
             if self._waiting and batch.writers < LEDGER_GROUP_MAX:
                 while not batch.done:            # the last writer to arrive commits
@@ -1077,6 +1085,11 @@ class _GroupCommit:
         except sqlite3.Error as error:         # the transaction is in doubt: nobody commits
             self._rollback(batch, error)
             return
+        self._leave(batch)
+
+    def _leave(self, batch):
+        """A writer leaves without statements in `batch`: if it was the last one that the
+        others waited for, it commits theirs."""
         if batch.writers and not self._waiting:
             self._commit(batch)
 

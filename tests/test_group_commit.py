@@ -22,15 +22,16 @@ JOIN_TIMEOUT_S = 20.0
 
 
 class _Connection:
-    """A real SQLite connection whose COMMIT can be made to fail, as a full disk makes it."""
+    """A real SQLite connection whose own statements (COMMIT, SAVEPOINT, ...) can be made to
+    fail, as a full disk makes them: `fail[statement] = exception`."""
 
     def __init__(self, db):
         self._db = db
-        self.fail_commit = None
+        self.fail = {}
 
     def execute(self, sql, *args):
-        if self.fail_commit is not None and sql == "COMMIT":
-            raise self.fail_commit
+        if sql in self.fail:
+            raise self.fail[sql]
         return self._db.execute(sql, *args)
 
     @property
@@ -188,7 +189,7 @@ def test_a_failed_commit_is_raised_in_every_writer_of_its_transaction(ledger):
     writers = Writers(ledger)
     release = holding_writer(ledger, writers)
     arrive(ledger, writers, ["second", "third"])
-    ledger.connection.fail_commit = sqlite3.OperationalError("database or disk is full")
+    ledger.connection.fail["COMMIT"] = sqlite3.OperationalError("database or disk is full")
     release.set()
     writers.join()
     assert set(writers.outcomes) == {"first", "second", "third"}
@@ -196,9 +197,32 @@ def test_a_failed_commit_is_raised_in_every_writer_of_its_transaction(ledger):
         assert isinstance(error, sqlite3.OperationalError)
         assert "database or disk is full" in str(error)
     assert committed(ledger) == []
-    ledger.connection.fail_commit = None
+    del ledger.connection.fail["COMMIT"]
     insert(ledger, "after")                        # rolled back: the connection is reusable
     assert committed(ledger) == ["after"]
+
+
+@pytest.mark.parametrize("statement", ["SAVEPOINT writer", "RELEASE writer"])
+def test_a_joining_writer_whose_savepoint_fails(ledger, statement):
+    """SAVEPOINT fails: the writer has nothing in the transaction, raises, and (the last to
+    arrive) commits the first writer's row. RELEASE fails: the transaction is in doubt, so
+    nobody's statements commit and both writers raise."""
+    writers = Writers(ledger)
+    release = holding_writer(ledger, writers)
+    arrive(ledger, writers, ["joining"])
+    ledger.connection.fail[statement] = sqlite3.OperationalError("disk I/O error")
+    release.set()
+    writers.join()
+    del ledger.connection.fail[statement]
+    assert isinstance(writers.outcomes["joining"], sqlite3.OperationalError)
+    if statement == "SAVEPOINT writer":
+        assert writers.outcomes["first"] == "committed"
+        assert committed(ledger) == ["first"]
+    else:
+        assert isinstance(writers.outcomes["first"], sqlite3.OperationalError)
+        assert committed(ledger) == []
+    insert(ledger, "after")
+    assert "after" in committed(ledger)
 
 
 def test_closing_tells_a_writer_that_waits_for_its_commit(ledger):
