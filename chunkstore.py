@@ -369,7 +369,7 @@ class ChunkStore(Store):
     def _open_tail(self, upload):
         """The upload's video file opened for writing at its consistent length, a torn tail
         (an earlier failed write's) cut off: (fd, whether it was created now)."""
-        fd = open_file(self.media_path(upload), os.O_WRONLY | os.O_CREAT,
+        fd = open_file(self.media_path(upload), os.O_RDWR | os.O_CREAT,    # (read: _TailWriter)
                        "the upload's video file")
         try:
             length = os.fstat(fd).st_size
@@ -499,10 +499,11 @@ class ChunkStore(Store):
     def _free_tail(self, writer):
         """The upload's tail is free again (the writer's abort). A new upload's writer made
         its file: removed unless the upload got its row meanwhile (an early chunk); with no
-        row, nothing else may name it."""
+        row, nothing else may name it. Not when a delete cancelled the writer: it moved the
+        file away, and what is at the path now is a newer upload's."""
         with self._locks.held(writer.file_id):
             try:
-                if writer.new and self._state(writer.file_id) is None:
+                if writer.new and not writer.cancelled and self._state(writer.file_id) is None:
                     self.discard(writer.path)
             finally:
                 self._release(writer)
@@ -1450,10 +1451,12 @@ class _TailWriter(TailWriter):
     def _sync_while_hashing_the_rest(self):
         """fsync in a thread of its own while this one reads back the chunk's bytes past
         INLINE_DIGEST_BYTES (from the page cache: just written) into the digests. Both wait
-        outside the GIL, so a large chunk's hash costs no time beyond its fsync's."""
+        outside the GIL, so a large chunk's hash costs no time beyond its fsync's. Read
+        through the writer's own descriptor, never the path: a delete meanwhile moved the
+        file (and a new upload of the same id may be there now)."""
         sync = _InThread(os.fsync, self._fd)
         try:
-            with localdisk.open_reading(self.path, "the upload's video file") as f:
+            with self._reading() as f:
                 f.seek(self.offset + self._hashed)
                 block = memoryview(bytearray(min(self.written - self._hashed,
                                                  localdisk.COPY_BLOCK_BYTES)))
@@ -1468,14 +1471,19 @@ class _TailWriter(TailWriter):
         finally:
             sync.wait()                           # and raises what fsync raised
 
+    def _reading(self):
+        """The tail's file for reading, through the writer's descriptor (left open)."""
+        return open(self._fd, "rb", buffering=0, closefd=False)
+
     def to_part_file(self):
         """The bytes written so far, copied into a part file (its path) and cut off here; the
         tail is freed. For a form whose fields after the file part change what the chunk is:
         put_chunk decides it then, as any chunk received into a part file."""
         path, f = self._store.new_part_file()
         try:
-            with f:
-                localdisk.copy_into(self.path, f.fileno(), self.written, self.offset)
+            # From the writer's own descriptor, never the path (see _sync_while_hashing_the_rest)
+            with f, self._reading() as tail:
+                localdisk.copy_from(tail, f.fileno(), self.written, self.offset, self.path)
         except BaseException:
             self._store.discard(path)
             self.abort()

@@ -332,29 +332,34 @@ def truncate(path, length, what):
 def copy_into(source_path, fd, size, offset=0):
     """Copy `size` bytes of `source_path`, from `offset` on, to the current position of `fd`."""
     with open_reading(source_path, "a chunk file") as src:
-        src.seek(offset)
-        copied = 0
-        kernel_copy = getattr(os, "copy_file_range", None)
-        while kernel_copy is not None and copied < size:
-            try:
-                n = kernel_copy(src.fileno(), fd, size - copied)
-            except OSError as error:
-                if is_disk_full(error):
-                    raise
-                break                 # other filesystem, old kernel: copy in user space
-            if n == 0:
-                break
-            copied += n
-        src.seek(offset + copied)
-        buffer = bytearray(min(COPY_BLOCK_BYTES, max(size - copied, 1)))
-        while copied < size:
-            n = src.readinto(buffer)
-            if not n:
-                break
-            write_all(fd, memoryview(buffer)[:n])
-            copied += n
+        copy_from(src, fd, size, offset, source_path)
+
+
+def copy_from(src, fd, size, offset, name):
+    """copy_into from an open binary file `src` (`name` says which, in an error)."""
+    src.seek(offset)
+    copied = 0
+    kernel_copy = getattr(os, "copy_file_range", None)
+    while kernel_copy is not None and copied < size:
+        try:
+            n = kernel_copy(src.fileno(), fd, size - copied)
+        except OSError as error:
+            if is_disk_full(error):
+                raise
+            break                 # other filesystem, old kernel: copy in user space
+        if n == 0:
+            break
+        copied += n
+    src.seek(offset + copied)
+    buffer = bytearray(min(COPY_BLOCK_BYTES, max(size - copied, 1)))
+    while copied < size:
+        n = src.readinto(buffer)
+        if not n:
+            break
+        write_all(fd, memoryview(buffer)[:n])
+        copied += n
     if copied != size:
-        raise IOError("chunk file %s is shorter than %d bytes" % (source_path, size))
+        raise IOError("%s is shorter than %d bytes" % (name, size))
 
 
 def write_all(fd, view):

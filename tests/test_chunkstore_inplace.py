@@ -411,13 +411,53 @@ def test_a_twin_waits_at_most_writer_wait(tmp_path):
         store.close()
 
 
-def test_an_upload_deleted_meanwhile_refuses_the_chunk(store):
+def test_a_cancelled_first_chunk_never_removes_the_file_of_the_upload_after_it(store):
+    """A new upload's chunk 0 in place; an early chunk gives the upload its row; a delete
+    cancels the writer and moves its file; a new chunk 0 of the same id makes a new file at
+    the same path. The cancelled writer's abort must leave that file alone."""
+    cancelled = store.reserve_append("again", 0, False, mime_type="video/webm")
+    stream(cancelled, EBML + b"first try")
+    put(store, "again", 2, b"early")                  # the upload's row, with no type
+    assert store.delete("again")
+    fresh = store.reserve_append("again", 0, False, mime_type="video/webm")
+    assert fresh is not None
+    stream(fresh, EBML + b"second try")
+    with pytest.raises(StoreError) as caught:
+        cancelled.commit(len(EBML + b"first try"))
+    assert caught.value.code == "upload_deleted"
+    fresh.commit(len(EBML + b"second try"))
+    assert on_disk(store, "again") == EBML + b"second try"
+
+
+def test_to_part_file_copies_the_writers_own_bytes(store):
+    """A field after the file part turns a chunk written in place into a part file: its
+    bytes come from the writer's own file, even when a delete moved that file and a new
+    upload of the same id has a file at the path."""
+    started(store, "moved")
+    data = os.urandom(3000)
+    writer = store.reserve_append("moved", 1, False)
+    stream(writer, data, block=1000)
+    assert store.delete("moved")
+    other = started(store, "moved", first=EBML + os.urandom(5000))    # same id, same path
+    path = writer.to_part_file()
+    try:
+        with open(path, "rb") as f:
+            assert f.read() == data
+    finally:
+        store.discard(path)
+    assert on_disk(store, "moved") == other          # the new upload's file is untouched
+
+
+@pytest.mark.parametrize("size", [5, INLINE_DIGEST_BYTES + 5], ids=["small", "read-back"])
+def test_an_upload_deleted_meanwhile_refuses_the_chunk(store, size):
+    """Also a chunk large enough to be read back for its hash: it reads its own (moved)
+    file, never the path, where a new upload of the same id may already be."""
     started(store, "gone")
     writer = store.reserve_append("gone", 1, False)
-    stream(writer, b"bytes")
+    stream(writer, os.urandom(size), block=1 << 20)
     assert store.delete("gone")
     with pytest.raises(StoreError) as caught:
-        writer.commit(5)
+        writer.commit(size)
     assert caught.value.status == 409 and caught.value.code == "upload_deleted"
     assert store.status("gone") is None
     again = started(store, "gone")                      # sent again: a fresh upload
@@ -619,14 +659,26 @@ def test_a_large_chunk_is_hashed_past_the_inline_limit_while_it_syncs(
     first = started(store, "big")
     data = os.urandom(size)
     read = []
-    real_open_reading = chunkstore.localdisk.open_reading
 
-    def open_reading(path, what):
-        f = real_open_reading(path, what)
-        real_readinto = f.readinto
-        f.readinto = lambda view: read.append(real_readinto(view)) or read[-1]
-        return f
-    monkeypatch.setattr(chunkstore.localdisk, "open_reading", open_reading)
+    class Counted:
+        """The writer's read-back file, counting the bytes it reads."""
+
+        def __init__(self, *args, **kwargs):
+            self._file = open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._file.close()
+
+        def seek(self, offset):
+            return self._file.seek(offset)
+
+        def readinto(self, view):
+            read.append(self._file.readinto(view))
+            return read[-1]
+    monkeypatch.setattr(chunkstore, "open", Counted, raising=False)
     synced_in = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced_in.append(
