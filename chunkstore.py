@@ -1018,8 +1018,9 @@ class _GroupCommit:
     disk: when a sync took 10-25 ms (a checkpoint, other files' syncs), 200 recorders' chunks
     waited behind each other for seconds and never caught up. Here a writer that finishes its
     statements while others are already waiting to write leaves the transaction open and
-    waits; the last of them commits for all, so a slow sync makes the next commit carry more
-    writers instead of the queue longer. Alone, a writer commits at once as before.
+    waits; the last of those (not of any that arrive later) commits for all, so a slow sync
+    makes the next commit carry more writers instead of the queue longer. Alone, a writer
+    commits at once as before.
 
     Each writer that joins an open transaction runs inside a SAVEPOINT, so its failure undoes
     only its own statements (it raises; the others still commit). A failed COMMIT (a full
@@ -1030,17 +1031,23 @@ class _GroupCommit:
         self._db = db
         self._lock = threading.Lock()            # the connection and its open transaction
         self._committed = threading.Condition(self._lock)
-        self._arrivals = threading.Lock()        # guards _waiting
-        self._waiting = 0        # writers that arrived and wait for _lock
+        self._arrivals = threading.Lock()        # guards _arrived
+        self._arrived = 0        # writers that have asked for _lock, ever
+        self._entered = 0        # writers that have had it (under _lock)
         self._open = None        # the _Batch of the open transaction, if one is open
+
+    @property
+    def _waiting(self):
+        """Writers that arrived and wait for _lock."""
+        with self._arrivals:
+            return self._arrived - self._entered
 
     @contextlib.contextmanager
     def transaction(self):
         with self._arrivals:
-            self._waiting += 1
+            self._arrived += 1
         with self._lock:
-            with self._arrivals:
-                self._waiting -= 1
+            self._entered += 1
             if self._db is None:
                 raise sqlite3.ProgrammingError("the ledger is closed")
             batch = self._open
@@ -1066,8 +1073,13 @@ class _GroupCommit:
                     self._rollback(batch, error)
                     raise
             batch.writers += 1
-            if self._waiting and batch.writers < LEDGER_GROUP_MAX:
-                while not batch.done:            # the last writer to arrive commits
+            if not joined:
+                # The transaction waits for the writers that are waiting now, not for those
+                # that come later: they would keep it open as long as they kept coming.
+                with self._arrivals:
+                    batch.until = self._arrived
+            if self._entered < batch.until and batch.writers < LEDGER_GROUP_MAX:
+                while not batch.done:            # the last of them commits
                     self._committed.wait()
             else:
                 self._commit(batch)
@@ -1091,7 +1103,7 @@ class _GroupCommit:
     def _leave(self, batch):
         """A writer leaves without statements in `batch`: if it was the last one that the
         others waited for, it commits theirs."""
-        if batch.writers and not self._waiting:
+        if batch.writers and self._entered >= batch.until:
             self._commit(batch)
 
     def _commit(self, batch):
@@ -1130,6 +1142,7 @@ class _Batch:
 
     def __init__(self):
         self.writers = 0
+        self.until = 0           # it commits once this many writers have had the lock
         self.done = False
         self.error = None
 

@@ -107,8 +107,9 @@ class Writers:
         assert not [t for t in self.threads if t.is_alive()], "a writer never returned"
 
 
-def holding_writer(group, writers, name="first"):
-    """Start a writer that stops inside its transaction until the returned event is set."""
+def holding_writer(group, writers, name="first", wait_inside=True):
+    """Start a writer that stops inside its transaction until the returned event is set
+    (and, with `wait_inside`, return once it is inside; else return (inside, release))."""
     inside, release = threading.Event(), threading.Event()
 
     def body():
@@ -117,6 +118,8 @@ def holding_writer(group, writers, name="first"):
             inside.set()
             assert release.wait(JOIN_TIMEOUT_S)
     writers.start(name, body=body)
+    if not wait_inside:
+        return inside, release
     assert inside.wait(JOIN_TIMEOUT_S)
     return release
 
@@ -149,6 +152,24 @@ def test_writers_that_wait_share_one_commit(ledger, writers_count, expected_comm
     assert len(ledger.commits) == expected_commits
     assert writers.outcomes == dict.fromkeys(["first"] + names, "committed")
     assert committed(ledger) == sorted(["first"] + names)
+
+
+def test_a_writer_that_arrives_later_does_not_keep_the_transaction_open(ledger):
+    """The transaction waits for the writers that were waiting when its first one finished,
+    not for those that come after: they get the next commit (a steady stream of them would
+    otherwise keep the first writer waiting for as long as it lasted)."""
+    writers = Writers(ledger)
+    release_first = holding_writer(ledger, writers, "first")
+    second_inside, release_second = holding_writer(ledger, writers, "second",
+                                                   wait_inside=False)
+    wait_until(lambda: ledger._waiting == 1, message="the second writer to queue")
+    release_first.set()                             # "first" waits for "second" only
+    assert second_inside.wait(JOIN_TIMEOUT_S)
+    arrive(ledger, writers, ["later"])              # arrives while "second" writes
+    release_second.set()
+    writers.join()
+    assert writers.outcomes == dict.fromkeys(["first", "second", "later"], "committed")
+    assert len(ledger.commits) == 2                 # first + second, then later alone
 
 
 def test_a_failing_writer_undoes_only_its_own_and_commits_for_those_waiting(ledger):
@@ -230,7 +251,7 @@ def test_closing_tells_a_writer_that_waits_for_its_commit(ledger):
     hanging: close() rolls the transaction back and the writer raises."""
     writers = Writers(ledger)
     with ledger._arrivals:
-        ledger._waiting += 1                       # as if a writer had arrived
+        ledger._arrived += 1                       # as if a writer had arrived
     writers.start("waiting")
     wait_until(lambda: ledger._open is not None and ledger._open.writers == 1,
                message="the writer to wait for its commit")
