@@ -131,7 +131,7 @@ from localdisk import FileMedia, UnsafePath, UploadFolder, fsync_dir, open_file,
 from storage import (DUPLICATE, IN_ORDER, MEDIA_TYPES, SIGNATURE_BYTES, Capabilities,
                      ChunkResult, Store, StoreError, TailWriter, UploadState, Workers,
                      check_budgets, check_chunk_bytes, check_chunk_fields, check_chunk_request,
-                     check_derivative_name, new_sha256, sha256_file, valid_file_id)
+                     check_derivative_name, new_sha256, read_blocks, sha256_file, valid_file_id)
 
 log = logging.getLogger("m1server.store")
 
@@ -1036,12 +1036,6 @@ class _GroupCommit:
         self._entered = 0        # writers that have had it (under _lock)
         self._open = None        # the _Batch of the open transaction, if one is open
 
-    @property
-    def _waiting(self):
-        """Writers that arrived and wait for _lock."""
-        with self._arrivals:
-            return self._arrived - self._entered
-
     @contextlib.contextmanager
     def transaction(self):
         with self._arrivals:
@@ -1467,20 +1461,18 @@ class _TailWriter(TailWriter):
         outside the GIL, so a large chunk's hash costs no time beyond its fsync's. Read
         through the writer's own descriptor, never the path: a delete meanwhile moved the
         file (and a new upload of the same id may be there now)."""
-        sync = _InThread(os.fsync, self._fd)
+        sync = _FsyncInThread(self._fd)
         try:
             with self._reading() as f:
                 f.seek(self.offset + self._hashed)
-                block = memoryview(bytearray(min(self.written - self._hashed,
-                                                 localdisk.COPY_BLOCK_BYTES)))
-                while self._hashed < self.written:
-                    count = f.readinto(block[:self.written - self._hashed])
-                    if not count:
-                        raise OSError("%s: the video file ended before chunk %d's bytes did"
-                                      % (self.file_id, self.index))
+                for block in read_blocks(f, self.written - self._hashed,
+                                         localdisk.COPY_BLOCK_BYTES):
                     for digest in self._digests:
-                        digest.update(block[:count])
-                    self._hashed += count
+                        digest.update(block)
+                    self._hashed += len(block)
+            if self._hashed < self.written:
+                raise OSError("%s: the video file ended before chunk %d's bytes did"
+                              % (self.file_id, self.index))
         finally:
             sync.wait()                           # and raises what fsync raised
 
@@ -1526,18 +1518,18 @@ class _TailWriter(TailWriter):
             self._store._free_tail(self)
 
 
-class _InThread:
-    """`work(*args)` run by a thread of its own; wait() joins it and raises what it raised."""
+class _FsyncInThread:
+    """os.fsync(fd) on a thread of its own; wait() joins it and raises what fsync raised."""
 
-    def __init__(self, work, *args):
+    def __init__(self, fd):
         self._error = None
-        self._thread = threading.Thread(target=self._run, args=(work, args), daemon=True,
+        self._thread = threading.Thread(target=self._run, args=(fd,), daemon=True,
                                         name="m1-fsync")
         self._thread.start()
 
-    def _run(self, work, args):
+    def _run(self, fd):
         try:
-            work(*args)
+            os.fsync(fd)
         except BaseException as error:        # handed to the waiting thread
             self._error = error
 

@@ -39,7 +39,7 @@ import stat
 import threading
 import time
 
-from storage import Media, MediaRange, StoreError
+from storage import Media, MediaRange, StoreError, read_blocks
 
 log = logging.getLogger("m1server.store")
 
@@ -351,13 +351,9 @@ def copy_from(src, fd, size, offset, name):
             break
         copied += n
     src.seek(offset + copied)
-    buffer = bytearray(min(COPY_BLOCK_BYTES, max(size - copied, 1)))
-    while copied < size:
-        n = src.readinto(buffer)
-        if not n:
-            break
-        write_all(fd, memoryview(buffer)[:n])
-        copied += n
+    for block in read_blocks(src, size - copied, COPY_BLOCK_BYTES):
+        write_all(fd, block)
+        copied += len(block)
     if copied != size:
         raise IOError("%s is shorter than %d bytes" % (name, size))
 

@@ -192,18 +192,25 @@ def new_sha256():
 def sha256_file(path, length=None):
     """The hex sha256 of a local file (of its first `length` bytes when given)."""
     digest = new_sha256()
-    buffer = bytearray(HASH_BLOCK_BYTES)
-    view = memoryview(buffer)
-    remaining = length
     with open(path, "rb") as f:
-        while remaining is None or remaining > 0:
-            n = f.readinto(view if remaining is None else view[:min(remaining, len(buffer))])
-            if not n:
-                break
-            digest.update(view[:n])
-            if remaining is not None:
-                remaining -= n
+        for block in read_blocks(f, length):
+            digest.update(block)
     return digest.hexdigest()
+
+
+def read_blocks(f, size=None, block_bytes=HASH_BLOCK_BYTES):
+    """The next `size` bytes of the binary file `f` (to its end: None), as views of one
+    reused buffer (each valid until the next); fewer bytes when the file ends first."""
+    buffer = memoryview(bytearray(block_bytes if size is None else
+                                  max(1, min(size, block_bytes))))
+    remaining = size
+    while remaining is None or remaining > 0:
+        n = f.readinto(buffer if remaining is None else buffer[:min(remaining, len(buffer))])
+        if not n:
+            return
+        yield buffer[:n]
+        if remaining is not None:
+            remaining -= n
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import chunkstore  # noqa: E402
-from chunkstore import INLINE_DIGEST_BYTES, ChunkStore  # noqa: E402
+from chunkstore import INLINE_DIGEST_BYTES, MAX_JOURNAL_CHUNK_BYTES, ChunkStore  # noqa: E402
 from storage import Budget, StoreError  # noqa: E402
 from conftest import wait_until  # noqa: E402
 
@@ -691,6 +691,12 @@ def test_a_large_chunk_is_hashed_past_the_inline_limit_while_it_syncs(
     assert synced_in[0] == ("m1-fsync" if read_back else threading.current_thread().name)
     assert result.upload.sha256 == hashlib.sha256(first + data).hexdigest()
     assert on_disk(store, "big") == first + data
+
+
+def test_a_journaled_chunk_is_always_hashed_in_line():
+    """A journaled chunk is never read back (it is not fsynced at commit), so the largest
+    one --journal-chunk-size allows must fit within the bytes hashed as they arrive."""
+    assert MAX_JOURNAL_CHUNK_BYTES <= INLINE_DIGEST_BYTES
 
 
 def test_a_checksum_that_fails_past_the_inline_limit_cuts_the_chunk(store):

@@ -124,11 +124,17 @@ def holding_writer(group, writers, name="first", wait_inside=True):
     return release
 
 
+def waiting(group):
+    """Writers that arrived and wait for the connection."""
+    with group._arrivals:
+        return group._arrived - group._entered
+
+
 def arrive(group, writers, names, fail=None):
     """Start writers that queue behind the holding one; return once all are counted."""
     for name in names:
         writers.start(name, fail=fail)
-    wait_until(lambda: group._waiting == len(names), message="the writers to queue")
+    wait_until(lambda: waiting(group) == len(names), message="the writers to queue")
 
 
 def test_a_writer_alone_commits_at_once(ledger):
@@ -162,7 +168,7 @@ def test_a_writer_that_arrives_later_does_not_keep_the_transaction_open(ledger):
     release_first = holding_writer(ledger, writers, "first")
     second_inside, release_second = holding_writer(ledger, writers, "second",
                                                    wait_inside=False)
-    wait_until(lambda: ledger._waiting == 1, message="the second writer to queue")
+    wait_until(lambda: waiting(ledger) == 1, message="the second writer to queue")
     release_first.set()                             # "first" waits for "second" only
     assert second_inside.wait(JOIN_TIMEOUT_S)
     arrive(ledger, writers, ["later"])              # arrives while "second" writes
@@ -190,7 +196,7 @@ def test_a_failing_writer_among_others(ledger):
     release = holding_writer(ledger, writers)
     arrive(ledger, writers, ["ok-1", "ok-2"])
     writers.start("failing", fail=ValueError("bad input"))
-    wait_until(lambda: ledger._waiting == 3, message="the failing writer to queue")
+    wait_until(lambda: waiting(ledger) == 3, message="the failing writer to queue")
     release.set()
     writers.join()
     assert isinstance(writers.outcomes.pop("failing"), ValueError)
