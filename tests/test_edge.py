@@ -9,6 +9,7 @@ deadline; nothing here asserts how long something took.
 from __future__ import annotations
 
 import base64
+import email.utils
 import errno
 import os
 import re
@@ -17,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
@@ -615,6 +617,39 @@ def test_identical_repeated_content_lengths_are_one_length(plain):
 def test_a_malformed_head_is_400_and_the_connection_closed(plain, head, code):
     response = _http.exchange(plain.url, head, shutdown_write=True)
     assert_json_error(response, 400, code)
+    assert response.header("connection") == "close"
+
+
+def test_a_reply_head_is_one_status_line_and_well_formed_fields(plain):
+    """The head send_response/send_headers write by hand: HTTP/1.1, the reason phrase,
+    Server, a Date in RFC 9110's IMF-fixdate (GMT) near now, CRLF line ends only, the
+    security headers, and nothing after the body."""
+    sock = _http.connect(plain.url)
+    try:
+        before = time.time()
+        response = ask(sock, "GET", "/no-such-route")
+        after = time.time()
+    finally:
+        sock.close()
+    head = response.raw[:response.raw.index(b"\r\n\r\n")]
+    assert head.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert b"\n" not in head.replace(b"\r\n", b"")
+    assert b"\r" not in head.replace(b"\r\n", b"")
+    assert response.header("server").startswith("m1server/")
+    date = response.header("date")
+    assert re.match(r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|"
+                    r"Sep|Oct|Nov|Dec) \d{4} \d\d:\d\d:\d\d GMT$", date), date
+    stamp = email.utils.parsedate_to_datetime(date).timestamp()
+    assert int(before) <= stamp <= after
+    assert response.header("x-content-type-options") == "nosniff"
+    assert response.header("content-length") == str(len(response.body))
+    assert response.json()["success"] is False
+    assert response.raw.endswith(response.body)
+
+
+def test_a_reply_that_closes_the_connection_says_so(plain):
+    response = _http.exchange(plain.url, _http.build_request("GET", "/healthz", close=True))
+    assert response.status == 200
     assert response.header("connection") == "close"
 
 
