@@ -84,7 +84,8 @@ the store's own commits are the only changes; memory is updated under the upload
 after each commit it mirrors, and repair starts from the ledger alone. An in-order chunk costs
 one write transaction and no read.
 
-A small in-order chunk (at most --journal-chunk-size bytes) costs one fsync instead of two:
+With --journal-chunk-size set (off by default), a small in-order chunk (at most that many
+bytes) costs one fsync instead of two:
 in step 2 its bytes are written but the file is not fsynced, and step 3's transaction also
 keeps a copy of them in the `journal` table, so the ledger's commit is what makes the chunk
 durable. Readers see the file as written (the page cache) at once. The journal is emptied,
@@ -146,11 +147,14 @@ DERIVED_DIR_NAME = "derived"             # derivatives of processing, one folder
 LEDGER_BUSY_TIMEOUT_S = 30.0
 LEDGER_GROUP_MAX = 64                    # writers whose statements share one commit, at most
 COPIES_WHILE_STORING = 2                 # a chunk's part file and its copy in the video
-# Small in-order chunks are journaled (see the docstring). The journal writes a chunk's bytes
-# twice more (the WAL, then the ledger file at a checkpoint), which pays only while the fsync
-# saved costs more than those copies: measured, 16 KiB chunks gained 1.2x; 250 KiB chunks from
-# 200 recorders went from a p99 of 8 ms to 1.5 s (checkpoints stall every writer).
-DEFAULT_JOURNAL_CHUNK_BYTES = 64 << 10   # in-order chunks up to this size: one fsync (journal)
+# Small in-order chunks may be journaled (see the docstring). The journal writes a chunk's
+# bytes twice more (the WAL, then the ledger file at a checkpoint), which pays only while the
+# fsync saved costs more than those copies. Off by default: since chunks are written in place
+# (issue 17), journaling a 16 KiB chunk cost ~90-150 us more CPU than its fsync saved and no
+# wall time on a disk with a write cache (docs/performance.md); it pays where fsync is slow
+# (SD cards, spinning disks). 250 KiB chunks from 200 recorders once went from a p99 of 8 ms
+# to 1.5 s journaled (checkpoints stall every writer), hence the limit.
+DEFAULT_JOURNAL_CHUNK_BYTES = 0          # in-order chunks up to this size: one fsync (journal)
 MAX_JOURNAL_CHUNK_BYTES = 256 << 10      # the most --journal-chunk-size may say
 JOURNAL_FLUSH_BYTES = 1 << 20            # an upload's journaled bytes past this: sync the file
 DEFAULT_STATE_CACHE = 1024               # uploads whose state is kept in memory between chunks

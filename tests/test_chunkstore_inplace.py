@@ -27,7 +27,8 @@ EBML = b"\x1a\x45\xdf\xa3"
 
 @pytest.fixture
 def store(tmp_path):
-    s = ChunkStore(str(tmp_path / "up"), writer_wait_s=5.0)
+    # The journal on (off by default): these tests follow small chunks into it and out.
+    s = ChunkStore(str(tmp_path / "up"), writer_wait_s=5.0, journal_chunk_bytes=64 << 10)
     yield s
     s.close()
 
