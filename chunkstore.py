@@ -85,9 +85,8 @@ after each commit it mirrors, and repair starts from the ledger alone. An in-ord
 one write transaction and no read.
 
 With --journal-chunk-size set (off by default), a small in-order chunk (at most that many
-bytes) costs one fsync instead of two:
-in step 2 its bytes are written but the file is not fsynced, and step 3's transaction also
-keeps a copy of them in the `journal` table, so the ledger's commit is what makes the chunk
+bytes) costs one fsync instead of two: in step 2 its bytes are written but the file is not
+fsynced, and step 3's transaction also keeps a copy of them in the `journal` table, so the ledger's commit is what makes the chunk
 durable. Readers see the file as written (the page cache) at once. The journal is emptied,
 once the file is fsynced: by the transaction of a chunk whose append fsyncs the file anyway
 (a large chunk, or the one that completes the upload, which is never journaled), or in two
@@ -155,6 +154,7 @@ COPIES_WHILE_STORING = 2                 # a chunk's part file and its copy in t
 # (SD cards, spinning disks). 250 KiB chunks from 200 recorders once went from a p99 of 8 ms
 # to 1.5 s journaled (checkpoints stall every writer), hence the limit.
 DEFAULT_JOURNAL_CHUNK_BYTES = 0          # in-order chunks up to this size: one fsync (journal)
+SLOW_DISK_JOURNAL_CHUNK_BYTES = 64 << 10  # what --help suggests where fsync is slow
 MAX_JOURNAL_CHUNK_BYTES = 256 << 10      # the most --journal-chunk-size may say
 JOURNAL_FLUSH_BYTES = 1 << 20            # an upload's journaled bytes past this: sync the file
 DEFAULT_STATE_CACHE = 1024               # uploads whose state is kept in memory between chunks

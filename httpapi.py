@@ -251,7 +251,8 @@ OPTIONS = (
     ("--journal-chunk-size", parse_journal_size, chunkstore.DEFAULT_JOURNAL_CHUNK_BYTES,
      "in-order chunks up to this size cost one fsync, not two: their bytes are journaled in "
      "m1.sqlite3 until the video file is synced (at most 256K; 0, the default: fsync the "
-     "file every chunk; worth 64K where fsync is slow, as on SD cards)"),
+     "file every chunk; worth %dK where fsync is slow, as on SD cards)"
+     % (chunkstore.SLOW_DISK_JOURNAL_CHUNK_BYTES >> 10)),
     ("--upload-state-cache", parse_count, chunkstore.DEFAULT_STATE_CACHE,
      "uploads whose state (and running sha256) the local store keeps in memory between "
      "chunks (the least recently used beyond it are read from m1.sqlite3 again, and hashed "

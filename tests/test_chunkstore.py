@@ -339,7 +339,7 @@ def test_listeners_see_chunks_in_order_then_completed_with_sha256(store):
 
 # --- small chunks: one fsync, bytes journaled in the ledger until the file is synced --------
 
-JOURNAL_BYTES = 64 << 10        # the journal on, as the docs suggest for slow disks
+JOURNAL_BYTES = chunkstore.SLOW_DISK_JOURNAL_CHUNK_BYTES    # the journal on
 
 
 def journal_rows(store, file_id):

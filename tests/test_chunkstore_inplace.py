@@ -18,7 +18,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import chunkstore  # noqa: E402
-from chunkstore import INLINE_DIGEST_BYTES, MAX_JOURNAL_CHUNK_BYTES, ChunkStore  # noqa: E402
+from chunkstore import INLINE_DIGEST_BYTES, MAX_JOURNAL_CHUNK_BYTES, SLOW_DISK_JOURNAL_CHUNK_BYTES, \
+    ChunkStore  # noqa: E402
 from storage import Budget, StoreError  # noqa: E402
 from conftest import wait_until  # noqa: E402
 
@@ -28,7 +29,8 @@ EBML = b"\x1a\x45\xdf\xa3"
 @pytest.fixture
 def store(tmp_path):
     # The journal on (off by default): these tests follow small chunks into it and out.
-    s = ChunkStore(str(tmp_path / "up"), writer_wait_s=5.0, journal_chunk_bytes=64 << 10)
+    s = ChunkStore(str(tmp_path / "up"), writer_wait_s=5.0,
+                   journal_chunk_bytes=SLOW_DISK_JOURNAL_CHUNK_BYTES)
     yield s
     s.close()
 

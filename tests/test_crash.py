@@ -35,7 +35,7 @@ import traceback
 import pytest
 import requests
 
-from chunkstore import JOURNAL_FLUSH_BYTES
+from chunkstore import JOURNAL_FLUSH_BYTES, SLOW_DISK_JOURNAL_CHUNK_BYTES
 from conftest import get_status, send_chunk, split_chunks, wait_until
 
 CRASH_EXIT_CODE = 70          # the contract: the hook ends the process with os._exit(70)
@@ -280,9 +280,9 @@ IN_PLACE_SCENARIOS = [
 ]
 
 # Both ways of appending in order: small chunks journaled in the ledger (--journal-chunk-size
-# 64K, which takes these ~35 KB chunks; what the docs suggest for slow disks) and every chunk's
-# file fsynced (0, the default). Without the journal no step `journal_*` is ever passed.
-JOURNAL_BYTES = 64 << 10
+# as --help suggests for slow disks, which takes these ~35 KB chunks) and every chunk's file
+# fsynced (0, the default). Without the journal no step `journal_*` is ever passed.
+JOURNAL_BYTES = SLOW_DISK_JOURNAL_CHUNK_BYTES
 APPEND_MODES = {"journal": ["--journal-chunk-size", str(JOURNAL_BYTES)],
                 "fsync": ["--journal-chunk-size", "0"]}
 CRASH_CASES = [pytest.param(name, order, position, hook, mode, file_first,
