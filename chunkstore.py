@@ -117,7 +117,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import logging
 import os
 import queue
 import re
@@ -127,13 +126,14 @@ import threading
 import time
 
 import localdisk
+import serverlog
 from localdisk import FileMedia, UnsafePath, UploadFolder, fsync_dir, open_file, writing
 from storage import (DUPLICATE, IN_ORDER, MEDIA_TYPES, SIGNATURE_BYTES, Capabilities,
                      ChunkResult, Store, StoreError, TailWriter, UploadState, Workers,
                      check_budgets, check_chunk_bytes, check_chunk_fields, check_chunk_request,
                      check_derivative_name, new_sha256, read_blocks, sha256_file, valid_file_id)
 
-log = logging.getLogger("m1server.store")
+log = serverlog.Logger("m1server.store")
 
 # ---------------------------------------------------------------------------------------------
 # Constants

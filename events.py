@@ -52,7 +52,6 @@ import binascii
 import collections
 import itertools
 import json
-import logging
 import os
 import re
 import selectors
@@ -61,12 +60,13 @@ import threading
 import time
 from urllib.parse import parse_qs, urlsplit
 
+import serverlog
 import storage
 import websocket
 from options import DEFAULT_HISTORY_EVENTS, DEFAULT_QUEUE_EVENTS
 from apierror import ApiError
 
-log = logging.getLogger("m1server.events")
+log = serverlog.Logger("m1server.events")
 
 # ---------------------------------------------------------------------------------------------
 # Limits (the flags' defaults are in options.py; these are not flags)

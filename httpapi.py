@@ -26,8 +26,6 @@ import email.utils
 import functools
 import http.client
 import json
-import logging
-import math
 import os
 import re
 import shutil
@@ -48,6 +46,7 @@ import httphead
 import localdisk
 import multipart
 import options
+import serverlog
 import storage
 import webclient
 from apierror import ApiError
@@ -55,6 +54,7 @@ from metrics import Metrics
 from chunkstore import ChunkStore
 
 VERSION = "0.1.0"
+log = serverlog.Logger("m1server")
 
 # ---------------------------------------------------------------------------------------------
 # Settings: every limit is a named constant here and a flag (with an M1_* twin) below
@@ -571,7 +571,7 @@ class M1Server(ThreadingHTTPServer):
             try:
                 hook()
             except Exception:
-                logging.getLogger("m1server").exception("stop hook %r failed", hook)
+                log.exception("stop hook %r failed", hook)
         self.shutdown()
 
     def forward_processing_event(self, event):
@@ -627,10 +627,9 @@ class M1Server(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         if isinstance(sys.exc_info()[1], (ssl.SSLError, socket.timeout, ConnectionError)):
-            logging.getLogger("m1server").info("connection from %s failed: %s",
-                                               client_address[0], sys.exc_info()[1])
+            log.info("connection from %s failed: %s", client_address[0], sys.exc_info()[1])
             return                       # a failed TLS handshake, a silent client: no traceback
-        logging.getLogger("m1server").exception("connection from %s failed", client_address[0])
+        log.exception("connection from %s failed", client_address[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,7 +673,7 @@ class Features:
             return feature
         with self._lock:
             if name not in self._loaded:
-                logging.getLogger("m1server").info("loading %s", name)
+                log.info("loading %s", name)
                 self._loaded[name] = getattr(self, "_load_" + name)()
             return self._loaded[name]
 
@@ -768,7 +767,7 @@ class Features:
 
     def _load_auth_routes(self):
         return self._rows(self.get("auth").routes(self._server.guard, Handler.read_small_body,
-                                       self._server.config.max_upload_bytes, _utc_iso))
+                                       self._server.config.max_upload_bytes, serverlog.utc_iso))
 
     def _load_events_routes(self):
         self.get("events")
@@ -947,8 +946,7 @@ class Handler(BaseHTTPRequestHandler):
             full = localdisk.disk_full_error(error)       # ENOSPC, SQLite's "disk is full"
             if full is not None:
                 return self.send_error_json(full)
-            logging.getLogger("m1server").exception("unexpected error on %s %s", self.command,
-                                                    _printable(options.redact(self.path)))
+            log.exception("unexpected error on %s %s", self.command, options.redact(self.path))
             self.send_error_json(HttpError(500, "internal_error",
                                            "unexpected server error (logged)"))
 
@@ -968,7 +966,8 @@ class Handler(BaseHTTPRequestHandler):
                     unquote(g) for g in match.groups())
             allowed.update(methods)
         if not allowed:
-            raise HttpError(404, "not_found", "no such route: %s" % _printable(path)[:200])
+            raise HttpError(404, "not_found",
+                            "no such route: %s" % serverlog.printable(path)[:200])
         allowed = sorted(allowed) + ["OPTIONS"]
         if self.command == "OPTIONS":
             return self.options_preflight, (allowed,)
@@ -1331,8 +1330,9 @@ class Handler(BaseHTTPRequestHandler):
                          took * 1000)
 
     def log_message(self, fmt, *args):
-        sys.stderr.write("%s %s %s\n" % (_utc_iso(time.time()), self.client_address[0],
-                                         _printable(options.redact(fmt % args))))
+        sys.stderr.write("%s %s %s\n" % (serverlog.utc_iso(time.time()),
+                                         self.client_address[0],
+                                         serverlog.printable(options.redact(fmt % args))))
 
 
 class ChunkReceiver:
@@ -1494,17 +1494,17 @@ def status_reply(file_id, upload):
     if upload is None:
         return {"fileId": file_id, "exists": False, "fileSize": 0, "lastModified": None}
     data = {"fileId": file_id, "exists": True, "fileSize": upload.bytes_appended,
-            "lastModified": _utc_iso(upload.updated_at),
+            "lastModified": serverlog.utc_iso(upload.updated_at),
             "state": "completed" if upload.completed else "uploading",
             "chunksReceived": upload.chunks_received, "nextChunkIndex": upload.next_index,
             "missingChunks": upload.missing_chunks(),
             "mimeType": upload.mime_type or storage.MEDIA_TYPES[upload.ext],
             "url": "/uploads/%s.%s" % (file_id, upload.ext),
-            "createdAt": _utc_iso(upload.created_at)}
+            "createdAt": serverlog.utc_iso(upload.created_at)}
     if upload.last_index is not None:
         data["totalChunks"] = upload.last_index + 1
     if upload.completed:
-        data["completedAt"] = _utc_iso(upload.completed_at)
+        data["completedAt"] = serverlog.utc_iso(upload.completed_at)
         data["sha256"] = upload.sha256       # None for a moment while it is being computed
     return data
 
@@ -1717,44 +1717,6 @@ class _HttpDate:
 _HTTP_DATE = _HttpDate()
 
 
-_CONTROL_CHARS = {c: "\\x%02x" % c for c in list(range(32)) + [127]}
-
-
-def _printable(text):
-    """Escape control characters (log injection); 3.7 on some boxes does not do it."""
-    return str(text).translate(_CONTROL_CHARS)
-
-
-def _utc_iso(timestamp):
-    """2024-01-01T00:00:00.000Z, as the seed's lastModified: the moment datetime would make
-    of `timestamp` (microseconds rounded half to even), written with time.strftime, which
-    costs every access log line half as much."""
-    fraction, whole = math.modf(timestamp)
-    micros = round(fraction * 1e6)
-    if micros >= 1000000:
-        whole, micros = whole + 1, micros - 1000000
-    return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(whole)) + "%03dZ" % (micros // 1000)
-
-
-class _LogFormatter(logging.Formatter):
-    """Server log lines share the access log's UTC timestamps and escaping."""
-
-    def format(self, record):
-        line = "%s %s %s: %s" % (_utc_iso(record.created), record.levelname, record.name,
-                                 _printable(record.getMessage()))
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
-
-
-def _configure_logging():
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LogFormatter())
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-
-
 def _is_loopback(host):
     return host in ("localhost", "::1") or host.startswith("127.")
 
@@ -1797,8 +1759,6 @@ def serve(argv):
     config, context = configure(build_parser(os.environ), argv, "m1server", serving=True)
     if config is None:
         return 2
-    _configure_logging()
-    log = logging.getLogger("m1server")
     os.makedirs(config.dir, exist_ok=True)
     dir_lock = _lock_upload_dir(config.dir)
     if dir_lock is None:
@@ -1927,7 +1887,7 @@ def mint_token(argv):
         parser.error(error.message)
     guard = auth.Guard(config.api_key, config.secret)
     token, expires = guard.signer.mint(rights, expires_in, file_id, prefix, max_bytes)
-    data = {"token": token, "expiresAt": _utc_iso(expires), "rights": rights,
+    data = {"token": token, "expiresAt": serverlog.utc_iso(expires), "rights": rights,
             "maxBytes": max_bytes}
     data["fileId" if file_id is not None else "fileIdPrefix"] = file_id or prefix
     print(json.dumps({"success": True, "data": data}))
@@ -1945,7 +1905,6 @@ def collect_garbage(argv):
     if config is None:
         return 2
     config.one_shot = True
-    _configure_logging()
     if not os.path.isdir(config.dir):
         sys.stderr.write("m1server gc: %s does not exist\n" % config.dir)
         return 2
@@ -1998,10 +1957,9 @@ def _start_sweeper(store, config, stopped):
             try:
                 store.sweep(config.incomplete_ttl, config.retention)
             except ApiError as error:          # e.g. the object store is down: say so, retry
-                logging.getLogger("m1server").warning("retention sweep failed: %s",
-                                                      error.message)
+                log.warning("retention sweep failed: %s", error.message)
             except Exception:
-                logging.getLogger("m1server").exception("retention sweep failed")
+                log.exception("retention sweep failed")
             if stopped.wait(config.sweep_interval):
                 return
 
@@ -2023,8 +1981,7 @@ def _lock_upload_dir(directory):
             f.seek(0)
             msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
         except ImportError:
-            logging.getLogger("m1server").warning("no file locking here: run one server "
-                                                  "per upload folder")
+            log.warning("no file locking here: run one server per upload folder")
         except OSError:
             f.close()
             return None

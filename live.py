@@ -46,7 +46,6 @@ works, as for any media URL); the pages are public, and the data they show is no
 """
 from __future__ import annotations
 
-import logging
 import re
 import selectors
 import socket
@@ -55,10 +54,11 @@ import time
 
 import events
 import options
+import serverlog
 import storage
 from apierror import ApiError
 
-log = logging.getLogger("m1server.live")
+log = serverlog.Logger("m1server.live")
 
 # ---------------------------------------------------------------------------------------------
 # Limits (the flags' defaults are in options.py; these are not flags)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import shutil
 import sqlite3
@@ -39,9 +38,10 @@ import stat
 import threading
 import time
 
+import serverlog
 from storage import Media, MediaRange, StoreError, read_blocks
 
-log = logging.getLogger("m1server.store")
+log = serverlog.Logger("m1server.store")
 
 # ---------------------------------------------------------------------------------------------
 # Constants

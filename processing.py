@@ -78,7 +78,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import logging
 import os
 import shlex
 import shutil
@@ -90,11 +89,12 @@ import time
 import uuid
 
 import localdisk
+import serverlog
 import storage
 from apierror import ApiError
 from options import DEFAULT_FFPROBE
 
-log = logging.getLogger("m1server.processing")
+log = serverlog.Logger("m1server.processing")
 
 # ---------------------------------------------------------------------------------------------
 # Settings (the flags' defaults and parsers are in options.py; these are not flags)
@@ -341,7 +341,7 @@ class Processor(storage.EventSource):
             summary["error"] = job["error"]
         for key, column in (("startedAt", "started_at"), ("finishedAt", "finished_at")):
             if job[column] and state != "queued":
-                summary[key] = _utc_iso(job[column])
+                summary[key] = serverlog.utc_iso(job[column])
         fields = {"processing": summary}
         if video:
             fields["video"] = video
@@ -1523,9 +1523,3 @@ def _clean_stderr(lines, folders):
 
 def _command_line(argv):
     return " ".join(shlex.quote(a) for a in argv)
-
-
-def _utc_iso(timestamp):
-    moment = time.gmtime(timestamp)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", moment) + ".%03dZ" % (
-        int(timestamp * 1000) % 1000)

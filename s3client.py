@@ -35,7 +35,6 @@ import datetime
 import hashlib
 import hmac
 import http.client
-import logging
 import os
 import random
 import re
@@ -44,6 +43,8 @@ import threading
 import time
 import xml.etree.ElementTree as ElementTree
 from urllib.parse import quote, unquote, urlsplit
+
+import serverlog
 
 # ---------------------------------------------------------------------------------------------
 # Constants
@@ -68,7 +69,7 @@ OPERATIONS = ("PutObject", "GetObject", "HeadObject", "DeleteObject", "ListObjec
               "CompleteMultipartUpload", "AbortMultipartUpload", "ListMultipartUploads",
               "CreateBucket", "other")
 
-log = logging.getLogger("m1server.s3client")
+log = serverlog.Logger("m1server.s3client")
 S3_XML_NS = re.compile(r"^\{[^}]*\}")
 
 # RFC 3986 unreserved characters: the only ones SigV4 leaves unencoded.

@@ -66,7 +66,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import logging
 import os
 import threading
 import time
@@ -74,6 +73,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import s3client
+import serverlog
 from localdisk import UploadFolder
 from s3client import FileRegion, S3ConnectionError, S3Error
 from storage import (DEFAULT_EXTENSION, DUPLICATE, MEDIA_TYPES, Capabilities, ChunkResult,
@@ -82,7 +82,7 @@ from storage import (DEFAULT_EXTENSION, DUPLICATE, MEDIA_TYPES, Capabilities, Ch
                      choose_extension, extension_for, is_complete, is_expired, sha256_file,
                      valid_file_id)
 
-log = logging.getLogger("m1server.s3store")
+log = serverlog.Logger("m1server.s3store")
 
 # ---------------------------------------------------------------------------------------------
 # Constants

@@ -54,16 +54,16 @@ digest (check_chunk_request); local folders are localdisk.py's, buckets s3store.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import queue
 import re
 import threading
 import time
 
+import serverlog
 from apierror import ApiError
 
-log = logging.getLogger("m1server.store")
+log = serverlog.Logger("m1server.store")
 
 # ---------------------------------------------------------------------------------------------
 # Constants: the vocabulary every backend shares

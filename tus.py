@@ -113,7 +113,6 @@ import email.utils
 import functools
 import hashlib
 import json
-import logging
 import os
 import queue
 import re
@@ -128,11 +127,12 @@ from urllib.parse import unquote, urlsplit
 
 import httphead
 import options
+import serverlog
 import storage
 from apierror import ApiError
 from storage import StoreError
 
-log = logging.getLogger("m1server.tus")
+log = serverlog.Logger("m1server.tus")
 
 # ---------------------------------------------------------------------------------------------
 # Constants (the limits that are flags: httpapi.py's OPTIONS table, defaults in options.py)

@@ -49,7 +49,6 @@ import hashlib
 import heapq
 import hmac
 import json
-import logging
 import os
 import random
 import socket
@@ -60,11 +59,12 @@ import uuid
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import httphead
+import serverlog
 import storage
 from apierror import ApiError
 from options import unique
 
-log = logging.getLogger("m1server.webhooks")
+log = serverlog.Logger("m1server.webhooks")
 
 # ---------------------------------------------------------------------------------------------
 # Constants (the tunable ones are flags: httpapi.py's OPTIONS table, defaults in options.py)

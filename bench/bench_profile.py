@@ -90,7 +90,7 @@ GROUPS = (
     ("store (chunkstore, storage, localdisk)", ("chunkstore.py", "storage.py", "localdisk.py")),
     ("handler (httpapi, auth, cors, connections)", ("httpapi.py", "auth.py", "cors.py",
                                                      "connections.py")),
-    ("logging and metrics", ("logging/", "metrics.py")),
+    ("logging and metrics", ("serverlog.py", "metrics.py")),
     ("JSON", ("json/", "_json")),
     ("threads and locks", ("threading.py", "acquire", "release", "queue.py")),
     ("socketserver", ("socketserver.py", "socket.py")),

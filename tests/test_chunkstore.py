@@ -537,9 +537,7 @@ def assert_unchanged(store, file_id, before):
 
 
 def test_a_full_disk_refuses_each_kind_of_chunk_with_507_and_keeps_nothing_of_it(
-        small_disk, caplog):
-    import logging
-    caplog.set_level(logging.WARNING, logger="m1server.store")
+        small_disk, capsys):
     store = ChunkStore(os.path.join(small_disk, "up"))
     try:
         small = EBML + os.urandom(32 << 10)            # journaled: its bytes go to the ledger
@@ -557,8 +555,10 @@ def test_a_full_disk_refuses_each_kind_of_chunk_with_507_and_keeps_nothing_of_it
         assert assembled(store, "full") == small + large + large + early
     finally:
         store.close()
-    messages = [r.getMessage() for r in caplog.records]
-    assert "full: chunk 3 waits in temp/ for room on the disk" in messages   # the drain paused
+    lines = capsys.readouterr().err.splitlines()       # serverlog: "<time> LEVEL name: text"
+    messages = [line.split(" ", 1)[1] for line in lines]
+    assert "WARNING m1server.store: full: chunk 3 waits in temp/ for room on the disk" in \
+        messages                                                          # the drain paused
     logged = " ".join(m for m in messages if "disk full" in m)
     for step in ("appending chunk 0", "appending chunk 1", "keeping chunk 3 for later"):
         assert step in logged, step

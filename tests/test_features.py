@@ -25,6 +25,8 @@ import httpapi  # noqa: E402
 FEATURES = ("tus", "processing", "events", "websocket", "webhooks", "auth", "live",
             "s3client", "s3store")
 IMPORT_TIME = {"PYTHONPROFILEIMPORTTIME": "1"}
+# Standard modules the core logs without (serverlog.py): traceback only once one is logged.
+NOT_AT_START = ("logging", "traceback")
 
 
 def imported(text):
@@ -61,6 +63,7 @@ def test_a_plain_start_imports_no_feature_module(plain):
         assert session.get(plain.url + "/healthz", timeout=10).ok
         assert session.get(plain.url + "/uploads/plain.webm", timeout=10).ok
     assert features_in(plain.log()) == []
+    assert set(NOT_AT_START) & imported(plain.log()) == set()
 
 
 def test_help_lists_every_flag_without_importing_a_feature():
