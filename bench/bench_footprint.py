@@ -5,8 +5,9 @@ issue's yardstick: the standard library's own server, started the same way):
   script       `python3 m1server.py` with its bytecode cached, as on a user's machine after
                the first start: PYTHONDONTWRITEBYTECODE (which this machine sets) removed, the
                cache (a PYTHONPYCACHEPREFIX of the workspace) warmed by one start first;
-  script cold  the same with PYTHONDONTWRITEBYTECODE=1: every module compiled at every start
-               (a read-only install), shown for comparison;
+  script cold  the same with PYTHONDONTWRITEBYTECODE=1, from a copy of the sources with no
+               __pycache__ beside them: every module of the server compiled at every
+               start (a read-only install), shown for comparison;
   pyz          dist/m1server.pyz, built into the workspace by tools/build_pyz.py with the
                server's interpreter (it carries its bytecode).
 CPython never caches the bytecode of the script it runs as __main__, so m1server.py itself is
@@ -27,6 +28,7 @@ RSS at most 4 MiB above `import http.server` (the script).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -60,7 +62,7 @@ def run(ctx):
         script = os.path.join(c.ROOT, "m1server.py")
         ways = {HTTP_SERVER: ("http.server", {}), "bare sink": ("bare", {}),
                 SCRIPT: ("m1server", {"env": warm, "program": script}),
-                COLD: ("m1server", {"env": cold, "program": script}),
+                COLD: ("m1server", {"env": cold, "program": copy_sources(ws.sub("cold"))}),
                 PYZ: ("m1server", {"env": cold, "program": pyz})}
         time_server(ctx, "m1server", ws.sub("prime"), env=warm, program=script)  # the cache
         for i in range(RUNS):
@@ -120,6 +122,17 @@ def bytecode_envs(cache_dir):
     warm = dict(os.environ, PYTHONPYCACHEPREFIX=cache_dir)
     warm.pop("PYTHONDONTWRITEBYTECODE", None)
     return cold, warm
+
+
+def copy_sources(directory):
+    """The server's modules and static/ copied into `directory`, for the cold start: a
+    checkout may hold a __pycache__ (py_compile and pytest write one whatever
+    PYTHONDONTWRITEBYTECODE says), which would make that start warm."""
+    for name in os.listdir(c.ROOT):
+        if name.endswith(".py"):
+            shutil.copy2(os.path.join(c.ROOT, name), directory)
+    shutil.copytree(os.path.join(c.ROOT, "static"), os.path.join(directory, "static"))
+    return os.path.join(directory, "m1server.py")
 
 
 def build_pyz(python, output):
