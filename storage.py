@@ -748,13 +748,16 @@ class Workers:
 
 class CrashPoint:
     """Test-only: `M1_TEST_CRASH_AT=step[:n]` exits the process at the n-th pass of a step,
-    so tests can crash a store deterministically between any two of its steps."""
+    so tests can crash a store deterministically between any two of its steps.
+    `step:n:raise` raises RuntimeError there instead, once: an unexpected error, which the
+    request it happens in answers with a 500 (and the server logs with its traceback)."""
 
     def __init__(self, spec):
-        self.step, self.count = None, 0
+        self.step, self.count, self.raises = None, 0, False
         if spec:
-            step, _, nth = spec.partition(":")
-            self.step, self.count = step, int(nth or 1)
+            parts = spec.split(":")
+            self.raises = len(parts) > 2 and parts[2] == "raise"
+            self.step, self.count = parts[0], int(parts[1] or 1) if len(parts) > 1 else 1
         self._guard = threading.Lock()
 
     def passed(self, step):
@@ -762,5 +765,8 @@ class CrashPoint:
             return
         with self._guard:
             self.count -= 1
-            if self.count == 0:
-                os._exit(70)
+            if self.count != 0:
+                return
+        if self.raises:
+            raise RuntimeError("M1_TEST_CRASH_AT: an unexpected error at %s" % step)
+        os._exit(70)

@@ -1,20 +1,25 @@
 """serverlog: the server's own log lines (one write each, escaped, with a traceback for
-`exception`), and that a server's start imports neither `logging` nor `traceback`.
+`exception`), and the one way an unexpected error leaves a real server: a 500 JSON error to
+the client, one ERROR line with its traceback in the log, nothing half-written on disk.
 
-The logger is a few lines of plain Python with no server behind it, so it is called here in
-process, with stderr replaced by a recorder of its writes; the servers in the other suites
-log through it (test_operations reads their repair and sweep lines, test_edge checks every
-log for tracebacks).
+The logger is a few lines of plain Python with no server behind it, so it is first called
+in process, with stderr replaced by a recorder of its writes; the servers of the other
+suites log through it too (test_operations reads their repair and sweep lines, test_edge
+checks every log for tracebacks, test_features that a start imports neither `logging` nor
+`traceback`). The unexpected error is made on purpose, inside the store, by
+`M1_TEST_CRASH_AT=<step>:<n>:raise`: nothing a client sends can cause one.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 
 import pytest
+import requests
 
-from conftest import ROOT
+from conftest import ROOT, get_status, send_chunk, wait_until
 
 sys.path.insert(0, ROOT)
 import serverlog  # noqa: E402  (the module under test)
@@ -108,3 +113,35 @@ def test_exception_outside_a_handler_writes_the_line_alone():
 ])
 def test_utc_iso_writes_milliseconds_as_datetime_would(timestamp, text):
     assert serverlog.utc_iso(timestamp) == text
+
+
+@pytest.mark.parametrize("step", ["streaming", "streamed"])
+def test_an_unexpected_error_is_a_500_one_logged_traceback_and_no_bytes_kept(
+        server_factory, step):
+    """`streaming`: while chunk 1's bytes are written into the video in place; `streamed`:
+    after they were synced, before the ledger records them. Either way the bytes are cut
+    off again, and the client's retry is stored as if the first try never happened."""
+    srv = server_factory(start=False)
+    srv.start(extra_env={"M1_TEST_CRASH_AT": step + ":1:raise"})
+    first, second = b"\x1a\x45\xdf\xa3" + bytes(300), bytes(range(256)) * 4
+    with requests.Session() as session:          # chunk 0 through a part file: no such step
+        assert send_chunk(session, srv.url, "boom", 0, first, file_first=True).ok
+        failed = send_chunk(session, srv.url, "boom", 1, second)    # in place: the step
+        assert failed.status_code == 500
+        assert failed.json() == {"success": False, "error": {
+            "code": "internal_error", "message": "unexpected server error (logged)"}}
+        status = get_status(session, srv.url, "boom").json()["data"]
+        assert (status["fileSize"], status["nextChunkIndex"]) == (len(first), 1)
+        retried = send_chunk(session, srv.url, "boom", 1, second)
+        assert retried.ok and retried.json()["data"]["bytesReceived"] == len(first + second)
+    with open(os.path.join(srv.upload_dir, "boom.webm"), "rb") as f:
+        assert f.read() == first + second
+    wait_until(lambda: "RuntimeError: M1_TEST_CRASH_AT" in srv.log(), timeout=10,
+               message="the traceback in the log")
+    lines = srv.log().splitlines()
+    errors = [n for n, line in enumerate(lines) if " ERROR " in line]
+    assert len(errors) == 1, lines
+    assert lines[errors[0]].endswith(" ERROR m1server: unexpected error on POST "
+                                     "/api/video/upload"), lines[errors[0]]
+    assert lines[errors[0] + 1] == "Traceback (most recent call last):"
+    assert sum("Traceback" in line for line in lines) == 1
