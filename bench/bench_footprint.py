@@ -126,8 +126,8 @@ def bytecode_envs(cache_dir):
 
 def copy_sources(directory):
     """The server's modules and static/ copied into `directory`, for the cold start: a
-    checkout may hold a __pycache__ (py_compile and pytest write one whatever
-    PYTHONDONTWRITEBYTECODE says), which would make that start warm."""
+    checkout may hold a __pycache__ (py_compile writes one whatever PYTHONDONTWRITEBYTECODE
+    says, and so does any Python run without that variable), which would make it warm."""
     for name in os.listdir(c.ROOT):
         if name.endswith(".py"):
             shutil.copy2(os.path.join(c.ROOT, name), directory)
