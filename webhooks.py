@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime
 import hashlib
 import heapq
 import hmac
@@ -190,7 +189,7 @@ class Webhooks:
         event_id = new_event_id(event_type, file_id, key)
         payload = {"fileId": file_id} if file_id is not None else {}
         payload.update(data)
-        body = json.dumps({"id": event_id, "type": event_type, "createdAt": utc_iso(now),
+        body = json.dumps({"id": event_id, "type": event_type, "createdAt": serverlog.utc_iso(now),
                            "data": payload}, separators=(",", ":")).encode("utf-8")
         try:
             queued = self._queue.add_event(event_id, event_type, file_id, now, body, self.urls,
@@ -229,7 +228,7 @@ class Webhooks:
             "size": upload.bytes_appended, "sha256": upload.sha256,
             "mimeType": upload.mime_type or storage.MEDIA_TYPES.get(upload.ext),
             "url": "/uploads/%s.%s" % (upload.file_id, upload.ext),
-            "completedAt": utc_iso(upload.completed_at)}, key=repr(upload.completed_at))
+            "completedAt": serverlog.utc_iso(upload.completed_at)}, key=repr(upload.completed_at))
 
     def _catch_up(self):
         since = max(self._queue.created_at, time.time() - self._retry_for)
@@ -523,12 +522,6 @@ def redact(url):
     return parts._replace(netloc="%s:***@%s" % (user.partition(":")[0], host)).geturl()
 
 
-def utc_iso(timestamp):
-    """2024-01-01T00:00:00.000Z, as every timestamp of the API."""
-    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
-
-
 # ---------------------------------------------------------------------------------------------
 # Routes: GET /api/video/webhooks/deliveries, POST /api/video/webhooks/deliveries/:id/retry
 # (admin routes: they will require the API key once auth lands)
@@ -580,7 +573,7 @@ def retry_delivery(handler, delivery_id):
 
 def delivery_json(row):
     def when(value):
-        return None if value is None else utc_iso(value)
+        return None if value is None else serverlog.utc_iso(value)
     return {"id": row["id"], "eventId": row["event_id"], "type": row["type"],
             "fileId": row["file_id"], "url": redact(row["url"]), "state": row["state"],
             "attempts": row["attempts"], "lastStatus": row["last_status"],
