@@ -86,11 +86,12 @@ one write transaction and no read.
 
 With --journal-chunk-size set (off by default), a small in-order chunk (at most that many
 bytes) costs one fsync instead of two: in step 2 its bytes are written but the file is not
-fsynced, and step 3's transaction also keeps a copy of them in the `journal` table, so the ledger's commit is what makes the chunk
-durable. Readers see the file as written (the page cache) at once. The journal is emptied,
-once the file is fsynced: by the transaction of a chunk whose append fsyncs the file anyway
-(a large chunk, or the one that completes the upload, which is never journaled), or in two
-steps when an upload's journal passes JOURNAL_FLUSH_BYTES and when the store closes:
+fsynced, and step 3's transaction also keeps a copy of them in the `journal` table, so the
+ledger's commit is what makes the chunk durable. Readers see the file as written (the page
+cache) at once. The journal is emptied, once the file is fsynced: by the transaction of a
+chunk whose append fsyncs the file anyway (a large chunk, or the one that completes the
+upload, which is never journaled), or in two steps when an upload's journal passes
+JOURNAL_FLUSH_BYTES and when the store closes:
 journal_synced (file fsynced; a crash here leaves rows that repair writes again, the same
 bytes at the same offsets), then journal_cleared.
 repair() writes every journal row back at its offset before anything else, so a power cut

@@ -66,8 +66,8 @@ class Logger:
     def _write(self, level, message, args, with_traceback=False):
         text = str(message) % args if args else str(message)
         lines = ["%s %s %s: %s" % (utc_iso(time.time()), level, self.name, printable(text))]
-        error = sys.exc_info()[1]
-        if with_traceback and error is not None:
+        error = sys.exc_info()[1] if with_traceback else None
+        if error is not None:
             import traceback                  # only once something went wrong
             for chunk in traceback.format_exception(type(error), error, error.__traceback__):
                 if chunk.startswith("  File "):   # a frame: its lines quote the source
