@@ -18,8 +18,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import chunkstore  # noqa: E402
-from chunkstore import INLINE_DIGEST_BYTES, MAX_JOURNAL_CHUNK_BYTES, SLOW_DISK_JOURNAL_CHUNK_BYTES, \
-    ChunkStore  # noqa: E402
+from chunkstore import (INLINE_DIGEST_BYTES, MAX_JOURNAL_CHUNK_BYTES,  # noqa: E402
+                        SLOW_DISK_JOURNAL_CHUNK_BYTES, ChunkStore)
 from storage import Budget, StoreError  # noqa: E402
 from conftest import wait_until  # noqa: E402
 

@@ -12,6 +12,7 @@ checks every log for tracebacks, test_features that a start imports neither `log
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import re
 import sys
@@ -112,6 +113,9 @@ def test_exception_outside_a_handler_writes_the_line_alone():
     (1704067200.0009994, "2024-01-01T00:00:00.000Z"),       # truncated to the millisecond
 ])
 def test_utc_iso_writes_milliseconds_as_datetime_would(timestamp, text):
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    assert moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000) \
+        == text                                         # what datetime makes of it
     assert serverlog.utc_iso(timestamp) == text
 
 
