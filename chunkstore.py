@@ -6,7 +6,8 @@ the rules (storage.classify_chunk and its neighbours) it decides by. Here, on lo
   * The assembled file `<root>/<fileId>.<ext>` grows as contiguous chunks arrive, so it is
     there while the user records; a chunk that arrives early waits in
     `<root>/temp/<fileId>/<index>.chunk`.
-  * A chunk is durable (fsync, or the ledger's commit) before `put_chunk` returns.
+  * A chunk is durable (fsync, the ledger's commit, or its file's records: "Chunk records"
+    below) before `put_chunk` returns.
   * A crash between any two steps below loses no acknowledged chunk and leaves no torn or
     duplicated bytes: `repair()` (run at start-up) brings every upload back to its last
     consistent state.
@@ -19,7 +20,8 @@ caller hands it a finished part file (written into `incoming_dir`) and a validat
 or, for the next chunk of an upload, writes the bytes straight into the upload's tail as they
 arrive (`reserve_append`, below).
 
-The ledger is SQLite (`<root>/m1.sqlite3`, WAL, synchronous=FULL). Its writes go through
+The ledger is SQLite (`<root>/m1.sqlite3`, WAL, synchronous=FULL but for the commits of
+chunks their file records: "Chunk records" below). Its writes go through
 one connection, and writers that arrive together share one commit (_GroupCommit); a writer
 returns only once its statements are committed, so every step below reads as if it had its
 own transaction. It is both the metadata store and the crash journal; its invariant is:
@@ -72,6 +74,33 @@ chunk takes the part file, for everything else: an early chunk, a duplicate, a f
 mimeType to record for an upload the ledger has, or anything the rules refuse (put_chunk
 then refuses it, in the rules' order).
 
+Chunk records (on by default where the folder's files keep extended attributes; off with
+--no-xattr). An in-order chunk in place waits for two syncs above: its file's at streamed,
+then the WAL's at stream_recorded, and each is a flush of the disk's cache (150-250 us here).
+So a small one (at most RECORD_CHUNK_BYTES, not an upload's first nor its last) is instead
+recorded twice: in the file's own extended attribute RECORDS_XATTR, which lists (index,
+offset, size, crc32) of each such chunk of the upload since its last synced commit, and in
+the usual transaction, committed without a sync (synchronous=NORMAL). Its steps:
+  3. streamed: as above, but the file not fsynced yet
+  4. records_synced: under the lock, after the rules were asked again, the records with
+     this chunk's are set on the file, and one fsync makes its bytes and the attribute
+     durable together (POSIX: fsync covers a file's data and metadata)
+  5. stream_recorded: the transaction, committed unsynced; then the client is told 200
+A power cut may take unsynced commits (SQLite keeps a prefix of them, never a torn one),
+so the ledger may then end before chunks the file's records name: repair records those
+again, in order, each only where it continues the ledger's consistent length and its bytes
+match its crc32 (a crash before records_synced's fsync returned may leave a record whose
+bytes never reached the disk: it fails that check, and the tail is cut as before). A chunk
+replayed from step 4 was never acknowledged; it counts now, as its bytes were durable and
+the rules had accepted it. The invariant then reads: the ledger's chunks, followed by the
+chunks the records name that continue them. A file keeps at most RECORDS_MAX records: the
+chunk after them (or any chunk whose records are not in memory, after a restart or
+--upload-state-cache let them go) commits synced, which makes every earlier commit durable
+too, and the next record list starts empty. A failure after the attribute was set (a full
+disk at the commit) cuts the bytes off, writes the records back without the chunk, and
+fsyncs again. Everything else (a new upload's row, a type, a stash, the last chunk, a
+deletion, the journal) commits synced as before.
+
 A write that fails before its step's commit (a full disk: ENOSPC, or SQLite's "database or
 disk is full") is undone at once as repair would undo it after a crash: the tail after
 bytes_appended is cut (steps 2-3, and 1-3 in place), the renamed chunk file removed (stashed -
@@ -115,14 +144,17 @@ argument above is unchanged.
 """
 from __future__ import annotations
 
+import binascii
 import collections
 import contextlib
 import copy
+import errno
 import os
 import queue
 import re
 import sqlite3
 import stat
+import struct
 import threading
 import time
 
@@ -165,6 +197,17 @@ DEFAULT_WRITER_WAIT_S = 30.0             # a chunk sent again waits this long fo
 # disk here: hashed in line, it held 8 MiB chunks to 0.73x a server that hashes nothing).
 INLINE_DIGEST_BYTES = 1 << 20            # (>= MAX_JOURNAL_CHUNK_BYTES: a journaled one in line)
 WRITER_RETRY_AFTER_S = 1                 # Retry-After of chunk_in_progress (503)
+# A small in-order chunk written in place may be recorded twice (see the docstring, "Chunk
+# records"): in a ledger transaction that is not synced, and in its video file's extended
+# attribute, which the file's own fsync makes durable with the bytes. One sync per chunk.
+RECORDS_XATTR = "user.m1server.chunks"
+RECORDS_MAGIC = b"m1r1"
+RECORD = struct.Struct("<QQQI")          # chunk index, offset, size, crc32 of its bytes
+RECORDS_MAX = 32                         # records a file keeps; the next chunk's commit syncs
+RECORDS_BYTES_MAX = len(RECORDS_MAGIC) + RECORDS_MAX * RECORD.size     # the attribute's size
+RECORD_CHUNK_BYTES = 256 << 10           # chunks up to this size may be recorded (crc32 inline)
+NO_XATTR_ERRNOS = {getattr(errno, name) for name in ("ENOTSUP", "EOPNOTSUPP", "ENOSYS")
+                   if hasattr(errno, name)}  # a filesystem that keeps none: records off
 # temp/.deleting/<fileId>-<repr(created_at)>-<random hex>: what `delete` names its intent
 DELETION_NAME = re.compile(r"(?P<id>[A-Za-z0-9_-]{1,128})-(?P<created>[0-9][0-9.e+]*)-"
                            r"[0-9a-f]{8,64}\Z")
@@ -183,7 +226,8 @@ class ChunkStore(Store):
 
     def __init__(self, root, allow_any_content=False, max_upload_bytes=None, crash_at=None,
                  journal_chunk_bytes=DEFAULT_JOURNAL_CHUNK_BYTES, min_free_bytes=None,
-                 state_cache=DEFAULT_STATE_CACHE, writer_wait_s=DEFAULT_WRITER_WAIT_S):
+                 state_cache=DEFAULT_STATE_CACHE, writer_wait_s=DEFAULT_WRITER_WAIT_S,
+                 chunk_records=True):
         Store.__init__(self, UploadFolder(root, min_free_bytes, COPIES_WHILE_STORING),
                        allow_any_content, max_upload_bytes, crash_at)
         self.journal_chunk_bytes = journal_chunk_bytes
@@ -191,6 +235,10 @@ class ChunkStore(Store):
         self.deleting_dir = os.path.join(self.temp_dir, DELETING_DIR_NAME)
         self.derived_dir = os.path.join(self.root, DERIVED_DIR_NAME)
         self.folder.prepare((self.temp_dir, self.deleting_dir))
+        # Chunk records (the docstring): where the folder's files keep an extended attribute
+        # (Linux and most of its filesystems; not FAT, nor tmpfs before Linux 6.6). The first
+        # file that refuses one turns them off (_TailWriter.sync_with_records).
+        self.chunk_records = chunk_records and hasattr(os, "setxattr")
         self._ledger = _Ledger(os.path.join(self.root, LEDGER_NAME))
         # The ledger is the truth; this mirrors it for the uploads in use, so that a chunk
         # costs no ledger read. Written only under the upload's lock, after the commit it
@@ -422,14 +470,16 @@ class ChunkStore(Store):
         return self._sync_full_journal(upload)
 
     def _record_append(self, upload, index, size, last_index, journal, record_type=False,
-                       digest=None):
+                       digest=None, records=None):
         """One ledger transaction: chunk `index` (`size` bytes at the consistent length) is
         appended, with its bytes when they are `journal`ed; returns the upload after it, which
         memory now mirrors. The chunk that completes the upload records that too, when its
         file was fsynced (no journal is left then): no second transaction for it, and, when
         `digest` (the running sha256 of the file with this chunk, None: not known) is given,
         its sha256 with it: no hasher. record_type: the upload's mime type and extension are
-        written first (a new upload, created_at None: its row)."""
+        written first (a new upload, created_at None: its row). records: the chunk records
+        its file keeps now (the attribute's value), this chunk's among them: the transaction
+        is not synced (None: it is, and the file needs none)."""
         now = time.time()
         create = upload.created_at is None
         journaled = 0 if create else self._journaled(upload.file_id)
@@ -445,11 +495,13 @@ class ChunkStore(Store):
                                    last_index, journal, index in upload.stashed, journaled,
                                    completed=completes, sha256=after.sha256,
                                    new_type=(upload.mime_type, upload.ext)
-                                   if record_type or create else None, create=create)
+                                   if record_type or create else None, create=create,
+                                   synced=records is None)
         upload = after
         self._cache.put(upload.file_id, upload,
                         0 if journal is None else journaled + len(journal),
-                        digest=None if completes else digest)
+                        digest=None if completes else digest,
+                        records=RECORDS_MAGIC if records is None else records)
         return upload
 
     def _running_digest(self, upload):
@@ -491,15 +543,34 @@ class ChunkStore(Store):
             # A new upload's row (or, when an early chunk created it meanwhile with no type,
             # the type this chunk names) goes into the chunk's own transaction.
             typed = _typed(upload, upload.mime_type or writer.mime_type, ext)
+            record_type = (typed.mime_type, typed.ext) != (upload.mime_type, upload.ext)
+            records = None
+            if writer.sync_later:
+                records = writer.sync_with_records(
+                    self._records_with(writer, upload, size, record_type))
+                if records is not None:
+                    self._crash.passed("records_synced")
             upload = self._record_append(typed, writer.index, size,
                                          writer.index if writer.is_last else None, journal,
-                                         record_type=(typed.mime_type, typed.ext) !=
-                                         (upload.mime_type, upload.ext),
-                                         digest=writer.running_digest)
+                                         record_type=record_type,
+                                         digest=writer.running_digest, records=records)
             writer.recorded()                 # from here on, nothing may cut these bytes off
             self._crash.passed("stream_recorded")
             return self._after_chunk(self._sync_full_journal(upload), writer.index, IN_ORDER,
                                      size)
+
+    def _records_with(self, writer, upload, size, record_type):
+        """The upload's chunk records (the attribute's value) with this chunk's added, when
+        its commit may go unsynced (the docstring, "Chunk records"); None when it must be
+        synced: the records are not known (the upload was read from the ledger since its
+        last synced commit), RECORDS_MAX are kept already, or the commit writes more than a
+        replay would (a type, journaled bytes to forget, an early chunk's row)."""
+        records = self._cache.records(writer.file_id)
+        if records is None or len(records) >= RECORDS_BYTES_MAX or record_type or \
+                writer.crc is None or writer.index in upload.stashed or \
+                self._journaled(writer.file_id):
+            return None
+        return records + RECORD.pack(writer.index, writer.offset, size, writer.crc)
 
     def _free_tail(self, writer):
         """The upload's tail is free again (the writer's abort). A new upload's writer made
@@ -821,7 +892,8 @@ class ChunkStore(Store):
         if os.path.islink(path):
             self.folder.quarantine(path, "a link where the upload's video belongs")
         self._replay_journal(upload, path)
-        mended = self._repair_length(upload, path)
+        replayed = self._replay_records(self._ledger.load(file_id), path)
+        mended = self._repair_length(self._ledger.load(file_id), path) or replayed
         upload = self._ledger.load(file_id)
         mended = self._repair_stash(upload) or mended
         before = upload.next_index
@@ -885,6 +957,36 @@ class ChunkStore(Store):
                 mended = True
         return mended
 
+    def _replay_records(self, upload, path):
+        """Chunks the video file's records name after the ledger's consistent length (a
+        power cut took the commits that were not synced) are recorded again, in order, each
+        only once its bytes are there and match its crc32; the first that does not fit ends
+        the replay (the tail after it is then cut as any other)."""
+        if upload.completed or not os.path.isfile(path) or os.path.islink(path):
+            return False
+        replayed = 0
+        fd = open_file(path, os.O_RDONLY, "the upload's video file")
+        try:
+            for index, offset, size, crc in _read_records(fd, upload.file_id):
+                if index < upload.next_index:
+                    continue                     # the ledger has it (a synced commit since)
+                if index != upload.next_index or offset != upload.bytes_appended or \
+                        index in upload.stashed or upload.last_index is not None and \
+                        index >= upload.last_index:
+                    break
+                data = os.pread(fd, size, offset)
+                if len(data) != size or binascii.crc32(data) != crc:
+                    break
+                self._ledger.record_append(upload.file_id, index, size, offset, time.time())
+                upload = self._ledger.load(upload.file_id)
+                replayed += 1
+        finally:
+            os.close(fd)
+        if replayed:
+            log.warning("repair: %s: %d chunk(s) the ledger had lost recorded again from the "
+                        "video file's records", upload.file_id, replayed)
+        return replayed > 0
+
     def _replay_journal(self, upload, path):
         """Write the journaled chunks back at their offsets (the file's unsynced writes may
         be lost), fsync, forget the journal. A row that would leave a hole before it (the
@@ -940,7 +1042,8 @@ class ChunkStore(Store):
         media signature rule, no listing, no events of the main store)."""
         return ChunkStore(os.path.join(self.root, name), allow_any_content=allow_any_content,
                           max_upload_bytes=self.max_upload_bytes,
-                          min_free_bytes=self.folder.min_free_bytes)
+                          min_free_bytes=self.folder.min_free_bytes,
+                          chunk_records=self.chunk_records)
 
     # -- live reading (issue 18, live.py): the growing file, read while it grows ----------
     # (read-only; s3store.S3Store.read_appended is the other backend's)
@@ -1030,7 +1133,12 @@ class _GroupCommit:
     Each writer that joins an open transaction runs inside a SAVEPOINT, so its failure undoes
     only its own statements (it raises; the others still commit). A failed COMMIT (a full
     disk) is rolled back and raised in every writer of that transaction: none of them was
-    committed. A writer never returns before the commit that holds its statements."""
+    committed. A writer never returns before the commit that holds its statements.
+
+    A writer that needs no sync (a chunk its file records: the docstring, "Chunk records")
+    joins a transaction that is open, as any writer; else it opens its own with
+    synchronous=NORMAL and commits at once, for there is no sync to share: nobody joins it.
+    A later synced commit makes it durable too (the WAL is written in order)."""
 
     def __init__(self, db):
         self._db = db
@@ -1040,9 +1148,10 @@ class _GroupCommit:
         self._arrived = 0        # writers that have asked for _lock, ever
         self._entered = 0        # writers that have had it (under _lock)
         self._open = None        # the _Batch of the open transaction, if one is open
+        self._synchronous = "FULL"   # the connection's, as _Ledger._open set it
 
     @contextlib.contextmanager
-    def transaction(self):
+    def transaction(self, synced=True):
         with self._arrivals:
             self._arrived += 1
         with self._lock:
@@ -1058,6 +1167,10 @@ class _GroupCommit:
                     self._leave(batch)           # nothing of its own to undo
                     raise
             else:
+                synchronous = "FULL" if synced else "NORMAL"
+                if synchronous != self._synchronous:    # (never inside a transaction)
+                    self._db.execute("PRAGMA synchronous=" + synchronous)
+                    self._synchronous = synchronous
                 self._db.execute("BEGIN IMMEDIATE")
                 batch = self._open = _Batch()
             try:
@@ -1072,7 +1185,7 @@ class _GroupCommit:
                     self._rollback(batch, error)
                     raise
             batch.writers += 1
-            if not joined:
+            if not joined and synced:
                 # The transaction waits for the writers that are waiting now, not for those
                 # that come later: they would keep it open as long as they kept coming.
                 with self._arrivals:
@@ -1180,10 +1293,11 @@ class _Ledger:
         finally:
             self._pool.put(db)
 
-    def _write(self):
-        """A context manager: the caller's statements, committed (fsynced) before it exits;
-        writers that arrive together share one commit (_GroupCommit)."""
-        return self._group.transaction()
+    def _write(self, synced=True):
+        """A context manager: the caller's statements, committed (fsynced, unless `synced`
+        is False) before it exits; writers that arrive together share one commit
+        (_GroupCommit)."""
+        return self._group.transaction(synced)
 
     def load(self, file_id):
         """The upload's UploadState (with its stashed chunks and their bytes), or None."""
@@ -1264,15 +1378,16 @@ class _Ledger:
 
     def record_append(self, file_id, index, size, offset, now, last_index=None, journal=None,
                       stashed=False, journaled=1, completed=False, new_type=None, create=False,
-                      sha256=None):
+                      sha256=None, synced=True):
         """One transaction: the chunk's offset and the upload's new consistent length (and,
         for the last chunk, that it is the last; `completed`: that the upload completed, at
         `now`, with its `sha256` when known). new_type: (mime_type, ext) to record first, in
         the upload's new row when `create`. With `journal` (the chunk's bytes, whose
         file was not fsynced) they are kept in the journal; without, the file was fsynced, so
         the upload's journal is emptied (when it holds anything: `journaled` bytes).
-        `stashed`: the chunk has its row already (it waited in temp/)."""
-        with self._write() as db:
+        `stashed`: the chunk has its row already (it waited in temp/). synced False: the
+        commit is not waited on to reach the disk (the chunk's file records it)."""
+        with self._write(synced) as db:
             if create:
                 db.execute("INSERT INTO uploads (file_id, mime_type, ext, created_at, "
                            "updated_at) VALUES (?, ?, ?, ?, ?)",
@@ -1411,6 +1526,12 @@ class _TailWriter(TailWriter):
         self._hashed = 0                          # bytes of the chunk the digests have seen
         # A small chunk's bytes, kept for the journal until it outgrows it (then: fsync).
         self._journal = bytearray() if store._may_journal(is_last) else None
+        # A chunk that may be recorded in its file (chunk records): the crc32 of its bytes,
+        # until it outgrows RECORD_CHUNK_BYTES (None then, and for a chunk never recorded:
+        # a new upload's, whose row must be synced, and the last one, which completes).
+        self.crc = 0 if store.chunk_records and not self.new and not is_last else None
+        self.records = None                       # the file's attribute, once this set it
+        self.sync_later = False                   # commit(): synced under the lock instead
 
     def write(self, view):
         with writing("receiving chunk %d" % self.index, undo=self.abort):
@@ -1424,6 +1545,9 @@ class _TailWriter(TailWriter):
                     check_chunk_bytes(0, self._head, None, None, False)
             localdisk.write_all(self._fd, view)
             self._store._crash.passed("streaming")
+            if self.crc is not None:
+                self.crc = (binascii.crc32(view, self.crc)
+                            if self.written + count <= RECORD_CHUNK_BYTES else None)
             if self._hashed == self.written and self._hashed < INLINE_DIGEST_BYTES:
                 inline = view[:INLINE_DIGEST_BYTES - self._hashed]
                 for digest in self._digests:
@@ -1445,7 +1569,10 @@ class _TailWriter(TailWriter):
                 raise ValueError("commit(%d) of a chunk written with %d bytes%s" % (
                     size, self.written, ", already finished" if self._finished else ""))
             journal = bytes(self._journal) if self._journal is not None else None
-            if journal is None:                   # not kept by the ledger: sync the file
+            # A chunk that may be recorded in its file is synced later, under the lock, with
+            # its record (sync_with_records); it was hashed whole as it arrived.
+            self.sync_later = journal is None and self.crc is not None and not self._created
+            if journal is None and not self.sync_later:    # not kept by the ledger: sync
                 if self._hashed < self.written and self._digests:
                     self._sync_while_hashing_the_rest()
                 else:
@@ -1481,6 +1608,24 @@ class _TailWriter(TailWriter):
         finally:
             sync.wait()                           # and raises what fsync raised
 
+    def sync_with_records(self, records):
+        """Under the lock, for a chunk that commit() left unsynced: `records` (the value of
+        the file's chunk records, this chunk's last; None: not recorded) set on the file,
+        then one fsync for the bytes and the attribute together. Returns the records set, or
+        None: the commit must be synced (also when the file refused them)."""
+        if records is not None:
+            try:
+                os.setxattr(self._fd, RECORDS_XATTR, records)
+                self.records = records
+            except OSError as error:
+                records = None
+                if error.errno in NO_XATTR_ERRNOS and self._store.chunk_records:
+                    self._store.chunk_records = False
+                    log.info("%s: its files keep no extended attributes (%s): the ledger is "
+                             "synced for every chunk", self._store.root, error.strerror)
+        os.fsync(self._fd)
+        return records
+
     def _reading(self):
         """The tail's file for reading, through the writer's descriptor (left open)."""
         return open(self._fd, "rb", buffering=0, closefd=False)
@@ -1515,6 +1660,11 @@ class _TailWriter(TailWriter):
         self._finished = True
         try:
             os.ftruncate(self._fd, self.offset)
+            if self.records is not None:
+                # The file's attribute records this chunk, and the fsync made it durable: a
+                # power cut could bring both back. The records before it, durable again.
+                os.setxattr(self._fd, RECORDS_XATTR, self.records[:-RECORD.size])
+                os.fsync(self._fd)
         except OSError as error:
             log.warning("%s: could not cut chunk %d's bytes off (repair will): %s",
                         self.file_id, self.index, error)
@@ -1548,14 +1698,15 @@ _KEEP = object()      # _StateCache.put: leave the running digest as it is
 
 
 class _StateCache:
-    """The last UploadState (and journaled bytes, None: not known; and the running sha256 of
-    its assembled bytes, None: not known) of the uploads used most recently, at most
-    `capacity` of them. Its own lock keeps the dict whole; keeping it true to the ledger is
-    the store's part (written under the upload's lock, after the commit)."""
+    """The last UploadState (and journaled bytes, None: not known; the running sha256 of
+    its assembled bytes, None: not known; the chunk records its file keeps since its last
+    synced commit, None: not known) of the uploads used most recently, at most `capacity`
+    of them. Its own lock keeps the dict whole; keeping it true to the ledger is the store's
+    part (written under the upload's lock, after the commit)."""
 
     def __init__(self, capacity):
         self.capacity = capacity
-        # fileId -> [UploadState, journaled, sha256 of its first bytes_appended bytes]
+        # fileId -> [UploadState, journaled, sha256 of its first bytes_appended bytes, records]
         self._entries = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -1579,9 +1730,16 @@ class _StateCache:
             entry = self._entries.get(file_id)
             return None if entry is None else entry[2]
 
-    def put(self, file_id, upload, journaled=None, digest=_KEEP):
-        """The upload's state now; `journaled` None keeps what was known of the journal, and
-        `digest` left out keeps the running sha256 (the bytes did not change)."""
+    def records(self, file_id):
+        """The chunk records the upload's file keeps since its last synced commit (the
+        attribute's value, RECORDS_MAGIC for none), or None when they are not known."""
+        with self._lock:
+            entry = self._entries.get(file_id)
+            return None if entry is None else entry[3]
+
+    def put(self, file_id, upload, journaled=None, digest=_KEEP, records=None):
+        """The upload's state now; `journaled` and `records` None keep what was known,
+        and `digest` left out keeps the running sha256 (the bytes did not change)."""
         with self._lock:
             entry = self._entries.get(file_id)
             if entry is not None:
@@ -1590,9 +1748,12 @@ class _StateCache:
                     entry[1] = journaled
                 if digest is not _KEEP:
                     entry[2] = digest
+                if records is not None:
+                    entry[3] = records
                 self._entries.move_to_end(file_id)
                 return
-            self._entries[file_id] = [upload, journaled, None if digest is _KEEP else digest]
+            self._entries[file_id] = [upload, journaled, None if digest is _KEEP else digest,
+                                      records]
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
 
@@ -1635,6 +1796,27 @@ def _appended(upload, size, now, last_index):
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
+def _read_records(fd, file_id):
+    """The chunk records of an open video file ([] when it has none). A value this module
+    did not write (its size, magic or count) is reported and read as none."""
+    try:
+        value = os.getxattr(fd, RECORDS_XATTR)
+    except (AttributeError, OSError):         # no attribute, or none on this system
+        return []
+    count, rest = divmod(len(value) - len(RECORDS_MAGIC), RECORD.size)
+    if not value.startswith(RECORDS_MAGIC) or rest or count > RECORDS_MAX:
+        log.warning("repair: %s: its video file's chunk records are not this server's (%d "
+                    "bytes); not used", file_id, len(value))
+        return []
+    records = [RECORD.unpack_from(value, len(RECORDS_MAGIC) + i * RECORD.size)
+               for i in range(count)]
+    if any(size > RECORD_CHUNK_BYTES for _, _, size, _ in records):
+        log.warning("repair: %s: a chunk record names a chunk larger than any recorded; "
+                    "not used", file_id)
+        return []
+    return records
+
 
 def _chunk_file_index(name):
     stem, dot, suffix = name.partition(".")

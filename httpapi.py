@@ -253,6 +253,10 @@ OPTIONS = (
      "m1.sqlite3 until the video file is synced (at most 256K; 0, the default: fsync the "
      "file every chunk; worth %dK where fsync is slow, as on SD cards)"
      % (chunkstore.SLOW_DISK_JOURNAL_CHUNK_BYTES >> 10)),
+    ("--no-xattr", parse_flag, False,
+     "sync m1.sqlite3 for every chunk, instead of keeping a small in-order chunk's record "
+     "in its video file's extended attributes, synced with its bytes (one sync per chunk, "
+     "not two; the default where the filesystem keeps them)"),
     ("--upload-state-cache", parse_count, chunkstore.DEFAULT_STATE_CACHE,
      "uploads whose state (and running sha256) the local store keeps in memory between "
      "chunks (the least recently used beyond it are read from m1.sqlite3 again, and hashed "
@@ -441,6 +445,7 @@ class Config:
         self.min_free_disk_bytes = args.min_free_disk
         self.allow_any_content = args.allow_any_content
         self.journal_chunk_bytes = args.journal_chunk_size
+        self.chunk_records = not args.no_xattr
         self.upload_state_cache = args.upload_state_cache
         self.incomplete_ttl = args.incomplete_ttl or None      # None: keep
         self.retention = args.retention or None
@@ -1937,7 +1942,7 @@ def open_store(config):
                           journal_chunk_bytes=config.journal_chunk_bytes,
                           min_free_bytes=config.min_free_disk_bytes,
                           state_cache=config.upload_state_cache,
-                          writer_wait_s=config.timeout)
+                          writer_wait_s=config.timeout, chunk_records=config.chunk_records)
     import s3client                       # only S3 mode needs http.client, hmac, xml
     import s3store
     try:

@@ -18,8 +18,9 @@ every handler (STYLE.md, "Shape follows the data"):
 What every store guarantees (SPEC section 1, "Chunk semantics"):
   1. The assembled video is chunk 0 + chunk 1 + ... + chunk last, each exactly once, whatever
      order the chunks arrive in and however often each is sent.
-  2. put_chunk returns only once the chunk is durable (local disk: fsync or the ledger's
-     commit; S3: the object exists), so the caller may answer 200.
+  2. put_chunk returns only once the chunk is durable (local disk: fsync and the ledger's
+     commit, or the ledger's commit alone, or the file's fsync with the chunk's record in
+     it; S3: the object exists), so the caller may answer 200.
   3. A chunk sent again with the same bytes is a duplicate: acknowledged, not stored twice, and
      it changes nothing but, at most, the last index (a retried last chunk). The same index
      with other bytes is 409 chunk_conflict.

@@ -267,3 +267,56 @@ def test_closing_tells_a_writer_that_waits_for_its_commit(ledger):
     assert committed(ledger) == []
     with pytest.raises(sqlite3.ProgrammingError):
         insert(ledger, "closed")
+
+
+# -- unsynced writers (a chunk its file records: chunkstore's "Chunk records") ---------------
+
+def synchronous_inside(group, synced, name, inside=None, release=None):
+    """One writer's transaction (`synced` or not); returns the connection's synchronous
+    setting as its statements saw it (1 NORMAL, 2 FULL)."""
+    with group.transaction(synced) as db:
+        db.execute("INSERT INTO rows (name) VALUES (?)", (name,))
+        level = db.execute("PRAGMA synchronous").fetchone()[0]
+        if inside is not None:
+            inside.set()
+            assert release.wait(JOIN_TIMEOUT_S)
+    return level
+
+
+def test_an_unsynced_writer_commits_normal_at_once_and_the_next_synced_one_full(ledger):
+    assert synchronous_inside(ledger, False, "unsynced") == 1
+    assert synchronous_inside(ledger, True, "synced") == 2
+    assert synchronous_inside(ledger, False, "again") == 1
+    assert ledger.commits == ["COMMIT"] * 3
+    assert committed(ledger) == ["again", "synced", "unsynced"]
+
+
+def test_an_unsynced_writer_shares_its_commit_with_nobody(ledger):
+    """There is no sync to share: it commits as soon as its statements are done, and those
+    that queued meanwhile share the next, synced, commit."""
+    writers = Writers(ledger)
+    inside, release = threading.Event(), threading.Event()
+    levels = {}
+    writers.start("unsynced", body=lambda: levels.update(
+        unsynced=synchronous_inside(ledger, False, "unsynced", inside, release)))
+    assert inside.wait(JOIN_TIMEOUT_S)
+    arrive(ledger, writers, ["w1", "w2"])
+    release.set()
+    writers.join()
+    assert levels == {"unsynced": 1}
+    assert len(ledger.commits) == 2            # the unsynced one alone, then w1 + w2
+    assert writers.outcomes == dict.fromkeys(["unsynced", "w1", "w2"], "committed")
+
+
+def test_an_unsynced_writer_joins_a_synced_transaction_that_is_open(ledger):
+    writers = Writers(ledger)
+    release = holding_writer(ledger, writers)
+    levels = {}
+    writers.start("unsynced", body=lambda: levels.update(
+        unsynced=synchronous_inside(ledger, False, "unsynced")))
+    wait_until(lambda: waiting(ledger) == 1, message="the unsynced writer to queue")
+    release.set()
+    writers.join()
+    assert levels == {"unsynced": 2}           # its statements are synced with the others'
+    assert ledger.commits == ["COMMIT"]
+    assert writers.outcomes == dict.fromkeys(["first", "unsynced"], "committed")

@@ -23,6 +23,7 @@ import requests
 from conftest import ROOT, get_status, send_chunk, wait_until
 
 sys.path.insert(0, ROOT)
+import chunkstore  # noqa: E402
 import serverlog  # noqa: E402  (the module under test)
 
 LINE = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (INFO|WARNING|ERROR) "
@@ -119,12 +120,14 @@ def test_utc_iso_writes_milliseconds_as_datetime_would(timestamp, text):
     assert serverlog.utc_iso(timestamp) == text
 
 
-@pytest.mark.parametrize("step", ["streaming", "streamed"])
+@pytest.mark.parametrize("step", ["streaming", "streamed", "records_synced"])
 def test_an_unexpected_error_is_a_500_one_logged_traceback_and_no_bytes_kept(
         server_factory, step):
     """`streaming`: while chunk 1's bytes are written into the video in place; `streamed`:
-    after they were synced, before the ledger records them. Either way the bytes are cut
-    off again, and the client's retry is stored as if the first try never happened."""
+    once they are all written, before the ledger records them; `records_synced`: once they
+    and the file's chunk records were synced. Every time the bytes are cut off again (and the
+    chunk taken out of the records), and the client's retry is stored as if the first try
+    never happened."""
     srv = server_factory(start=False)
     srv.start(extra_env={"M1_TEST_CRASH_AT": step + ":1:raise"})
     first, second = b"\x1a\x45\xdf\xa3" + bytes(300), bytes(range(256)) * 4
@@ -136,6 +139,9 @@ def test_an_unexpected_error_is_a_500_one_logged_traceback_and_no_bytes_kept(
             "code": "internal_error", "message": "unexpected server error (logged)"}}
         status = get_status(session, srv.url, "boom").json()["data"]
         assert (status["fileSize"], status["nextChunkIndex"]) == (len(first), 1)
+        if step == "records_synced":            # the records name no chunk again
+            assert os.getxattr(os.path.join(srv.upload_dir, "boom.webm"),
+                               chunkstore.RECORDS_XATTR) == chunkstore.RECORDS_MAGIC
         retried = send_chunk(session, srv.url, "boom", 1, second)
         assert retried.ok and retried.json()["data"]["bytesReceived"] == len(first + second)
     with open(os.path.join(srv.upload_dir, "boom.webm"), "rb") as f:
