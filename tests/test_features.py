@@ -25,8 +25,10 @@ import httpapi  # noqa: E402
 FEATURES = ("tus", "processing", "events", "websocket", "webhooks", "auth", "live",
             "s3client", "s3store")
 IMPORT_TIME = {"PYTHONPROFILEIMPORTTIME": "1"}
-# Standard modules the core logs without (serverlog.py): traceback only once one is logged.
-NOT_AT_START = ("logging", "traceback")
+# Standard modules a plain start does without: logging and traceback (serverlog.py: traceback
+# only once one is logged); encodings.idna and unicodedata, which http.server's own
+# server_bind loads for its socket.getfqdn (a reverse name lookup M1Server.server_bind skips).
+NOT_AT_START = ("logging", "traceback", "encodings.idna", "unicodedata")
 
 
 def imported(text):
