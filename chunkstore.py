@@ -519,10 +519,11 @@ class ChunkStore(Store):
             self._sync_journaled(upload)
         return upload
 
-    def _commit_in_place(self, writer, size, journal):
+    def _commit_in_place(self, writer, size, journal, sync_here):
         """_TailWriter.commit's step under the lock: decide again with what the upload holds
         now (a last index or a budget may have changed while the bytes arrived), record,
-        free the tail, and go on as for any stored chunk."""
+        free the tail, and go on as for any stored chunk. sync_here: the file is synced
+        here, with the chunk's record when it may have one (chunk records)."""
         with self._locks.held(writer.file_id):
             if writer.cancelled:
                 raise StoreError(409, "upload_deleted", "upload %s was deleted while chunk %d "
@@ -545,7 +546,7 @@ class ChunkStore(Store):
             typed = _typed(upload, upload.mime_type or writer.mime_type, ext)
             record_type = (typed.mime_type, typed.ext) != (upload.mime_type, upload.ext)
             records = None
-            if writer.sync_later:
+            if sync_here:
                 records = writer.sync_with_records(
                     self._records_with(writer, upload, size, record_type))
                 if records is not None:
@@ -567,8 +568,7 @@ class ChunkStore(Store):
         replay would (a type, journaled bytes to forget, an early chunk's row)."""
         records = self._cache.records(writer.file_id)
         if records is None or len(records) >= RECORDS_BYTES_MAX or record_type or \
-                writer.crc is None or writer.index in upload.stashed or \
-                self._journaled(writer.file_id):
+                writer.index in upload.stashed or self._journaled(writer.file_id):
             return None
         return records + RECORD.pack(writer.index, writer.offset, size, writer.crc)
 
@@ -962,7 +962,7 @@ class ChunkStore(Store):
         power cut took the commits that were not synced) are recorded again, in order, each
         only once its bytes are there and match its crc32; the first that does not fit ends
         the replay (the tail after it is then cut as any other)."""
-        if upload.completed or not os.path.isfile(path) or os.path.islink(path):
+        if upload.completed or not os.path.isfile(path):   # (a link: set aside already)
             return False
         replayed = 0
         fd = open_file(path, os.O_RDONLY, "the upload's video file")
@@ -1531,7 +1531,6 @@ class _TailWriter(TailWriter):
         # a new upload's, whose row must be synced, and the last one, which completes).
         self.crc = 0 if store.chunk_records and not self.new and not is_last else None
         self.records = None                       # the file's attribute, once this set it
-        self.sync_later = False                   # commit(): synced under the lock instead
 
     def write(self, view):
         with writing("receiving chunk %d" % self.index, undo=self.abort):
@@ -1571,8 +1570,8 @@ class _TailWriter(TailWriter):
             journal = bytes(self._journal) if self._journal is not None else None
             # A chunk that may be recorded in its file is synced later, under the lock, with
             # its record (sync_with_records); it was hashed whole as it arrived.
-            self.sync_later = journal is None and self.crc is not None and not self._created
-            if journal is None and not self.sync_later:    # not kept by the ledger: sync
+            sync_later = journal is None and self.crc is not None and not self._created
+            if journal is None and not sync_later:      # not kept by the ledger: sync
                 if self._hashed < self.written and self._digests:
                     self._sync_while_hashing_the_rest()
                 else:
@@ -1585,7 +1584,7 @@ class _TailWriter(TailWriter):
             if self._created:
                 fsync_dir(self._store.root)     # the file's name must survive a power cut
             self._store._crash.passed("streamed")
-            return self._store._commit_in_place(self, size, journal)
+            return self._store._commit_in_place(self, size, journal, sync_later)
 
     def _sync_while_hashing_the_rest(self):
         """fsync in a thread of its own while this one reads back the chunk's bytes past

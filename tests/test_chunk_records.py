@@ -255,6 +255,15 @@ def test_repair_records_again_the_chunks_the_ledger_lost(tmp_path, capsys):
     assert "recorded again" not in capsys.readouterr().err
 
 
+def test_a_file_with_all_its_records_is_replayed_whole(tmp_path):
+    """RECORDS_MAX records, the most a file keeps (and _read_records reads), all lost from
+    the ledger: every one is recorded again."""
+    root, chunks = recorded_then_lost(tmp_path, count=RECORDS_MAX)
+    assert len(records_of(data_path(root, "a"))) == RECORDS_MAX
+    upload, data = repaired(root)
+    assert upload.next_index == RECORDS_MAX + 1 and data == b"".join(chunks)
+
+
 def test_a_record_whose_bytes_do_not_match_ends_the_replay_and_its_tail_is_cut(tmp_path):
     root, chunks = recorded_then_lost(tmp_path)
     at = len(b"".join(chunks[:3])) + 10         # inside chunk 3: its bytes never made it
