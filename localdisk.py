@@ -91,24 +91,34 @@ def disk_full_error(error, step="storing the chunk"):
                       "the disk is full (%s); nothing of it was kept" % step)
 
 
-@contextlib.contextmanager
-def writing(step, undo=None):
+class writing:
     """Around writes that must leave nothing half-written: on any failure `undo()` runs first
     (a tail cut back, a file removed); a full disk then raises 507 insufficient_storage.
     Only wrap writes up to the one that makes them count (the ledger's commit): an undo after
-    that would remove what a client may have been told is stored."""
-    try:
-        yield
-    except Exception as error:
-        if undo is not None:
+    that would remove what a client may have been told is stored. (A class, not a generator
+    context manager: it wraps every write of every chunk, and costs a quarter as much.)"""
+
+    __slots__ = ("step", "undo")
+
+    def __init__(self, step, undo=None):
+        self.step = step
+        self.undo = undo
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if error is None or not isinstance(error, Exception):
+            return False                        # no failure (or an exit, not a failure)
+        if self.undo is not None:
             try:
-                undo()
+                self.undo()
             except Exception:
-                log.exception("could not undo a failed write (%s); repair will", step)
-        full = disk_full_error(error, step)
+                log.exception("could not undo a failed write (%s); repair will", self.step)
+        full = disk_full_error(error, self.step)
         if full is None:
-            raise
-        log.warning("disk full while %s: %s", step, error)
+            return False                        # the error goes on as it was
+        log.warning("disk full while %s: %s", self.step, error)
         raise full from None
 
 
