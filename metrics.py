@@ -50,20 +50,28 @@ class Metrics:
         self._histograms = {}        # route -> [bucket counts..., sum, count]
 
     def count(self, name, amount=1, **labels):
-        key = (name, tuple(sorted(labels.items())))
+        key = (name, tuple(sorted(labels.items())) if labels else ())
         with self._lock:
-            if key not in self._counters:
-                if self._series.get(name, 0) >= MAX_SERIES:
-                    key = (name, tuple((label, OTHER) for label, _ in key[1]))
-                self._series[name] = self._series.get(name, 0) + (key not in self._counters)
-            self._counters[key] = self._counters.get(key, 0) + amount
+            self._add(key, amount)
+
+    def _add(self, key, amount):
+        """Under the lock: `amount` more for the series `key` (folded into OTHER once its
+        counter holds MAX_SERIES label sets)."""
+        if key not in self._counters:
+            name = key[0]
+            if self._series.get(name, 0) >= MAX_SERIES:
+                key = (name, tuple((label, OTHER) for label, _ in key[1]))
+            self._series[name] = self._series.get(name, 0) + (key not in self._counters)
+        self._counters[key] = self._counters.get(key, 0) + amount
 
     def observe_request(self, route, method, status, seconds):
         """`route` is a routing-table label (a fixed set); method and status are folded."""
         status = status if isinstance(status, int) and 100 <= status <= 599 else OTHER
-        self.count("m1_http_requests_total", route=route,
-                   method=method if method in self._methods else OTHER, status=str(status))
-        with self._lock:
+        key = ("m1_http_requests_total", (   # the labels in sorted order, as count() keys them
+            ("method", method if method in self._methods else OTHER), ("route", route),
+            ("status", str(status))))
+        with self._lock:                     # one lock for the counter and the histogram
+            self._add(key, 1)
             row = self._histograms.get(route)
             if row is None:
                 row = self._histograms[route] = [0] * (len(DURATION_BUCKETS) + 2)
@@ -77,8 +85,9 @@ class Metrics:
     def on_store_event(self, event):
         """A store listener (add_listener): counts what the store did."""
         if event["type"] == "chunk":
-            self.count("m1_chunks_stored_total")
-            self.count("m1_chunk_bytes_received_total", event["size"])
+            with self._lock:
+                self._add(("m1_chunks_stored_total", ()), 1)
+                self._add(("m1_chunk_bytes_received_total", ()), event["size"])
         elif event["type"] == "completed":
             self.count("m1_uploads_completed_total")
         elif event["type"] == "deleted":
