@@ -82,13 +82,15 @@ DEFAULT_LIST_LIMIT = 50                    # GET /api/video page size
 MAX_LIST_LIMIT = 500
 LINGER_DRAIN_BYTES = 1 << 20               # unread body we swallow so the client sees errors
 LINGER_TIMEOUT_S = 2.0
-RECV_DRAIN_BYTES = 1 << 20                 # >= the header reader's buffer (8 KiB), see _Body
+READ_BUFFER_BYTES = 32 << 10               # a connection's read buffer, see Handler.rbufsize
+RECV_DRAIN_BYTES = 1 << 20                 # >= READ_BUFFER_BYTES, see _Body
 REFUSAL_RETRY_AFTER_S = 1                  # Retry-After of a refused connection (503, 429)
 
 UPLOAD_STATUSES = ("uploading", "completed")
 CHUNK_INDEX_DIGITS = 7                     # storage.MAX_CHUNK_INDEX has 7
 REQUIRED_FIELDS = ("fileId", "chunkIndex", "status")
 OPTIONAL_FIELDS = ("mimeType", "checksum")
+SEED_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS       # in the order their errors are checked
 
 
 def parse_size(text):
@@ -841,6 +843,10 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "m1server/" + VERSION
     protocol_version = "HTTP/1.1"          # keep-alive: a recorder sends a chunk a second
     disable_nagle_algorithm = True         # headers + body must not wait for a delayed ACK
+    # The head is read through a buffer of this size (socketserver's default is 8 KiB): the
+    # read that brings the head in brings a small chunk's whole body with it, so the parser
+    # sees it in one piece and writes it with one write. 256 connections hold 8 MiB at most.
+    rbufsize = READ_BUFFER_BYTES
 
     def setup(self):
         self.timeout = self.server.config.timeout      # per read, see StreamRequestHandler
@@ -1121,15 +1127,16 @@ class Handler(BaseHTTPRequestHandler):
     def seed_fields(self, form):
         """The seed's text fields of `form`, each exactly once, validated (HttpError else):
         {name: value}, chunkIndex an int."""
-        fields = {}
-        for name in REQUIRED_FIELDS + OPTIONAL_FIELDS:
-            values = form.field_values(name)
-            if len(values) > 1:
+        fields, sent = {}, {}
+        for field in form.fields:                  # one pass: this runs twice per chunk
+            if field.name in SEED_FIELDS:
+                sent[field.name] = sent.get(field.name, 0) + 1
+                fields.setdefault(field.name, field.value)
+        for name in SEED_FIELDS:
+            if sent.get(name, 0) > 1:
                 raise HttpError(400, "duplicate_field", "field %s was sent %d times"
-                                % (name, len(values)))
-            if values:
-                fields[name] = values[0]
-            elif name in REQUIRED_FIELDS:
+                                % (name, sent[name]))
+            if name not in fields and name in REQUIRED_FIELDS:
                 raise HttpError(400, "missing_field", "field %s is required" % name)
         if not storage.valid_file_id(fields["fileId"]):
             raise HttpError(400, "invalid_file_id", "fileId must match [A-Za-z0-9_-]{1,128}")

@@ -30,6 +30,7 @@ from conftest import ROOT, SERVER_PROGRAM, SERVER_PYTHON, ServerProcess, need, s
 from test_bad_input import assert_json_error
 
 sys.path.insert(0, ROOT)
+import httpapi  # noqa: E402  (the module under test, for its read buffer's size)
 import metrics  # noqa: E402  (the module under test, for its label bound)
 
 KEY = "edge-test-key-0123456789abcdef"
@@ -899,3 +900,56 @@ def test_an_upload_is_served_while_256_slow_and_256_idle_sockets_are_held(start)
         upload_to(srv, "edge_under_load")
     finally:
         close_all(held)
+
+
+# --- the read buffer: a small chunk's head and body in one read (httpapi.READ_BUFFER_BYTES) --
+
+def request_of_length(file_id, total):
+    """A fields-first, in-order chunk 0 whose request (head and body) is `total` bytes."""
+    size = total
+    for _ in range(3):          # Content-Length's digits change with the size: settle them
+        data = VIDEO + b"\0" * (size - len(VIDEO))
+        parts = [("fileId", file_id), ("chunkIndex", "0"), ("status", "completed"),
+                 ("file", data, "blob", "video/webm")]
+        raw = _http.upload_request(parts)
+        size += total - len(raw)
+    assert len(raw) == total
+    return raw, data
+
+
+def test_the_read_buffer_takes_a_small_request_whole():
+    """What the handler relies on: the read that brings a head in brings the whole of a
+    request up to its rfile's buffer with it (the parser then writes the chunk at once)."""
+    raw, _ = request_of_length("edge_buffer_whole", httpapi.READ_BUFFER_BYTES)
+    left, right = socket.socketpair()
+    try:
+        left.sendall(raw)
+        rfile = right.makefile("rb", httpapi.Handler.rbufsize)
+        head = rfile.readline()
+        assert head.startswith(b"POST ")
+        assert len(rfile.peek()) == len(raw) - len(head)     # all buffered, no read left
+    finally:
+        left.close()
+        right.close()
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1, 70000])
+@pytest.mark.parametrize("apart", [False, True], ids=["one_send", "head_then_body"])
+def test_requests_at_and_past_the_read_buffer_are_stored_whole(plain, extra, apart):
+    file_id = "edge_buffer_%d_%s" % (extra + 1, "apart" if apart else "whole")
+    raw, data = request_of_length(file_id, httpapi.READ_BUFFER_BYTES + extra)
+    sock = _http.connect(plain.url)
+    try:
+        if apart:
+            cut = raw.index(b"\r\n\r\n") + 4
+            sock.sendall(raw[:cut])
+            sock.sendall(raw[cut:])
+        else:
+            sock.sendall(raw)
+        response = _http.read_response(sock)
+    finally:
+        sock.close()
+    assert response.status == 200, response
+    assert response.json()["data"]["status"] == "completed"
+    stored = requests.get(plain.url + "/uploads/%s.webm" % file_id, timeout=30)
+    assert stored.status_code == 200 and stored.content == data
