@@ -87,6 +87,8 @@ RECV_DRAIN_BYTES = 1 << 20                 # >= READ_BUFFER_BYTES, see _Body
 REFUSAL_RETRY_AFTER_S = 1                  # Retry-After of a refused connection (503, 429)
 
 UPLOAD_STATUSES = ("uploading", "completed")
+# Every JSON reply's encoder, made once: json.dumps with any option builds a new one per call.
+_JSON = json.JSONEncoder(separators=(",", ":"))
 CHUNK_INDEX_DIGITS = 7                     # storage.MAX_CHUNK_INDEX has 7
 REQUIRED_FIELDS = ("fileId", "chunkIndex", "status")
 OPTIONAL_FIELDS = ("mimeType", "checksum")
@@ -1287,7 +1289,7 @@ class Handler(BaseHTTPRequestHandler):
     # -- responses ------------------------------------------------------------------------
 
     def send_json(self, status, payload, headers=None):
-        body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        body = _JSON.encode(payload).encode("utf-8")
         self.send_response(status)
         headers = dict(headers or {})
         headers.update({"Content-Type": "application/json; charset=utf-8",
