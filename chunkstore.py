@@ -205,7 +205,7 @@ RECORDS_MAGIC = b"m1r1"
 RECORD = struct.Struct("<QQQI")          # chunk index, offset, size, crc32 of its bytes
 RECORDS_MAX = 32                         # records a file keeps; the next chunk's commit syncs
 RECORDS_BYTES_MAX = len(RECORDS_MAGIC) + RECORDS_MAX * RECORD.size     # the attribute's size
-RECORD_CHUNK_BYTES = 256 << 10           # chunks up to this size may be recorded (crc32 inline)
+RECORD_CHUNK_BYTES = 64 << 10            # chunks up to this size may be recorded (crc32 inline)
 NO_XATTR_ERRNOS = {getattr(errno, name) for name in ("ENOTSUP", "EOPNOTSUPP", "ENOSYS")
                    if hasattr(errno, name)}  # a filesystem that keeps none: records off
 # temp/.deleting/<fileId>-<repr(created_at)>-<random hex>: what `delete` names its intent
