@@ -1271,8 +1271,11 @@ class _Ledger:
                 raise RuntimeError("%s has schema %d; this m1server knows up to %d"
                                    % (path, version, SCHEMA_VERSION))
             db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
-            db.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
+            if version < SCHEMA_VERSION:
+                # One transaction, so one sync (each statement on its own commits and syncs:
+                # five syncs at a new folder's first start); at the current version, none.
+                db.executescript("BEGIN;\n%sPRAGMA user_version=%d;\nCOMMIT;"
+                                 % (_SCHEMA, SCHEMA_VERSION))
         self._group = _GroupCommit(self._open())   # the one connection that writes
 
     def _open(self):

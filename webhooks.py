@@ -643,9 +643,10 @@ class _Queue:
                                    % (path, version, SCHEMA_VERSION))
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        if version < SCHEMA_VERSION:         # one transaction, one sync (chunkstore's _Ledger)
+            self._db.executescript("BEGIN IMMEDIATE;\n%sPRAGMA user_version=%d;\nCOMMIT;"
+                                   % (_SCHEMA, SCHEMA_VERSION))
         with self._write() as db:
-            db.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
             db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('created_at', ?)",
                        (repr(time.time()),))
             self.created_at = float(db.execute(

@@ -469,6 +469,38 @@ def test_repair_never_fills_a_hole_before_a_journaled_chunk(tmp_path):
         store.close()
 
 
+def ledger_files(root):
+    """{name: bytes} of the ledger's files on disk (the database, its WAL if any)."""
+    names = sorted(n for n in os.listdir(str(root)) if n.startswith("m1.sqlite3"))
+    return dict((n, (root / n).read_bytes()) for n in names)
+
+
+def test_a_new_ledger_is_made_in_one_transaction_and_a_current_one_is_not_written(tmp_path):
+    # A new folder's schema and version commit together (one sync, not one per statement):
+    # a ledger at the current version is opened, served from and closed without one write,
+    # so a restart syncs nothing before it listens.
+    import sqlite3
+    root = tmp_path / "ledger"
+    store = ChunkStore(str(root))
+    put(store, "kept", 0, EBML + b"one")
+    store.close()
+    db = sqlite3.connect(str(root / "m1.sqlite3"))
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == chunkstore.SCHEMA_VERSION
+        tables = set(row[0] for row in db.execute(
+            "SELECT name FROM sqlite_master WHERE type IN ('table', 'index')"))
+        assert {"uploads", "chunks", "journal", "uploads_by_age"} <= tables
+    finally:
+        db.close()
+    before = ledger_files(root)
+    store = ChunkStore(str(root))
+    try:
+        assert assembled(store, "kept") == EBML + b"one"
+    finally:
+        store.close()
+    assert ledger_files(root) == before
+
+
 def test_a_version_1_ledger_gains_the_journal(tmp_path):
     import sqlite3
     root = tmp_path / "old"

@@ -668,3 +668,33 @@ def test_signature_is_hmac_sha256_of_timestamp_dot_body():
     header = webhooks.signature(b"k", b'{"a":1}', 1700000000.9)
     expected = hmac.new(b"k", b'1700000000.{"a":1}', hashlib.sha256).hexdigest()
     assert header == "t=1700000000,v1=" + expected
+
+
+def test_the_queue_is_made_in_one_transaction_and_reopened_without_a_write(tmp_path):
+    # As the ledger (tests/test_chunkstore.py): a new queue's schema and version commit
+    # together, and a queue at the current version is opened and closed without one write.
+    import sqlite3
+    path = str(tmp_path / webhooks.DATABASE_NAME)
+    queue = webhooks._Queue(path)
+    created = queue.created_at
+    queue.close()
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == webhooks.SCHEMA_VERSION
+        tables = set(row[0] for row in db.execute("SELECT name FROM sqlite_master"))
+        assert {"meta", "events", "deliveries", "deliveries_by_state"} <= tables
+    finally:
+        db.close()
+    before = queue_files(tmp_path)
+    queue = webhooks._Queue(path)
+    try:
+        assert queue.created_at == created
+    finally:
+        queue.close()
+    assert queue_files(tmp_path) == before
+
+
+def queue_files(folder):
+    """{name: bytes} of the queue's files on disk (the database, its WAL if any)."""
+    names = sorted(n for n in os.listdir(str(folder)) if n.startswith(webhooks.DATABASE_NAME))
+    return dict((n, (folder / n).read_bytes()) for n in names)
