@@ -1274,7 +1274,7 @@ class _Ledger:
             if version < SCHEMA_VERSION:
                 # One transaction, so one sync (each statement on its own commits and syncs:
                 # five syncs at a new folder's first start); at the current version, none.
-                db.executescript("BEGIN;\n%sPRAGMA user_version=%d;\nCOMMIT;"
+                db.executescript("BEGIN IMMEDIATE;\n%sPRAGMA user_version=%d;\nCOMMIT;"
                                  % (_SCHEMA, SCHEMA_VERSION))
         self._group = _GroupCommit(self._open())   # the one connection that writes
 

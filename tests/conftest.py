@@ -556,6 +556,13 @@ def session():
         yield s
 
 
+def sqlite_files(folder, name):
+    """{file name: bytes} of the SQLite database `name` in `folder` and its -wal/-shm files:
+    equal before and after an open, nothing was written."""
+    names = sorted(n for n in os.listdir(str(folder)) if n.startswith(name))
+    return dict((n, read_bytes(os.path.join(str(folder), n))) for n in names)
+
+
 def read_bytes(path):
     with open(path, "rb") as f:
         return f.read()

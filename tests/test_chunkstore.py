@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from conftest import sqlite_files
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import chunkstore  # noqa: E402
 from chunkstore import ChunkStore  # noqa: E402
@@ -469,12 +471,6 @@ def test_repair_never_fills_a_hole_before_a_journaled_chunk(tmp_path):
         store.close()
 
 
-def ledger_files(root):
-    """{name: bytes} of the ledger's files on disk (the database, its WAL if any)."""
-    names = sorted(n for n in os.listdir(str(root)) if n.startswith("m1.sqlite3"))
-    return dict((n, (root / n).read_bytes()) for n in names)
-
-
 def test_a_new_ledger_is_made_in_one_transaction_and_a_current_one_is_not_written(tmp_path):
     # A new folder's schema and version commit together (one sync, not one per statement):
     # a ledger at the current version is opened, served from and closed without one write,
@@ -492,13 +488,13 @@ def test_a_new_ledger_is_made_in_one_transaction_and_a_current_one_is_not_writte
         assert {"uploads", "chunks", "journal", "uploads_by_age"} <= tables
     finally:
         db.close()
-    before = ledger_files(root)
+    before = sqlite_files(root, "m1.sqlite3")
     store = ChunkStore(str(root))
     try:
         assert assembled(store, "kept") == EBML + b"one"
     finally:
         store.close()
-    assert ledger_files(root) == before
+    assert sqlite_files(root, "m1.sqlite3") == before
 
 
 def test_a_version_1_ledger_gains_the_journal(tmp_path):

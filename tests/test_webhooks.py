@@ -25,7 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from conftest import ROOT, SERVER_PROGRAM, SERVER_PYTHON, need, send_chunk, wait_until
+from conftest import (ROOT, SERVER_PROGRAM, SERVER_PYTHON, need, send_chunk, sqlite_files,
+                      wait_until)
 
 sys.path.insert(0, ROOT)
 import options  # noqa: E402
@@ -685,16 +686,10 @@ def test_the_queue_is_made_in_one_transaction_and_reopened_without_a_write(tmp_p
         assert {"meta", "events", "deliveries", "deliveries_by_state"} <= tables
     finally:
         db.close()
-    before = queue_files(tmp_path)
+    before = sqlite_files(tmp_path, webhooks.DATABASE_NAME)
     queue = webhooks._Queue(path)
     try:
         assert queue.created_at == created
     finally:
         queue.close()
-    assert queue_files(tmp_path) == before
-
-
-def queue_files(folder):
-    """{name: bytes} of the queue's files on disk (the database, its WAL if any)."""
-    names = sorted(n for n in os.listdir(str(folder)) if n.startswith(webhooks.DATABASE_NAME))
-    return dict((n, (folder / n).read_bytes()) for n in names)
+    assert sqlite_files(tmp_path, webhooks.DATABASE_NAME) == before
